@@ -1,0 +1,138 @@
+"""The command line: a thin layer over importable functions.
+
+Heavy imports (torch, mmdet, ray) happen inside the subcommands that need them, so
+``plan``, ``ls`` and ``--help`` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .yamlio import SuiteError
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .suite import load_suite
+    from .tune import pending_trials  # noqa: F401 - imports no ray at module level
+
+    suite = load_suite(args.suite)
+    teachers, students = pending_trials(suite) if Path(suite.output).exists() else (
+        suite.teacher_trials(), suite.student_trials())
+    todo = {t.trial_id for t in teachers + students}
+    res = suite.doc["resources"]
+    print(f"suite '{suite.name}' ({suite.file}): {len(suite.trials)} trials, "
+          f"{len(suite.trials) - len(todo)} already done; per trial {res['cpu']} CPU, {res['gpu']} GPU; "
+          f"results -> {suite.output}")
+    print(f"{'':2}{'trial':<56}{'id':<14}{'params'}")
+    for t in suite.trials:
+        mark = " " if t.trial_id in todo else "✓"
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        print(f"{mark:2}{t.name:<56}{t.trial_id:<14}{params}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .suite import load_suite
+
+    suite = load_suite(args.suite)      # every suite error is raised here, before anything trains
+    from .data import ensure_dataset
+    from .preflight import preflight
+
+    for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
+        ensure_dataset(ds)
+    preflight(suite)
+    from .report import format_report
+    from .results import read_results
+    from .tune import run_suite
+
+    start = time.perf_counter()
+    summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus)
+    print(f"\n{len(summary['trials'])} trial(s) run, {summary['skipped']} already done, "
+          f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
+    print(format_report(read_results(suite.output)))
+    return 1 if any(t["error"] for t in summary["trials"]) else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_report
+    from .results import read_results
+
+    df = read_results(args.results)
+    if args.csv:
+        from .report import leaderboard
+        leaderboard(df).to_csv(args.csv, index=False)
+    print(format_report(df))
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from . import catalog
+
+    for title, reg, fields in (("methods", catalog.METHODS, ("tasks",)),
+                               ("architectures", catalog.ARCHS, ("task", "family")),
+                               ("dataset formats", catalog.DATASET_FORMATS, ("task", "metric")),
+                               ("metrics", catalog.METRICS, ("task", "primary"))):
+        print(f"{title}:")
+        for e in reg:
+            meta = " ".join(f"{f}={'/'.join(e[f]) if isinstance(e[f], tuple) else e[f]}" for f in fields)
+            params = e.get("params")
+            extra = f"  params: {', '.join(f'{k}={v:g}' for k, v in params.items())}" if params else ""
+            print(f"  {e.name:<14}{meta:<28}{e.doc}{extra}")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from . import catalog
+    from .registry import import_target
+
+    entry = catalog.DATASET_FORMATS.get(args.format)
+    kwargs = {k: v for k, v in dict(train_images=args.train_images, val_images=args.val_images,
+                                    image_size=args.image_size, seed=args.seed).items() if v is not None}
+    root = import_target(entry["synth"])(args.out, **kwargs)
+    print(f"wrote a synthetic {args.format}-layout dataset to {root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=(
+        "Benchmark knowledge-distillation methods: suites of datasets x (teacher, student) pairs x "
+        "methods x seeds, scheduled on Ray Tune, results in a Parquet store."))
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="validate a suite, run its pending trials on Ray Tune, print the leaderboard")
+    r.add_argument("suite", help="suite YAML file, e.g. suites/demo.yaml")
+    r.add_argument("--address", default=None, help="address of an existing Ray cluster (default: start one locally)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    r.add_argument("--restart", action="store_true", help="redo finished trials instead of skipping them")
+    r.set_defaults(func=_cmd_run)
+    pl = sub.add_parser("plan", help="validate a suite and print its trial matrix (runs nothing)")
+    pl.add_argument("suite")
+    pl.set_defaults(func=_cmd_plan)
+    ls = sub.add_parser("ls", help="list registered methods, architectures, dataset formats and metrics")
+    ls.set_defaults(func=_cmd_ls)
+    rep = sub.add_parser("report", help="print the leaderboard of a results directory or Parquet file")
+    rep.add_argument("results", help="e.g. results/demo")
+    rep.add_argument("--csv", default=None, help="also write the leaderboard to this CSV file")
+    rep.set_defaults(func=_cmd_report)
+    data = sub.add_parser("data", help="dataset utilities")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write a synthetic dataset in a real on-disk layout")
+    s.add_argument("format", help="dataset format, e.g. coco")
+    s.add_argument("--out", required=True, help="dataset root to write")
+    s.add_argument("--train-images", type=int, default=None)
+    s.add_argument("--val-images", type=int, default=None)
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=_cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SuiteError, FileNotFoundError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,91 @@
+"""Building the models a suite names: mmdet detectors from the architecture's bundled
+config plus the suite's overrides, set up for training from scratch (no weights can be
+downloaded here: ``init_cfg`` is dropped and ResNet BN statistics are trained).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from . import catalog
+
+_RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
+
+
+def resolve_config_path(ref: str) -> Path:
+    """``"mmdet::retinanet/x.py"`` -> the file inside the installed package; plain paths as given."""
+    if "::" not in ref:
+        return Path(ref)
+    package, rel = ref.split("::", 1)
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"config '{ref}': package '{package}' is not installed")
+    path = Path(spec.origin).parent / ".mim" / "configs" / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"config '{ref}': no file {path}")
+    return path
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resnet_channels(backbone: dict[str, Any]) -> list[int] | None:
+    """Output channels of a ResNet backbone's stages (out_indices), or None if not a ResNet."""
+    if backbone.get("type") not in ("ResNet", "ResNetV1d") or backbone.get("depth") not in _RESNET_EXPANSION:
+        return None
+    base = backbone.get("base_channels", 64) * _RESNET_EXPANSION[backbone["depth"]]
+    return [base * 2 ** i for i in backbone.get("out_indices", (0, 1, 2, 3))]
+
+
+def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The mmdet model config (a plain dict) for a suite model entry."""
+    from mmengine.config import Config
+
+    arch = catalog.ARCHS.get(model["arch"])
+    cfg = Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict()
+    backbone = _merge(cfg["backbone"], model.get("backbone", {}))
+    backbone["init_cfg"] = None                  # no pretrained weights: start from scratch
+    if backbone.get("type", "").startswith("ResNet"):
+        backbone["frozen_stages"] = model.get("backbone", {}).get("frozen_stages", -1)
+        backbone["norm_eval"] = model.get("backbone", {}).get("norm_eval", False)
+    cfg["backbone"] = backbone
+    neck_over = dict(model.get("neck", {}))
+    channels = resnet_channels(backbone)
+    if channels is not None and "in_channels" not in neck_over:
+        neck_over["in_channels"] = channels
+    cfg["neck"] = _merge(cfg["neck"], neck_over)
+    head_key = arch.get("head_key", "bbox_head")
+    head = _merge(cfg[head_key], model.get("head", {}))
+    if "in_channels" in head and "in_channels" not in model.get("head", {}):
+        head["in_channels"] = cfg["neck"]["out_channels"]
+    head["num_classes"] = num_classes
+    cfg[head_key] = head
+    cfg = _merge(cfg, model.get("model", {}))
+    return cfg
+
+
+def build_detector(cfg: dict[str, Any]) -> Any:
+    """Build an mmdet detector from a model config, in the mmdet registry scope."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        return MODELS.build(copy.deepcopy(cfg))
+
+
+def tapped_info(model: dict[str, Any], cfg: dict[str, Any]) -> Any:
+    """:class:`methods._base.ModelInfo` of the feature levels a feature distiller taps."""
+    from methods._base import ModelInfo
+
+    arch = catalog.ARCHS.get(model["arch"])
+    levels = list(arch["levels"])
+    return ModelInfo(arch=arch.name, family=arch["family"],
+                     channels=[cfg["neck"]["out_channels"]] * len(levels), strides=levels)

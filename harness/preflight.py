@@ -1,0 +1,54 @@
+"""Checks that need the backends but no training, run by ``harness run`` before Ray
+starts: every model of the suite builds from its config, every given teacher checkpoint
+loads into its model, every distiller builds for its pair. A mistake in a config
+override is reported here, in seconds, naming the suite and the model, instead of
+failing every trial later.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import catalog
+from .spec import content_hash
+from .suite import Suite
+from .yamlio import SuiteError
+
+
+def preflight(suite: Suite) -> None:
+    from .data import num_classes
+    from .models import build_detector, detector_cfg, tapped_info
+    from .trial import load_weights
+
+    built: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    def build(model: dict[str, Any], ds: dict[str, Any], role: str) -> tuple[Any, dict[str, Any]]:
+        key = content_hash([model, ds["root"]])
+        if key not in built:
+            try:
+                cfg = detector_cfg(model, num_classes(ds))
+                built[key] = (build_detector(cfg), cfg)
+            except Exception as exc:
+                raise SuiteError(f"{suite.file}: {role} '{model['name']}' (arch {model['arch']}) does not "
+                                 f"build: {type(exc).__name__}: {exc}") from exc
+            if model.get("checkpoint"):
+                try:
+                    load_weights(built[key][0], model["checkpoint"])
+                except Exception as exc:
+                    raise SuiteError(f"{suite.file}: teachers.{model['name']}.checkpoint: {exc}") from exc
+        return built[key]
+
+    distillers: set[str] = set()
+    for t in suite.trials:
+        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student")
+        if t.teacher is None or t.method_name in ("none", "teacher"):
+            continue
+        _, t_cfg = build(t.teacher, t.dataset, "teacher")
+        key = content_hash([t.method_name, t.params, cfg, t_cfg])
+        if key in distillers:
+            continue
+        distillers.add(key)
+        try:
+            catalog.METHODS.load(t.method_name)(t.params, tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
+        except Exception as exc:
+            raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "
+                             f"{t.teacher['name']} -> {t.model['name']}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,87 @@
+"""The unit of work: one :class:`TrialSpec` per cell of a suite's matrix.
+
+A spec is plain data (JSON-serialisable), so it can be the Ray Tune search space,
+be written next to results, and be hashed. Its ``trial_id`` is a content hash of
+everything that determines the result (not of paths or resources), which is what makes
+a resumed run skip finished work and what keys a shared teacher checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def content_hash(obj: Any, n: int = 12) -> str:
+    """A short stable hash of a JSON-serialisable object (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+@dataclass
+class TrialSpec:
+    """One training (or teacher evaluation) run and everything needed to do it.
+
+    ``role`` is ``"teacher"`` for the run that trains (or, given a checkpoint, only
+    evaluates) a teacher, and ``"student"`` for a student trained with ``method``.
+    """
+
+    suite: str
+    task: str
+    role: str
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    method: str = "none"          # label in the suite (usually the registry name)
+    method_name: str = "none"     # registry name
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    schedule: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] | None = None        # the teacher model, for students
+    teacher_checkpoint: str | None = None        # where the teacher's weights are / will be
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    output_dir: str = "results"
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the result: hashed into ``trial_id``."""
+        ident = {k: v for k, v in asdict(self).items()
+                 if k not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint")}
+        ident["dataset"] = {k: v for k, v in self.dataset.items() if k != "name"}
+        if self.teacher is not None:
+            ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "name"}
+        ident["model"] = {k: v for k, v in self.model.items() if k != "name"}
+        return ident
+
+    @property
+    def trial_id(self) -> str:
+        return content_hash(self.identity())
+
+    @property
+    def name(self) -> str:
+        """Readable name: dataset/teacher->student/method/seed."""
+        if self.role == "teacher":
+            return f"{self.dataset['name']}/{self.model['name']}/teacher"
+        pair = f"{self.teacher['name']}->{self.model['name']}" if self.teacher else self.model["name"]
+        return f"{self.dataset['name']}/{pair}/{self.method}/s{self.seed}"
+
+    @property
+    def trial_dir(self) -> Path:
+        return Path(self.output_dir) / "trials" / self.trial_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrialSpec":
+        return cls(**data)
+
+
+def teacher_key(model: dict[str, Any], dataset: dict[str, Any], schedule: dict[str, Any],
+                seed: int) -> str:
+    """Key of a harness-trained teacher: a hash of what determines its weights."""
+    return content_hash({
+        "model": {k: v for k, v in model.items() if k not in ("name", "checkpoint")},
+        "dataset": {k: v for k, v in dataset.items() if k != "name"},
+        "schedule": schedule, "seed": seed,
+    })

@@ -1,0 +1,125 @@
+"""Synthetic datasets written in the real on-disk layouts, deterministic from a seed.
+
+The harness reads them through the same dataset classes as the real data (mmdet's
+``CocoDataset`` for the COCO layout), so a run on synthetic data exercises the whole
+path. Only numpy and Pillow are used here, so writing data never imports torch.
+
+Detection scenes: a textured background with 1-``max_objects`` objects per image, each
+one of :data:`SHAPES` (distinct shape and colour per class), at sizes from about 1/12 to
+1/3 of the image side, kept from overlapping heavily so every box is learnable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# class name -> RGB colour; the shape is drawn by `_draw`
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "square": (220, 40, 40),
+    "disc": (40, 200, 60),
+    "triangle": (50, 80, 230),
+    "cross": (235, 200, 30),
+}
+
+
+def _draw(draw: ImageDraw.ImageDraw, cls: str, box: tuple[int, int, int, int]) -> None:
+    x1, y1, x2, y2 = box
+    colour = SHAPES[cls]
+    if cls == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif cls == "disc":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif cls == "triangle":
+        draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
+    elif cls == "cross":
+        w, h = x2 - x1, y2 - y1
+        draw.rectangle([x1 + w // 3, y1, x2 - 1 - w // 3, y2 - 1], fill=colour)
+        draw.rectangle([x1, y1 + h // 3, x2 - 1, y2 - 1 - h // 3], fill=colour)
+
+
+def _iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def _scene(rng: np.random.RandomState, size: int, max_objects: int) -> tuple[Image.Image, list]:
+    """One image and its objects [(class_index, (x1, y1, x2, y2))]."""
+    base = rng.randint(60, 160, size=3)
+    noise = rng.randint(-25, 25, size=(size, size, 3))
+    grad = np.linspace(-20, 20, size)[None, :, None]
+    pixels = np.clip(base[None, None, :] + noise + grad, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(img)
+    names = list(SHAPES)
+    objects: list[tuple[int, tuple[int, int, int, int]]] = []
+    for _ in range(rng.randint(1, max_objects + 1)):
+        for _attempt in range(20):
+            side = int(rng.randint(max(6, size // 12), max(8, size // 3) + 1))
+            aspect = rng.uniform(0.7, 1.4)
+            w, h = max(4, int(side * aspect)), side
+            w = min(w, size - 1)
+            x1, y1 = int(rng.randint(0, size - w + 1)), int(rng.randint(0, size - h + 1))
+            box = (x1, y1, x1 + w, y1 + h)
+            if all(_iou(box, other) < 0.2 for _, other in objects):
+                cls = int(rng.randint(len(names)))
+                _draw(draw, names[cls], box)
+                objects.append((cls, box))
+                break
+    return img, objects
+
+
+def write_coco(root: str | os.PathLike, train_images: int = 64, val_images: int = 16,
+               image_size: int = 128, max_objects: int = 4, seed: int = 0) -> Path:
+    """Write a COCO-layout detection dataset to ``root`` and return it.
+
+    Layout: ``root/train2017/*.jpg``, ``root/val2017/*.jpg``,
+    ``root/annotations/instances_{train,val}2017.json`` with categories 1..K.
+    The dataset is written to a temporary sibling and renamed into place, so a
+    half-written dataset is never visible at ``root``.
+    """
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES)]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        (tmp / "annotations").mkdir()
+        ann_id = 1
+        for split, count in (("train2017", train_images), ("val2017", val_images)):
+            (tmp / split).mkdir()
+            images, annotations = [], []
+            for i in range(count):
+                img, objects = _scene(rng, image_size, max_objects)
+                file_name = f"{i:012d}.jpg"
+                img.save(tmp / split / file_name, quality=95)
+                images.append({"id": i + 1, "file_name": file_name,
+                               "width": image_size, "height": image_size})
+                for cls, (x1, y1, x2, y2) in objects:
+                    w, h = x2 - x1, y2 - y1
+                    annotations.append({"id": ann_id, "image_id": i + 1, "category_id": cls + 1,
+                                        "bbox": [x1, y1, w, h], "area": float(w * h), "iscrowd": 0})
+                    ann_id += 1
+            with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
+                json.dump({"images": images, "annotations": annotations,
+                           "categories": categories}, f)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def coco_classes() -> tuple[str, ...]:
+    """Class names of the synthetic COCO data, in category-id order."""
+    return tuple(SHAPES)

@@ -1,0 +1,273 @@
+"""One trial: an mmengine ``Runner`` training (or, for a teacher given as a checkpoint,
+only evaluating) a :class:`~harness.wrapper.DistillationModel`.
+
+``run_trial(spec)`` works without Ray, for debugging; ``execute_trial(spec)`` wraps it
+so that a failure becomes an error row instead of an exception that takes a whole run
+down, and writes the trial's rows to the results store either way.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from . import catalog, results
+from .data import coco_dataset_cfg, ensure_dataset, evaluator_cfg, num_classes
+from .spec import TrialSpec, content_hash
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrialResult:
+    """What a finished trial measured."""
+
+    metrics: dict[str, float]
+    epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_images_per_s: float = float("nan")
+    device: str = "cpu"
+    checkpoint: str | None = None
+
+
+# ------------------------------------------------------------------------ checkpoints
+def save_weights(state_dict: dict[str, Any], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Save ``{'state_dict', 'meta'}`` atomically (a reader never sees half a file)."""
+    import torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(model: Any, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights strictly, with ``torch.load(weights_only=True)``.
+
+    mmengine training checkpoints also pickle a few numpy and mmengine objects; those
+    types are allowed explicitly rather than turning the safety check off.
+    """
+    import numpy as np
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    allowed = [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+               type(np.dtype(np.float64)), type(np.dtype(np.int64)), type(np.dtype(np.float32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"cannot load checkpoint '{path}': {exc}") from exc
+    state = ckpt.get("state_dict", ckpt)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint '{path}' does not fit the model: missing keys "
+                           f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                           f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+# ------------------------------------------------------------------------------ hooks
+def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
+               by_iter: bool) -> Any:
+    from mmengine.hooks import Hook
+
+    class TrialHook(Hook):
+        """Keeps the distiller's epoch current, measures training throughput and reports
+        every evaluation (to Ray Tune when running under it)."""
+
+        priority = "LOW"
+
+        def before_train_epoch(self, runner: Any) -> None:
+            distiller = getattr(runner.model, "distiller", None)
+            if distiller is not None:
+                distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
+            clock["start"] = time.perf_counter()
+
+        def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+            if "start" not in clock:
+                clock["start"] = time.perf_counter()
+
+        def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                             outputs: Any = None) -> None:
+            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"])
+
+        def after_train_epoch(self, runner: Any) -> None:
+            clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+
+        def before_val_epoch(self, runner: Any) -> None:
+            if "start" in clock:   # iteration-based loops validate mid-"epoch"
+                clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+
+        def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+            clean = {k.split("/", 1)[-1]: float(v) for k, v in (metrics or {}).items()
+                     if isinstance(v, (int, float))}
+            point = {"epoch": runner.iter if by_iter else runner.epoch, **clean}
+            history.append(point)
+            if report is not None:
+                report(dict(point))
+
+    return TrialHook()
+
+
+# ------------------------------------------------------------------------------ build
+def _optim_cfg(schedule: dict[str, Any]) -> dict[str, Any]:
+    if schedule["optimizer"] == "sgd":
+        opt = dict(type="SGD", lr=schedule["lr"], momentum=schedule["momentum"],
+                   weight_decay=schedule["weight_decay"])
+    else:
+        opt = dict(type="AdamW", lr=schedule["lr"], weight_decay=schedule["weight_decay"])
+    clip = dict(max_norm=schedule["grad_clip"], norm_type=2) if schedule.get("grad_clip") else None
+    return dict(type="OptimWrapper", optimizer=opt, clip_grad=clip)
+
+
+def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """train_cfg, param_scheduler and sampler: linear warm-up, then steps at 2/3 and 11/12
+    of training (mmdet's 1x: epochs 8 and 11 of 12; 2x: 16 and 22 of 24)."""
+    if schedule.get("iters"):
+        total = int(schedule["iters"])
+        train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=schedule["val_interval"])
+        by_epoch, sampler = False, dict(type="InfiniteSampler", shuffle=True)
+    else:
+        total = int(schedule["epochs"])
+        train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=total, val_interval=schedule["val_interval"])
+        by_epoch, sampler = True, dict(type="DefaultSampler", shuffle=True)
+    milestones = sorted({max(1, total * 2 // 3), max(1, total * 11 // 12)})
+    sched = [dict(type="MultiStepLR", by_epoch=by_epoch, begin=0, end=total, milestones=milestones, gamma=0.1)]
+    if schedule.get("warmup_iters"):
+        sched.insert(0, dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
+                             end=int(schedule["warmup_iters"])))
+    return train_cfg, sched, sampler
+
+
+def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
+    """The :class:`DistillationModel` of a trial, with the teacher loaded; and the
+    trained model's mmdet config (what the exported checkpoint loads into)."""
+    from .models import build_detector, detector_cfg, tapped_info
+    from .wrapper import DistillationModel
+
+    n_cls = num_classes(spec.dataset)
+    cfg = detector_cfg(spec.model, n_cls)
+    student = build_detector(cfg)
+    if spec.role == "teacher" or spec.method_name == "none":
+        return DistillationModel(student), cfg
+    t_cfg = detector_cfg(spec.teacher, n_cls)
+    teacher = build_detector(t_cfg)
+    ckpt = spec.teacher_checkpoint
+    if not ckpt or not Path(ckpt).is_file():
+        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
+                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
+    load_weights(teacher, ckpt)
+    s_info, t_info = tapped_info(spec.model, cfg), tapped_info(spec.teacher, t_cfg)
+    distiller = catalog.METHODS.load(spec.method_name)(spec.params, s_info, t_info)
+    return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides)), cfg
+
+
+def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None) -> TrialResult:
+    """Train and evaluate one trial; returns the final metrics. Raises on failure."""
+    import torch
+    from mmengine.runner import Runner
+
+    torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    ensure_dataset(spec.dataset)
+    model, model_cfg = build_trial_model(spec)
+    sched = spec.schedule
+    work_dir = spec.trial_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    clock: dict[str, float] = {}
+    loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
+                  persistent_workers=sched["num_workers"] > 0)
+    val_loader = dict(loader, batch_size=max(1, sched["batch_size"]), drop_last=False,
+                      sampler=dict(type="DefaultSampler", shuffle=False),
+                      dataset=coco_dataset_cfg(spec.dataset, "val", sched["img_scale"]))
+    evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
+    common = dict(
+        model=model, work_dir=str(work_dir), val_dataloader=val_loader,
+        val_evaluator=evaluator_cfg(spec.dataset), val_cfg=dict(type="ValLoop"),
+        default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
+                           param_scheduler=dict(type="ParamSchedulerHook"),
+                           sampler_seed=dict(type="DistSamplerSeedHook"), checkpoint=None),
+        custom_hooks=[_trial_hook(report, history, clock, by_iter=bool(sched.get("iters")))],
+        randomness=dict(seed=spec.seed), default_scope="mmdet", launcher="none",
+        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
+        log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "WARNING"),
+        experiment_name=f"{spec.trial_id}-{time.strftime('%Y%m%d_%H%M%S')}",
+    )
+    if evaluate_only:
+        load_weights(model.student, spec.teacher_checkpoint)
+        runner = Runner(**common)
+        runner.val()
+    else:
+        train_cfg, param_scheduler, sampler = _loop_cfgs(sched)
+        runner = Runner(
+            **common, train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
+            train_dataloader=dict(loader, sampler=sampler,
+                                  dataset=coco_dataset_cfg(spec.dataset, "train", sched["img_scale"])))
+        runner.train()
+    if not history:
+        raise RuntimeError("the trial finished without an evaluation")
+    meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
+            "method": spec.method, "dataset": spec.dataset["name"], "code_version": results.code_version()}
+    if spec.role == "teacher":
+        ckpt = spec.teacher_checkpoint
+        if not evaluate_only:
+            save_weights(model.student_state_dict(), ckpt, meta)
+    else:
+        ckpt = str(save_weights(model.student_state_dict(), work_dir / "student.pth", meta))
+    device = str(next(model.student.parameters()).device)
+    if device.startswith("cuda"):
+        device += f" ({torch.cuda.get_device_name()})"
+    images, seconds = clock.get("images", 0), clock.get("seconds", 0.0)
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    return TrialResult(metrics=final, epoch=int(history[-1]["epoch"]), history=history,
+                       train_images_per_s=images / seconds if seconds > 0 else float("nan"),
+                       device=device, checkpoint=ckpt)
+
+
+# ------------------------------------------------------------------------------- rows
+def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: float) -> list[dict[str, Any]]:
+    """The trial's rows in the store's schema: one per metric, or one error row."""
+    metric_entry = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
+    base = {
+        "schema_version": results.SCHEMA_VERSION, "suite": spec.suite, "trial_id": spec.trial_id,
+        "trial_name": spec.name, "task": spec.task, "dataset": spec.dataset["name"], "role": spec.role,
+        "teacher": spec.model["name"] if spec.role == "teacher" else (spec.teacher or {}).get("name", ""),
+        "student": "" if spec.role == "teacher" else spec.model["name"],
+        "method": spec.method, "method_name": spec.method_name, "params": results.params_json(spec.params),
+        "seed": spec.seed, "higher_is_better": metric_entry["higher_is_better"],
+        "wall_time_s": wall, "code_version": results.code_version(),
+        "config_hash": content_hash(spec.to_dict()),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if outcome is None:
+        return [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status="error",
+                     error=error, train_images_per_s=float("nan"), device=platform.node())]
+    return [dict(base, metric=name, value=value, primary=name == metric_entry["primary"],
+                 epoch=outcome.epoch, status="ok", error="", train_images_per_s=outcome.train_images_per_s,
+                 device=outcome.device)
+            for name, value in outcome.metrics.items() if name in metric_entry["keys"]]
+
+
+def execute_trial(spec: TrialSpec, report: Reporter | None = None,
+                  log_level: str | None = None) -> tuple[list[dict[str, Any]], BaseException | None]:
+    """Run a trial and write its rows (ok or error) to the store; never raises for a
+    failure of the trial itself, returns it instead."""
+    start = time.perf_counter()
+    outcome, error, exc = None, "", None
+    try:
+        outcome = run_trial(spec, report=report, log_level=log_level)
+    except Exception as e:   # a failing trial must not take the others down
+        exc = e
+        tb = traceback.format_exc()
+        (spec.trial_dir).mkdir(parents=True, exist_ok=True)
+        (spec.trial_dir / "error.txt").write_text(tb)
+        error = f"{type(e).__name__}: {e}"
+    rows = result_rows(spec, outcome, error, time.perf_counter() - start)
+    results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
+    return rows, exc

@@ -1,0 +1,75 @@
+"""Strict YAML loading that remembers where each key was written.
+
+Mappings load as :class:`Node` (a dict) carrying the file and the line of each key, so
+that a validation error can say ``suites/x.yaml:12: unknown key 'methdos'``. Duplicate
+keys are errors (plain PyYAML silently keeps the last one).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class Node(dict):
+    """A mapping from a YAML file; ``where(key)`` gives ``file:line`` of that key."""
+
+    file: str = "<memory>"
+    line: int = 0
+    key_lines: dict[Any, int]
+
+    def where(self, key: Any = None) -> str:
+        line = self.key_lines.get(key, self.line) if key is not None and hasattr(self, "key_lines") else self.line
+        return f"{self.file}:{line}" if line else self.file
+
+
+class SuiteError(ValueError):
+    """A suite is invalid; the message names the file, the line, the key and what is valid."""
+
+
+def _loader_for(path: str) -> type:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> Node:
+        loader.flatten_mapping(node)
+        out = Node()
+        out.file, out.line, out.key_lines = path, node.start_mark.line + 1, {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in out:
+                raise SuiteError(f"{path}:{key_node.start_mark.line + 1}: key '{key}' is given twice")
+            out[key] = loader.construct_object(value_node, deep=True)
+            out.key_lines[key] = key_node.start_mark.line + 1
+        return out
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Load one YAML file strictly; errors name the file and line."""
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_loader_for(path))  # noqa: S506 - SafeLoader subclass
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"{path}: not valid YAML: {exc}") from None
+
+
+def deep_merge(base: Any, over: Any) -> Any:
+    """Merge ``over`` into ``base``: mappings merge key by key, anything else replaces.
+    The result keeps the line information of whichever side a key came from."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = Node(base)
+        out.file = getattr(over, "file", getattr(base, "file", "<memory>"))
+        out.line = getattr(over, "line", 0)
+        out.key_lines = dict(getattr(base, "key_lines", {}))
+        for key, value in over.items():
+            out[key] = deep_merge(base[key], value) if key in base else value
+            out.key_lines[key] = getattr(over, "key_lines", {}).get(key, 0)
+        return out
+    return over

@@ -1,0 +1,85 @@
+"""What the harness hands a distiller, and the base class every distiller derives from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelInfo:
+    """Static facts about one side (student or teacher) that size a distiller's parts."""
+
+    arch: str
+    family: str
+    channels: list[int]          # channels of each tapped feature level
+    strides: list[int]           # stride of each tapped level, in input pixels
+
+
+@dataclass
+class DetBatch:
+    """One detection training batch as a distiller sees it.
+
+    ``boxes`` is N x B x 4 (x1, y1, x2, y2) in resized-image pixels, padded to the
+    largest box count B of the batch with ``box_valid`` marking the real ones, so
+    losses can be computed for the whole batch without a loop over images or boxes.
+    ``img_hw`` is N x 2: each image's (h, w) after resizing, before padding.
+    """
+
+    student_feats: list[torch.Tensor]
+    teacher_feats: list[torch.Tensor]
+    boxes: torch.Tensor
+    box_valid: torch.Tensor
+    labels: torch.Tensor
+    img_hw: torch.Tensor
+    data_samples: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def from_data_samples(cls, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                          data_samples: list[Any]) -> "DetBatch":
+        device = student_feats[0].device
+        n = len(data_samples)
+        counts = [len(ds.gt_instances.bboxes) for ds in data_samples]
+        b = max(counts + [1])
+        boxes = torch.zeros(n, b, 4, device=device)
+        labels = torch.full((n, b), -1, dtype=torch.long, device=device)
+        valid = torch.zeros(n, b, dtype=torch.bool, device=device)
+        for i, ds in enumerate(data_samples):   # gathering per image, not a loss loop
+            k = counts[i]
+            if k:
+                bb = ds.gt_instances.bboxes
+                boxes[i, :k] = (bb.tensor if hasattr(bb, "tensor") else bb).to(device).float()
+                labels[i, :k] = ds.gt_instances.labels.to(device)
+                valid[i, :k] = True
+        img_hw = torch.tensor([ds.img_shape[:2] for ds in data_samples], dtype=torch.float32, device=device)
+        return cls(student_feats, teacher_feats, boxes, valid, labels, img_hw, data_samples)
+
+
+class Distiller(nn.Module):
+    """Base class: a distiller owns its trainable parts and turns a batch into losses.
+
+    Subclasses set ``task`` and implement :meth:`forward`, returning a dict whose keys
+    start with ``loss_`` (each already multiplied by its weight); the harness adds them
+    to the student's own losses. ``epoch`` and ``max_epochs`` are kept current by the
+    harness for methods whose weights change over training.
+    """
+
+    task: str = ""
+
+    def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
+        super().__init__()
+        self.params = dict(params)
+        self.student_info, self.teacher_info = student, teacher
+        self.epoch, self.max_epochs = 0, 1
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def adapter(c_in: int, c_out: int, kernel_size: int = 1) -> nn.Module:
+    """A conv mapping student channels to teacher channels; identity when they agree."""
+    if c_in == c_out and kernel_size == 1:
+        return nn.Identity()
+    return nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Idempotent set-up of the project's virtual environment (.venv by default).
+#
+#   scripts/setup_env.sh          # runtime dependencies
+#   scripts/setup_env.sh test     # plus the test extras
+#
+# Pins come from pyproject.toml only. mmcv has no wheel for the pinned torch: it is
+# built once from its source archive (two fixes: setuptools<70 for pkg_resources, and
+# -std=c++20 for torch's headers; see shared/INSTALL-NOTES.md) and the wheel is cached
+# under $KD_HARNESS_CACHE (default ~/.cache/kd-harness) so later set-ups take seconds.
+# A stamp keyed by the hash of pyproject.toml and this script makes a second call a no-op.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+extras="${1:-}"
+venv="${KD_HARNESS_VENV:-$root/.venv}"
+cache="${KD_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kd-harness}"
+wheels="$cache/wheels"
+mkdir -p "$wheels"
+
+stamp_key="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -c1-16)-${extras:-base}"
+stamp="$venv/.kd-harness-stamp"
+if [[ -f "$stamp" ]] && grep -qx -- "$stamp_key" "$stamp" 2>/dev/null; then
+    exit 0
+fi
+if [[ -f "$stamp" && -n "$extras" ]] && grep -qx -- "${stamp_key%-*}-base" "$stamp"; then
+    : # base is there; only the extras are missing, fall through (pip is quick then)
+fi
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    log "creating virtual environment $venv"
+    python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip=("$py" -m pip install --disable-pip-version-check -q)
+
+pin() {  # pin NAME -> the requirement string for NAME from pyproject.toml
+    "$py" - "$root/pyproject.toml" "$1" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+name = sys.argv[2]
+for dep in deps:
+    if re.split(r"[\[=<>!~ ]", dep, maxsplit=1)[0].lower() == name:
+        print(dep)
+        break
+else:
+    sys.exit(f"pyproject.toml declares no dependency named {name}")
+PY
+}
+
+log "torch and torchvision"
+"${pip[@]}" "$(pin torch)" "$(pin torchvision)"
+# mmcv's setup.py imports pkg_resources (gone from setuptools>=70) and builds without
+# isolation against the torch just installed.
+"${pip[@]}" "setuptools<70" wheel ninja
+
+mmcv_req="$(pin mmcv)"
+mmcv_version="${mmcv_req#mmcv==}"
+torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
+mmcv_dir="$wheels/mmcv-$mmcv_version-torch$torch_version"
+if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
+    log "building mmcv $mmcv_version with compiled ops against torch $torch_version (about 10 min on 2 cores, once)"
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+        "$mmcv_req" -d "$work"
+    tar -xzf "$work"/mmcv-"$mmcv_version".tar.gz -C "$work"
+    src="$work/mmcv-$mmcv_version"
+    # torch >= 2.10 headers: "#error C++20 or later compatible compiler is required"
+    sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$src/setup.py"
+    grep -q -- '-std=c++20' "$src/setup.py" || { log "mmcv setup.py has no -std flag to patch"; exit 1; }
+    mkdir -p "$mmcv_dir.tmp"
+    (cd "$src" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        "$py" -m pip wheel --disable-pip-version-check -q --no-build-isolation --no-deps . -w "$mmcv_dir.tmp")
+    rm -rf "$mmcv_dir" && mv "$mmcv_dir.tmp" "$mmcv_dir"   # never leave a half-built cache
+fi
+
+log "project and remaining dependencies"
+target="$root"
+[[ -n "$extras" ]] && target="$root[$extras]"
+"${pip[@]}" --find-links "$mmcv_dir" -e "$target"
+"$py" -c 'import mmcv.ops, mmdet, mmseg, ray, pyarrow, pycocotools' \
+    || { log "import check failed"; exit 1; }
+
+echo "$stamp_key" > "$stamp"
+log "environment ready: $venv"

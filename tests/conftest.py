@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny suites written to a temporary directory."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_SUITE = """
+name: tiny
+datasets:
+  shapes:
+    format: coco
+    root: {root}
+    synth: {{train_images: 8, val_images: 4, image_size: 64, max_objects: 3, seed: 1}}
+teachers:
+  t:
+    arch: retinanet
+    backbone: {{depth: 18, base_channels: 8}}
+    neck: {{out_channels: 16}}
+    head: {{feat_channels: 16, stacked_convs: 1}}
+students:
+  s:
+    arch: retinanet
+    backbone: {{depth: 18, base_channels: 8}}
+    neck: {{out_channels: 8}}
+    head: {{feat_channels: 8, stacked_convs: 1}}
+pairs:
+  - {{teacher: t, student: s}}
+methods: [none, fgd]
+seeds: [0]
+schedule: {{epochs: 1, val_interval: 1, batch_size: 4, lr: 0.01, warmup_iters: 0, img_scale: [64, 64]}}
+resources: {{cpu: 1, gpu: 0}}
+output: {output}
+"""
+
+
+@pytest.fixture
+def write_suite(tmp_path: Path):
+    """write_suite(text=None, name='suite.yaml', **fmt) -> path; defaults to the tiny suite."""
+    def _write(text: str | None = None, name: str = "suite.yaml", **fmt: str) -> Path:
+        fmt.setdefault("root", str(tmp_path / "data" / "shapes"))
+        fmt.setdefault("output", str(tmp_path / "results" / "tiny"))
+        body = textwrap.dedent(text) if text is not None else TINY_SUITE.format(**fmt)
+        path = tmp_path / name
+        path.write_text(body)
+        return path
+    return _write
