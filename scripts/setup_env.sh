@@ -18,13 +18,11 @@ cache="${KD_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kd-harness}"
 wheels="$cache/wheels"
 mkdir -p "$wheels"
 
-stamp_key="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -c1-16)-${extras:-base}"
-stamp="$venv/.kd-harness-stamp"
+hash="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
+stamp_key="$hash-${extras:-base}"
+stamp="$venv/.kd-harness-stamp"   # one line per installed set; a set with extras includes base
 if [[ -f "$stamp" ]] && grep -qx -- "$stamp_key" "$stamp" 2>/dev/null; then
     exit 0
-fi
-if [[ -f "$stamp" && -n "$extras" ]] && grep -qx -- "${stamp_key%-*}-base" "$stamp"; then
-    : # base is there; only the extras are missing, fall through (pip is quick then)
 fi
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -84,5 +82,6 @@ target="$root"
 "$py" -c 'import mmcv.ops, mmdet, mmseg, ray, pyarrow, pycocotools' \
     || { log "import check failed"; exit 1; }
 
-echo "$stamp_key" > "$stamp"
+{ grep -s -- "^$hash-" "$stamp" || true; echo "$stamp_key"; echo "$hash-base"; } | sort -u > "$stamp.new"
+mv "$stamp.new" "$stamp"
 log "environment ready: $venv"

@@ -48,3 +48,17 @@ def write_suite(tmp_path: Path):
         path.write_text(body)
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def synth_coco(tmp_path_factory) -> Path:
+    """A small synthetic COCO-layout dataset shared by the tests that train."""
+    from harness.synth import write_coco
+    return write_coco(tmp_path_factory.mktemp("data") / "shapes", train_images=8, val_images=4,
+                      image_size=64, max_objects=3, seed=1)
+
+
+def tiny_model(name: str, width: int, neck: int) -> dict:
+    """A suite model entry for a very small RetinaNet."""
+    return {"name": name, "arch": "retinanet", "backbone": {"depth": 18, "base_channels": width},
+            "neck": {"out_channels": neck}, "head": {"feat_channels": neck, "stacked_convs": 1}}

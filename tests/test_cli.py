@@ -1,0 +1,52 @@
+"""The CLI: plan and ls import no backend; errors exit 2 with the message."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .conftest import REPO
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_every_command():
+    out = _run("--help").stdout
+    for cmd in ("run", "plan", "ls", "report", "data"):
+        assert cmd in out
+
+
+def test_plan_and_ls_import_no_backend(write_suite):
+    path = write_suite()
+    code = ("import sys; from harness.cli import main; "
+            f"assert main(['plan', {str(path)!r}]) == 0; assert main(['ls']) == 0; "
+            "heavy = [m for m in ('torch', 'mmdet', 'mmengine', 'mmcv', 'ray') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny" in proc.stdout and "t->s/fgd/s0" in proc.stdout and "fgd" in proc.stdout
+
+
+def test_plan_error_exits_2_with_message(write_suite, tmp_path):
+    path = write_suite(TINY_SUITE_BAD.format(root=tmp_path))
+    proc = _run("plan", str(path))
+    assert proc.returncode == 2
+    assert "unknown method 'fdg'" in proc.stderr and "did you mean 'fgd'" in proc.stderr
+
+
+def test_data_synth(tmp_path):
+    proc = _run("data", "synth", "coco", "--out", str(tmp_path / "c"), "--train-images", "2",
+                "--val-images", "1", "--image-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / "annotations" / "instances_val2017.json").is_file()
+
+
+TINY_SUITE_BAD = """
+datasets: {{d: {{format: coco, root: {root}}}}}
+teachers: {{t: {{arch: retinanet}}}}
+students: {{s: {{arch: retinanet}}}}
+pairs: [[t, s]]
+methods: [fdg]
+"""
