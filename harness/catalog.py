@@ -22,6 +22,8 @@ METRICS = Registry("metric")
 METRICS.register(
     "coco_bbox", task="det", primary="bbox_mAP", higher_is_better=True,
     keys=("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"),
+    # CocoMetric returns nothing when the model made no detection at all: AP is then 0
+    empty_value=0.0,
     doc="COCO box AP through mmdet's CocoMetric (pycocotools), in [0, 1]",
 )
 

@@ -48,7 +48,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .tune import run_suite
 
     start = time.perf_counter()
-    summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus)
+    summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
+                        verbose=args.verbose)
     print(f"\n{len(summary['trials'])} trial(s) run, {summary['skipped']} already done, "
           f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
     print(format_report(read_results(suite.output)))
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="address of an existing Ray cluster (default: start one locally)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--restart", action="store_true", help="redo finished trials instead of skipping them")
+    r.add_argument("--verbose", action="store_true", help="show the trials' own logs (always kept in their directories)")
     r.set_defaults(func=_cmd_run)
     pl = sub.add_parser("plan", help="validate a suite and print its trial matrix (runs nothing)")
     pl.add_argument("suite")

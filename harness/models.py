@@ -74,11 +74,13 @@ def build_detector(cfg: dict[str, Any]) -> Any:
     """Build an mmdet detector from a model config, in the mmdet registry scope."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import ConfigDict
     from mmengine.registry import DefaultScope
 
     register_all_modules(init_default_scope=False)
     with DefaultScope.overwrite_default_scope("mmdet"):
-        return MODELS.build(copy.deepcopy(cfg))
+        # ConfigDict all the way down: heads read train_cfg / test_cfg by attribute
+        return MODELS.build(ConfigDict(copy.deepcopy(cfg)))
 
 
 def tapped_info(model: dict[str, Any], cfg: dict[str, Any]) -> Any:

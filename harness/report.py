@@ -48,12 +48,12 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
                 mean = values.mean()
                 sign = 1.0 if higher else -1.0
                 gain = sign * (mean - base)
-                gap = t_score - base
+                gap = sign * (t_score - base)      # only a teacher better than the student has a gap
                 rows.append(dict(
                     task=task, dataset=dataset, teacher=teacher, student=student, method=method, metric=metric,
                     mean=mean, std=values.std(ddof=1) if len(values) > 1 else math.nan, n=len(values),
                     gain=gain if method != "none" else 0.0,
-                    gap_closed=(mean - base) / gap if method != "none" and gap and not math.isnan(gap) else math.nan,
+                    gap_closed=gain / gap if method != "none" and gap > 0 else math.nan,
                     wall_time_s=m.groupby("trial_id")["wall_time_s"].first().mean(),
                     images_per_s=m.groupby("trial_id")["train_images_per_s"].first().mean()))
     board = pd.DataFrame(rows)

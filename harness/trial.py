@@ -74,7 +74,7 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
 
 # ------------------------------------------------------------------------------ hooks
 def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
-               by_iter: bool) -> Any:
+               by_iter: bool, metric: Any) -> Any:
     from mmengine.hooks import Hook
 
     class TrialHook(Hook):
@@ -107,6 +107,10 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
             clean = {k.split("/", 1)[-1]: float(v) for k, v in (metrics or {}).items()
                      if isinstance(v, (int, float))}
+            if not clean and metric.get("empty_value") is not None:
+                runner.logger.warning("no predictions to evaluate: every %s is %s", metric.name,
+                                      metric["empty_value"])
+                clean = {k: float(metric["empty_value"]) for k in metric["keys"]}
             point = {"epoch": runner.iter if by_iter else runner.epoch, **clean}
             history.append(point)
             if report is not None:
@@ -151,17 +155,18 @@ def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
     from .models import build_detector, detector_cfg, tapped_info
     from .wrapper import DistillationModel
 
+    distilled = spec.role == "student" and spec.method_name != "none"
+    ckpt = spec.teacher_checkpoint
+    if distilled and (not ckpt or not Path(ckpt).is_file()):
+        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
+                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
     n_cls = num_classes(spec.dataset)
     cfg = detector_cfg(spec.model, n_cls)
     student = build_detector(cfg)
-    if spec.role == "teacher" or spec.method_name == "none":
+    if not distilled:
         return DistillationModel(student), cfg
     t_cfg = detector_cfg(spec.teacher, n_cls)
     teacher = build_detector(t_cfg)
-    ckpt = spec.teacher_checkpoint
-    if not ckpt or not Path(ckpt).is_file():
-        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
-                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
     load_weights(teacher, ckpt)
     s_info, t_info = tapped_info(spec.model, cfg), tapped_info(spec.teacher, t_cfg)
     distiller = catalog.METHODS.load(spec.method_name)(spec.params, s_info, t_info)
@@ -193,10 +198,11 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
                            param_scheduler=dict(type="ParamSchedulerHook"),
                            sampler_seed=dict(type="DistSamplerSeedHook"), checkpoint=None),
-        custom_hooks=[_trial_hook(report, history, clock, by_iter=bool(sched.get("iters")))],
+        custom_hooks=[_trial_hook(report, history, clock, by_iter=bool(sched.get("iters")),
+                                  metric=catalog.METRICS.get(catalog.task_metric(spec.dataset["format"])))],
         randomness=dict(seed=spec.seed), default_scope="mmdet", launcher="none",
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
-        log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "WARNING"),
+        log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
         experiment_name=f"{spec.trial_id}-{time.strftime('%Y%m%d_%H%M%S')}",
     )
     if evaluate_only:
@@ -245,13 +251,15 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
         "config_hash": content_hash(spec.to_dict()),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if outcome is None:
-        return [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status="error",
-                     error=error, train_images_per_s=float("nan"), device=platform.node())]
-    return [dict(base, metric=name, value=value, primary=name == metric_entry["primary"],
-                 epoch=outcome.epoch, status="ok", error="", train_images_per_s=outcome.train_images_per_s,
-                 device=outcome.device)
-            for name, value in outcome.metrics.items() if name in metric_entry["keys"]]
+    rows = [] if outcome is None else [
+        dict(base, metric=name, value=value, primary=name == metric_entry["primary"], epoch=outcome.epoch,
+             status="ok", error="", train_images_per_s=outcome.train_images_per_s, device=outcome.device)
+        for name, value in outcome.metrics.items() if name in metric_entry["keys"]]
+    if outcome is not None and not rows:
+        error = (f"the evaluation gave none of {metric_entry.name}'s metrics "
+                 f"({', '.join(metric_entry['keys'])}); it gave {sorted(outcome.metrics)}")
+    return rows or [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status="error",
+                         error=error, train_images_per_s=float("nan"), device=platform.node())]
 
 
 def execute_trial(spec: TrialSpec, report: Reporter | None = None,

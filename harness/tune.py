@@ -29,9 +29,6 @@ def _trainable(config: dict[str, Any]) -> None:
 
     spec = TrialSpec.from_dict(config["trial"])
     rows, exc = execute_trial(spec, report=tune.report)
-    # The rows travel back with the last report too, so a driver on another node than
-    # the trial still gets them (rows written by the trial land on the trial's node).
-    tune.report({"status": rows[0]["status"], "_rows": json.dumps(rows, default=float)})
     if exc is not None:
         raise exc
 
@@ -49,8 +46,8 @@ def _fit(suite: Suite, phase: str, specs: list[TrialSpec]) -> list[dict[str, Any
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search([s.to_dict() for s in specs])},
-        tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False,
-                                    trial_dirname_creator=_trial_dirname),
+        tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=_trial_dirname,
+                                    trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
         run_config=tune.RunConfig(
             name=f"{suite.name}-{phase}", storage_path=str((Path(suite.output) / "ray").resolve()),
             failure_config=tune.FailureConfig(max_failures=0), verbose=1),
@@ -58,11 +55,17 @@ def _fit(suite: Suite, phase: str, specs: list[TrialSpec]) -> list[dict[str, Any
     grid = tuner.fit()
     summary = []
     for result in grid:
-        rows = json.loads(result.metrics["_rows"]) if result.metrics and "_rows" in result.metrics else None
         spec = TrialSpec.from_dict(result.config["trial"])
-        if rows and not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
-            results.write_trial_rows(suite.output, spec.trial_id, rows)
-        summary.append({"trial": spec.name, "error": str(result.error) if result.error else ""})
+        rows_file = results.rows_dir(suite.output) / f"{spec.trial_id}.parquet"
+        error = str(result.error) if result.error else ""
+        if not rows_file.exists():
+            # Trials write their rows where they run: on a multi-node cluster the output
+            # directory must be on storage every node shares, as Ray's storage_path must.
+            error = error or f"the trial ended but its rows are not at {rows_file}"
+            from .trial import result_rows
+            results.write_trial_rows(suite.output, spec.trial_id, result_rows(
+                spec, None, error + " (on a multi-node cluster, put 'output' on shared storage)", 0.0))
+        summary.append({"trial": spec.name, "error": error})
     return summary
 
 
@@ -77,8 +80,12 @@ def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], 
 
 
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
-              num_cpus: int | None = None) -> dict[str, Any]:
-    """Run every pending trial of a validated suite on Ray Tune and consolidate the store."""
+              num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
+
+    ``verbose`` forwards the trials' own output (mmengine logs) to this console; it is
+    always in each trial's directory.
+    """
     import ray
 
     out = Path(suite.output)
@@ -93,7 +100,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
         started = not ray.is_initialized()
         if started:
             ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
-                     logging_level=logging.WARNING, configure_logging=True)
+                     logging_level=logging.WARNING, log_to_driver=verbose)
         try:
             for phase, specs in (("teachers", teachers), ("students", students)):
                 if specs:

@@ -23,6 +23,8 @@ from torch import nn
 
 from methods._base import DetBatch, Distiller
 
+from .dense import dense_head, head_outputs
+
 
 class DistillationModel(BaseModel):
     """Student + frozen teacher + distiller (any of the last two may be absent)."""
@@ -38,14 +40,19 @@ class DistillationModel(BaseModel):
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        self._captured: Any = None
+        self._captured: dict[str, Any] = {}
+        self._needs_head = bool(getattr(distiller, "needs_head_outputs", False))
         if distiller is not None:
             if teacher is None:
                 raise ValueError("a distiller needs a teacher")
-            student.neck.register_forward_hook(self._capture)
+            student.neck.register_forward_hook(self._capture("feats"))
+            if self._needs_head:
+                dense_head(student).register_forward_hook(self._capture("head"))
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._captured = output
+    def _capture(self, key: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._captured[key] = output
+        return hook
 
     def train(self, mode: bool = True) -> "DistillationModel":
         super().train(mode)
@@ -68,16 +75,20 @@ class DistillationModel(BaseModel):
         raise ValueError(f"invalid mode '{mode}': expected loss, predict or tensor")
 
     def loss(self, inputs: torch.Tensor, data_samples: Any) -> dict[str, torch.Tensor]:
-        self._captured = None
+        self._captured = {}
         losses = self.student.loss(inputs, data_samples)
         if self.distiller is None:
             return losses
+        captured, self._captured = self._captured, {}
         with torch.no_grad():
-            teacher_feats = list(self.teacher.extract_feat(inputs))
-        student_feats = list(self._captured)
-        self._captured = None
+            teacher_all = self.teacher.extract_feat(inputs)
+            teacher_raw = dense_head(self.teacher)(teacher_all) if self._needs_head else None
+        student_feats, teacher_feats = list(captured["feats"]), list(teacher_all)
         k = self.num_levels or len(student_feats)
         batch = DetBatch.from_data_samples(student_feats[:k], teacher_feats[:k], data_samples)
+        if self._needs_head:
+            batch.student_head = head_outputs(self.student, captured["head"])
+            batch.teacher_head = head_outputs(self.teacher, teacher_raw)
         extra = self.distiller(batch)
         clash = set(extra) & set(losses)
         if clash:

@@ -35,6 +35,8 @@ class DetBatch:
     labels: torch.Tensor
     img_hw: torch.Tensor
     data_samples: list[Any] = field(default_factory=list)
+    student_head: Any = None      # harness.dense.HeadOutputs, for distillers that set needs_head_outputs
+    teacher_head: Any = None
 
     @classmethod
     def from_data_samples(cls, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
@@ -67,6 +69,7 @@ class Distiller(nn.Module):
     """
 
     task: str = ""
+    needs_head_outputs: bool = False   # True: the batch carries both models' dense-head outputs
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
         super().__init__()

@@ -50,16 +50,16 @@ PY
 
 log "torch and torchvision"
 "${pip[@]}" "$(pin torch)" "$(pin torchvision)"
-# mmcv's setup.py imports pkg_resources (gone from setuptools>=70) and builds without
-# isolation against the torch just installed.
-"${pip[@]}" "setuptools<70" wheel ninja
-
 mmcv_req="$(pin mmcv)"
 mmcv_version="${mmcv_req#mmcv==}"
 torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
 mmcv_dir="$wheels/mmcv-$mmcv_version-torch$torch_version"
 if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $mmcv_version with compiled ops against torch $torch_version (about 10 min on 2 cores, once)"
+    log "building mmcv $mmcv_version with compiled ops against torch $torch_version (10-20 min on 2 cores, once)"
+    # mmcv's setup.py imports pkg_resources (gone from current setuptools) and builds
+    # without isolation against the torch just installed; torch itself wants a newer
+    # setuptools, which the project install below brings back.
+    "${pip[@]}" "setuptools<70" wheel ninja
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     "$py" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
