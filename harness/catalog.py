@@ -23,26 +23,57 @@ METRICS.register(
     "coco_bbox", task="det", primary="bbox_mAP", higher_is_better=True,
     keys=("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"),
     # CocoMetric returns nothing when the model made no detection at all: AP is then 0
-    empty_value=0.0,
+    empty_value=0.0, display_scale=100.0,
     doc="COCO box AP through mmdet's CocoMetric (pycocotools), in [0, 1]",
+)
+METRICS.register(
+    "voc_bbox", task="det", primary="voc07_mAP", higher_is_better=True,
+    keys=("voc07_mAP", "voc_area_mAP"),
+    # evaluator key -> stored name (two VOCMetric instances, told apart by their prefix)
+    rename={"voc07/mAP": "voc07_mAP", "voc_area/mAP": "voc_area_mAP"},
+    empty_value=0.0, display_scale=100.0,
+    doc="VOC box mAP at IoU 0.5 through mmdet's VOCMetric: VOC07 11-point and area, in [0, 1]",
 )
 
 # -------------------------------------------------------------------- dataset formats
 DATASET_FORMATS.register(
-    "coco", target="harness.data:coco_dataset_cfg", task="det", metric="coco_bbox",
+    "coco", target="harness.data:CocoFormat", task="det", metric="coco_bbox",
     synth="harness.synth:write_coco",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="COCO layout: <root>/{train2017,val2017}/*.jpg, <root>/annotations/instances_{train,val}2017.json",
+)
+DATASET_FORMATS.register(
+    "voc", target="harness.data:VocFormat", task="det", metric="voc_bbox",
+    synth="harness.synth:write_voc",
+    synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
+    doc="Pascal VOC layout (root = VOCdevkit): VOC{2007,2012}/{JPEGImages,Annotations,ImageSets/Main}",
 )
 
 # ----------------------------------------------------------------------- architectures
 # `levels`: strides of the FPN outputs a feature distiller taps, in order.
 # `family`: selects a method's per-family defaults.
+# `head`: dotted path of the head that the suite's `head:` overrides go to and that
+# holds num_classes; `follows_neck`: dotted keys set to the neck's out_channels.
 ARCHS.register(
     "retinanet", task="det", family="one_stage", stages=1,
     config="mmdet::retinanet/retinanet_r50_fpn_1x_coco.py",
-    levels=(8, 16, 32, 64, 128),
+    levels=(8, 16, 32, 64, 128), head="bbox_head", follows_neck=("bbox_head.in_channels",),
     doc="RetinaNet with ResNet backbone and FPN (P3-P7)",
+)
+ARCHS.register(
+    "fcos", task="det", family="fcos", stages=1,
+    config="mmdet::fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py",
+    levels=(8, 16, 32, 64, 128), head="bbox_head", follows_neck=("bbox_head.in_channels",),
+    doc="FCOS (center sampling, normalised boxes, centerness on regression, GIoU) with FPN (P3-P7)",
+)
+ARCHS.register(
+    "faster_rcnn", task="det", family="two_stage", stages=2,
+    config="mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
+    # FPN gives P2-P6; feature distillers tap P2-P5 as the FGD and GID configs do
+    levels=(4, 8, 16, 32), head="roi_head.bbox_head",
+    follows_neck=("rpn_head.in_channels", "roi_head.bbox_roi_extractor.out_channels",
+                  "roi_head.bbox_head.in_channels"),
+    doc="Faster R-CNN with FPN (P2-P6; distillers tap P2-P5)",
 )
 
 # ----------------------------------------------------------------------------- methods
@@ -64,6 +95,21 @@ METHODS.register(
     family_params=_FGD_DEFAULTS,
     needs_same_levels=True,
     doc="Focal and Global Distillation (Yang et al., CVPR 2022)",
+)
+
+
+METHODS.register(
+    "feature_mse", target="methods.feature_mse:FeatureMSE", tasks=("det",), params={"weight": 1.0},
+    needs_same_levels=True,
+    doc="baseline: MSE feature imitation on every FPN level through 1x1 adapters",
+)
+METHODS.register(
+    "gid", target="methods.gid:GID", tasks=("det",),
+    params={"score": "paper", "top_n": 3000, "min_size": 2.0, "nms_iou": 0.3, "k": 10, "roi_size": 10,
+            "w_feat": 5e-3, "w_rel": 40.0, "w_cls": 0.1, "w_reg": 1.0},
+    choices={"score": ("paper", "max_logit")},
+    needs_same_levels=True, needs_same_head=True,
+    doc="General Instance Distillation (Dai et al., CVPR 2021)",
 )
 
 

@@ -13,6 +13,10 @@ from pathlib import Path
 from .yamlio import SuiteError
 
 
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .suite import load_suite
     from .tune import pending_trials  # noqa: F401 - imports no ray at module level
@@ -28,8 +32,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'':2}{'trial':<56}{'id':<14}{'params'}")
     for t in suite.trials:
         mark = " " if t.trial_id in todo else "✓"
-        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        print(f"{mark:2}{t.name:<56}{t.trial_id:<14}{params}")
+        print(f"{mark:2}{t.name:<56}{t.trial_id:<14}{_params(t.params)}")
     return 0
 
 
@@ -79,7 +82,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         for e in reg:
             meta = " ".join(f"{f}={'/'.join(e[f]) if isinstance(e[f], tuple) else e[f]}" for f in fields)
             params = e.get("params")
-            extra = f"  params: {', '.join(f'{k}={v:g}' for k, v in params.items())}" if params else ""
+            extra = f"  params: {_params(params)}" if params else ""
             print(f"  {e.name:<14}{meta:<28}{e.doc}{extra}")
     return 0
 

@@ -55,7 +55,7 @@ def head_outputs(detector: Any, raw: tuple[Any, ...], pad_hw: tuple[int, int] | 
     cls_maps, reg_maps = list(raw[0]), list(raw[1])
     sizes = [m.shape[-2:] for m in cls_maps]
     device = cls_maps[0].device
-    priors = torch.cat(head.prior_generator.grid_priors(sizes, device=device, with_stride=False), dim=0)
+    priors = torch.cat(head.prior_generator.grid_priors(sizes, device=device), dim=0)
     c = head.cls_out_channels
     cls = _flatten(cls_maps, c)
     reg_dim = reg_maps[0].shape[1] // head.prior_generator.num_base_priors[0]

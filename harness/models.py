@@ -60,14 +60,28 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
     if channels is not None and "in_channels" not in neck_over:
         neck_over["in_channels"] = channels
     cfg["neck"] = _merge(cfg["neck"], neck_over)
-    head_key = arch.get("head_key", "bbox_head")
-    head = _merge(cfg[head_key], model.get("head", {}))
-    if "in_channels" in head and "in_channels" not in model.get("head", {}):
-        head["in_channels"] = cfg["neck"]["out_channels"]
+    head_path = arch["head"]
+    head = _merge(_get(cfg, head_path), model.get("head", {}))
     head["num_classes"] = num_classes
-    cfg[head_key] = head
-    cfg = _merge(cfg, model.get("model", {}))
+    _set(cfg, head_path, head)
+    overridden = {f"{arch['head']}.{k}" for k in model.get("head", {})}
+    for key in arch["follows_neck"]:
+        if key not in overridden:
+            _set(cfg, key, cfg["neck"]["out_channels"])
+    return _merge(cfg, model.get("model", {}))
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
     return cfg
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[last] = value
 
 
 def build_detector(cfg: dict[str, Any]) -> Any:
@@ -89,5 +103,8 @@ def tapped_info(model: dict[str, Any], cfg: dict[str, Any]) -> Any:
 
     arch = catalog.ARCHS.get(model["arch"])
     levels = list(arch["levels"])
-    return ModelInfo(arch=arch.name, family=arch["family"],
-                     channels=[cfg["neck"]["out_channels"]] * len(levels), strides=levels)
+    head = cfg["rpn_head"] if arch["stages"] == 2 else cfg["bbox_head"]
+    layout = {"type": head["type"], "num_classes": head.get("num_classes", 1),
+              "priors": head.get("anchor_generator") or {"strides": head.get("strides")}}
+    return ModelInfo(arch=arch.name, family=arch["family"], channels=[cfg["neck"]["out_channels"]] * len(levels),
+                     strides=levels, head_layout=layout)

@@ -13,8 +13,12 @@ from . import catalog
 
 
 def _scale(metric: str) -> float:
-    """COCO AP is stored in [0, 1]; leaderboards show points (x100) as papers do."""
-    return 100.0 if metric.startswith("bbox_") else 1.0
+    """AP is stored in [0, 1]; leaderboards show points (x100) as papers do. The factor
+    is the registered metric's ``display_scale``."""
+    for entry in catalog.METRICS:
+        if metric in entry["keys"]:
+            return float(entry.get("display_scale", 1.0))
+    return 1.0
 
 
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:

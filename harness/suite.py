@@ -243,11 +243,21 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
             raise _err(where, "method" if where is spec else label,
                        f"methods.{label}: {catalog.METHODS.unknown_message(str(name))}")
         params = spec.get("params") or {}
-        valid = catalog.METHODS.get(name)["params"]
-        for p in params:
+        entry = catalog.METHODS.get(name)
+        valid = entry["params"]
+        for p, value in params.items():
             if p not in valid:
                 raise _err(params, p, f"methods.{label}.params: '{p}' is not a parameter of {name}"
                                       f"{suggest(str(p), list(valid))}; valid: {', '.join(valid) or '(none)'}")
+            choices = entry.get("choices", {}).get(p)
+            if choices and value not in choices:
+                raise _err(params, p, f"methods.{label}.params.{p}: '{value}' is not one of "
+                                      f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
+            default = valid[p]
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise _err(params, p, f"methods.{label}.params.{p} must be a number (default {default}), "
+                                      f"got {value!r}")
         out[label] = (name, dict(params), spec if isinstance(spec, Node) else node)
     if "none" not in out:   # the reference for every gain is always there
         out = {"none": ("none", {}, node), **out}
@@ -264,6 +274,11 @@ def _check_serves(label: str, method: str, where: Any, ds: dict, teacher: dict, 
         if arch["task"] != ds["task"]:
             raise _err(where, label, f"{role} '{m['name']}' ({arch.name}) is a {arch['task']} model but "
                                      f"dataset '{ds['name']}' is a {ds['task']} dataset")
+    if entry.get("needs_same_head") and t_arch.name != s_arch.name:
+        raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
+                                 f"{teacher['name']} -> {student['name']}: it compares the two heads' "
+                                 f"predictions one to one, which needs the same head and anchor layout, but "
+                                 f"the teacher is a {t_arch.name} and the student a {s_arch.name}")
     if entry.get("needs_same_levels") and tuple(t_arch["levels"]) != tuple(s_arch["levels"]):
         raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
                                  f"{teacher['name']} -> {student['name']}: it matches feature levels one to "

@@ -77,21 +77,38 @@ def _scene(rng: np.random.RandomState, size: int, max_objects: int) -> tuple[Ima
     return img, objects
 
 
+class _AtomicDir:
+    """Write a directory under a temporary sibling name and rename it into place on
+    success, so a half-written dataset is never visible at its root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            os.replace(self.tmp, self.root)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def write_coco(root: str | os.PathLike, train_images: int = 64, val_images: int = 16,
                image_size: int = 128, max_objects: int = 4, seed: int = 0) -> Path:
     """Write a COCO-layout detection dataset to ``root`` and return it.
 
     Layout: ``root/train2017/*.jpg``, ``root/val2017/*.jpg``,
     ``root/annotations/instances_{train,val}2017.json`` with categories 1..K.
-    The dataset is written to a temporary sibling and renamed into place, so a
-    half-written dataset is never visible at ``root``.
     """
     root = Path(root)
     rng = np.random.RandomState(seed)
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES)]
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with _AtomicDir(root) as tmp:
         (tmp / "annotations").mkdir()
         ann_id = 1
         for split, count in (("train2017", train_images), ("val2017", val_images)):
@@ -111,15 +128,53 @@ def write_coco(root: str | os.PathLike, train_images: int = 64, val_images: int 
             with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
                 json.dump({"images": images, "annotations": annotations,
                            "categories": categories}, f)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
-def coco_classes() -> tuple[str, ...]:
-    """Class names of the synthetic COCO data, in category-id order."""
+def _voc_xml(file_name: str, size: int, objects: list) -> str:
+    names = list(SHAPES)
+    parts = [f"<annotation><folder>VOC2007</folder><filename>{file_name}</filename>",
+             f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>",
+             "<segmented>0</segmented>"]
+    for cls, (x1, y1, x2, y2) in objects:
+        # VOC boxes are 1-based and inclusive: pixels x1..x2-1 are xmin=x1+1 .. xmax=x2
+        parts.append(f"<object><name>{names[cls]}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>0</difficult><bndbox><xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin>"
+                     f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    parts.append("</annotation>")
+    return "\n".join(parts) + "\n"
+
+
+def write_voc(root: str | os.PathLike, train_images: int = 64, val_images: int = 16,
+              image_size: int = 128, max_objects: int = 4, seed: int = 0) -> Path:
+    """Write a Pascal VOC-layout detection dataset (the ``VOCdevkit`` folder) to ``root``.
+
+    Layout: ``root/VOC2007/{JPEGImages/*.jpg, Annotations/*.xml,
+    ImageSets/Main/{train,val,trainval,test}.txt}``; ``trainval`` is the training split
+    and ``test`` the evaluation split, as in the VOC07 protocol.
+    """
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    with _AtomicDir(root) as tmp:
+        voc = tmp / "VOC2007"
+        for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+            (voc / sub).mkdir(parents=True)
+        ids: dict[str, list[str]] = {"trainval": [], "test": []}
+        for split, count in (("trainval", train_images), ("test", val_images)):
+            for _ in range(count):
+                img_id = f"{len(ids['trainval']) + len(ids['test']):06d}"
+                img, objects = _scene(rng, image_size, max_objects)
+                img.save(voc / "JPEGImages" / f"{img_id}.jpg", quality=95)
+                (voc / "Annotations" / f"{img_id}.xml").write_text(_voc_xml(f"{img_id}.jpg", image_size, objects))
+                ids[split].append(img_id)
+        half = len(ids["trainval"]) // 2
+        lists = {"trainval": ids["trainval"], "train": ids["trainval"][:half], "val": ids["trainval"][half:],
+                 "test": ids["test"]}
+        for name, items in lists.items():
+            (voc / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in items))
+    return root
+
+
+def shape_classes() -> tuple[str, ...]:
+    """Class names of the synthetic detection data, in label order."""
     return tuple(SHAPES)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import catalog, results
-from .data import coco_dataset_cfg, ensure_dataset, evaluator_cfg, num_classes
+from .data import dataset_format, ensure_dataset, num_classes
 from .spec import TrialSpec, content_hash
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -105,7 +105,8 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                 clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
-            clean = {k.split("/", 1)[-1]: float(v) for k, v in (metrics or {}).items()
+            rename = metric.get("rename", {})
+            clean = {rename.get(k, k.split("/", 1)[-1]): float(v) for k, v in (metrics or {}).items()
                      if isinstance(v, (int, float))}
             if not clean and metric.get("empty_value") is not None:
                 runner.logger.warning("no predictions to evaluate: every %s is %s", metric.name,
@@ -181,6 +182,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
     ensure_dataset(spec.dataset)
     model, model_cfg = build_trial_model(spec)
+    fmt = dataset_format(spec.dataset)
     sched = spec.schedule
     work_dir = spec.trial_dir
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -190,11 +192,11 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                   persistent_workers=sched["num_workers"] > 0)
     val_loader = dict(loader, batch_size=max(1, sched["batch_size"]), drop_last=False,
                       sampler=dict(type="DefaultSampler", shuffle=False),
-                      dataset=coco_dataset_cfg(spec.dataset, "val", sched["img_scale"]))
+                      dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
     common = dict(
         model=model, work_dir=str(work_dir), val_dataloader=val_loader,
-        val_evaluator=evaluator_cfg(spec.dataset), val_cfg=dict(type="ValLoop"),
+        val_evaluator=fmt.evaluator(spec.dataset), val_cfg=dict(type="ValLoop"),
         default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
                            param_scheduler=dict(type="ParamSchedulerHook"),
                            sampler_seed=dict(type="DistSamplerSeedHook"), checkpoint=None),
@@ -214,7 +216,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         runner = Runner(
             **common, train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
             train_dataloader=dict(loader, sampler=sampler,
-                                  dataset=coco_dataset_cfg(spec.dataset, "train", sched["img_scale"])))
+                                  dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"])))
         runner.train()
     if not history:
         raise RuntimeError("the trial finished without an evaluation")

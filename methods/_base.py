@@ -16,6 +16,7 @@ class ModelInfo:
     family: str
     channels: list[int]          # channels of each tapped feature level
     strides: list[int]           # stride of each tapped level, in input pixels
+    head_layout: dict[str, Any] = field(default_factory=dict)   # what fixes the dense head's predictions
 
 
 @dataclass

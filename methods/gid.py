@@ -187,6 +187,10 @@ class GID(Distiller):
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
         super().__init__(params, student, teacher)
+        if student.head_layout != teacher.head_layout:
+            raise ValueError(f"GID compares teacher and student predictions one to one, which needs the same "
+                             f"head and prior (anchor) layout: teacher {teacher.head_layout}, "
+                             f"student {student.head_layout}")
         self.adapters = nn.ModuleList(adapter(cs, ct) for cs, ct in zip(student.channels, teacher.channels))
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:

@@ -62,3 +62,22 @@ def tiny_model(name: str, width: int, neck: int) -> dict:
     """A suite model entry for a very small RetinaNet."""
     return {"name": name, "arch": "retinanet", "backbone": {"depth": 18, "base_channels": width},
             "neck": {"out_channels": neck}, "head": {"feat_channels": neck, "stacked_convs": 1}}
+
+
+def coco_dataset(root: Path, split: str = "train"):
+    """mmdet's CocoDataset over a synthetic COCO-layout root, as the harness configures it."""
+    from mmdet.datasets import CocoDataset
+    from mmdet.utils import register_all_modules
+
+    from harness.data import CocoFormat
+    register_all_modules()
+    cfg = CocoFormat().dataset({"root": str(root), "classes": None}, split, [64, 64])
+    cfg.pop("type")
+    return CocoDataset(**cfg)
+
+
+@pytest.fixture(scope="session")
+def det_batch(synth_coco) -> dict:
+    """Two training samples of the synthetic COCO data, as a dataloader batch."""
+    ds = coco_dataset(synth_coco)
+    return {"inputs": [ds[i]["inputs"] for i in range(2)], "data_samples": [ds[i]["data_samples"] for i in range(2)]}

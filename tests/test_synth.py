@@ -43,16 +43,36 @@ def test_deterministic_from_seed(tmp_path):
 
 
 def test_read_through_mmdet_coco_dataset(synth_coco):
-    from mmdet.datasets import CocoDataset
-    from mmdet.utils import register_all_modules
-
-    from harness.data import coco_dataset_cfg
-    register_all_modules()
-    ds_cfg = coco_dataset_cfg({"root": str(synth_coco), "classes": None}, "train", [64, 64])
-    ds_cfg.pop("type")
-    dataset = CocoDataset(**ds_cfg)
+    from .conftest import coco_dataset
+    dataset = coco_dataset(synth_coco)
     assert len(dataset) == 8
     assert dataset.metainfo["classes"] == tuple(SHAPES)
     sample = dataset[0]
     assert sample["inputs"].shape[0] == 3
     assert len(sample["data_samples"].gt_instances.bboxes) >= 1
+
+
+def test_voc_layout_read_through_mmdet_voc_dataset(tmp_path):
+    from mmdet.datasets import VOCDataset
+    from mmdet.utils import register_all_modules
+
+    from harness.data import VocFormat
+    from harness.synth import write_voc
+    register_all_modules()
+    root = write_voc(tmp_path / "VOCdevkit", train_images=5, val_images=3, image_size=64, seed=2)
+    main = root / "VOC2007" / "ImageSets" / "Main"
+    assert sorted(p.name for p in main.iterdir()) == ["test.txt", "train.txt", "trainval.txt", "val.txt"]
+    assert len(main.joinpath("trainval.txt").read_text().split()) == 5
+    ds = {"root": str(root), "classes": None, "synth": {}}
+    for split, count in (("train", 5), ("val", 3)):
+        cfg = VocFormat().dataset(ds, split, [64, 64])
+        cfg.pop("type")
+        dataset = VOCDataset(**cfg)
+        assert len(dataset) == count and dataset.metainfo["classes"] == tuple(SHAPES)
+        assert dataset.metainfo["dataset_type"] == "VOC2007"
+    info = dataset.get_data_info(0)
+    assert info["instances"] and all(0 <= v <= 64 for inst in info["instances"] for v in inst["bbox"])
+    # the XML's 1-based inclusive box comes back as the drawn pixels' box minus one at the far edge
+    xml = (root / "VOC2007" / "Annotations" / f"{info['img_id']}.xml").read_text()
+    xmin = int(xml.split("<xmin>")[1].split("<")[0])
+    assert info["instances"][0]["bbox"][0] == xmin - 1

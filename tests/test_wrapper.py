@@ -11,8 +11,7 @@ from .conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
-def parts(synth_coco):
-    from harness.data import coco_dataset_cfg
+def parts(det_batch):
     from harness.models import build_detector, detector_cfg, tapped_info
     from harness.wrapper import DistillationModel
     from methods.fgd import FGD
@@ -27,15 +26,7 @@ def parts(synth_coco):
     fgd = FGD(params, tapped_info(tiny_model("s", 8, 8), s_cfg), tapped_info(tiny_model("t", 8, 16), t_cfg))
     model = DistillationModel(student, teacher, fgd, num_levels=5)
 
-    from mmdet.datasets import CocoDataset
-    from mmdet.utils import register_all_modules
-    register_all_modules()
-    cfg = coco_dataset_cfg({"root": str(synth_coco), "classes": None}, "train", [64, 64])
-    cfg.pop("type")
-    dataset = CocoDataset(**cfg)
-    batch = {"inputs": [dataset[i]["inputs"] for i in range(2)],
-             "data_samples": [dataset[i]["data_samples"] for i in range(2)]}
-    return model, s_cfg, batch
+    return model, s_cfg, det_batch
 
 
 def test_teacher_unchanged_and_gradients_reach_student_and_adapters_only(parts):
