@@ -91,7 +91,8 @@ _FGD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 METHODS.register(
     "fgd", target="methods.fgd:FGD", tasks=("det",),
-    params=dict(_FGD_DEFAULTS["one_stage"]),
+    # inherit: start the student's neck and head from the teacher's (same shapes needed)
+    params={**_FGD_DEFAULTS["one_stage"], "inherit": False},
     family_params=_FGD_DEFAULTS,
     needs_same_levels=True,
     doc="Focal and Global Distillation (Yang et al., CVPR 2022)",

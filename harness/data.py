@@ -120,8 +120,9 @@ class VocFormat(DatasetFormat):
         return parts[0] if len(parts) == 1 else dict(type="ConcatDataset", datasets=parts)
 
     def evaluator(self, ds: dict[str, Any]) -> Any:
-        return [dict(type="VOCMetric", metric="mAP", eval_mode="11points", prefix="voc07"),
-                dict(type="VOCMetric", metric="mAP", eval_mode="area", prefix="voc_area")]
+        import harness.metrics  # noqa: F401 - registers InProcessVOCMetric
+        return [dict(type="InProcessVOCMetric", metric="mAP", eval_mode="11points", prefix="voc07"),
+                dict(type="InProcessVOCMetric", metric="mAP", eval_mode="area", prefix="voc_area")]
 
 
 def dataset_format(ds: dict[str, Any]) -> DatasetFormat:

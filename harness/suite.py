@@ -254,6 +254,8 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
                 raise _err(params, p, f"methods.{label}.params.{p}: '{value}' is not one of "
                                       f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
             default = valid[p]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise _err(params, p, f"methods.{label}.params.{p} must be true or false, got {value!r}")
             if isinstance(default, (int, float)) and not isinstance(default, bool) and (
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise _err(params, p, f"methods.{label}.params.{p} must be a number (default {default}), "

@@ -19,7 +19,9 @@ def e2e(tmp_path_factory):
     (broken / "annotations").mkdir(parents=True)
     (broken / "annotations" / "instances_train2017.json").write_text("{not json")
     text = TINY_SUITE.format(root=tmp / "shapes", output=tmp / "results" / "tiny")
-    text = text.replace("datasets:\n", f"datasets:\n  broken: {{format: coco, root: {broken}}}\n", 1)
+    text = text.replace("datasets:\n", f"datasets:\n  broken: {{format: coco, root: {broken}}}\n"
+                                      f"  voc: {{format: voc, root: {tmp / 'VOCdevkit'}, synth: {{train_images: 8, "
+                                      f"val_images: 4, image_size: 64, seed: 3}}}}\n", 1)
     path = tmp / "tiny.yaml"
     path.write_text(text)
     suite = load_suite(path)
@@ -61,9 +63,18 @@ def test_failing_trials_leave_error_rows_and_do_not_stop_the_others(e2e):
 
 def test_rerun_skips_finished_trials(e2e):
     _, first, second = e2e
-    assert second["skipped"] == 3                        # the three ok trials on 'shapes'
+    assert second["skipped"] == 6                        # the three ok trials on 'shapes' and on 'voc'
     assert len(second["trials"]) == 3                    # the failed ones are tried again
     assert len(pd.read_parquet(second["results"])) == len(pd.read_parquet(first["results"]))
+
+
+def test_voc_dataset_gives_voc_map_rows(e2e):
+    _, first, _ = e2e
+    voc = pd.read_parquet(first["results"]).query("dataset == 'voc'")
+    assert set(voc["status"]) == {"ok"} and set(voc["method"]) == {"teacher", "none", "fgd"}
+    assert set(voc["metric"]) == {"voc07_mAP", "voc_area_mAP"}
+    assert set(voc[voc["primary"]]["metric"]) == {"voc07_mAP"}
+    assert voc["value"].between(0, 1).all()
 
 
 def test_report_command(e2e, capsys):

@@ -92,3 +92,22 @@ def test_exported_student_loads_into_plain_detector(parts, tmp_path):
         a = plain.predict(data["inputs"], copy.deepcopy(data["data_samples"]))
         b = model(**copy.deepcopy(data), mode="predict")
     assert torch.allclose(a[0].pred_instances.scores, b[0].pred_instances.scores)
+
+
+def test_inherit_copies_neck_and_head_and_refuses_other_shapes():
+    from harness.models import build_detector, detector_cfg
+    from harness.trial import inherit_neck_and_head
+
+    deeper = dict(tiny_model("t", 8, 16))
+    deeper["backbone"] = {"depth": 34, "base_channels": 8}        # R34 -> R18: same widths, as R101 -> R50
+    teacher = build_detector(detector_cfg(deeper, 4))
+    student = build_detector(detector_cfg(tiny_model("s", 8, 16), 4))
+    teacher.init_weights()
+    inherit_neck_and_head(student, teacher)
+    t, s = teacher.state_dict(), student.state_dict()
+    copied = [k for k in s if k.startswith(("neck.", "bbox_head."))]
+    assert copied and all(torch.equal(s[k], t[k]) for k in copied)
+    assert not torch.equal(s["backbone.conv1.weight"], t["backbone.conv1.weight"])
+    narrow = build_detector(detector_cfg(tiny_model("n", 8, 8), 4))
+    with pytest.raises(ValueError, match="inherit"):
+        inherit_neck_and_head(narrow, teacher)
