@@ -75,6 +75,14 @@ ARCHS.register(
                   "roi_head.bbox_head.in_channels"),
     doc="Faster R-CNN with FPN (P2-P6; distillers tap P2-P5)",
 )
+ARCHS.register(
+    "cascade_rcnn", task="det", family="two_stage", stages=2,
+    config="mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py",
+    levels=(4, 8, 16, 32), head="roi_head.bbox_head",
+    follows_neck=("rpn_head.in_channels", "roi_head.bbox_roi_extractor.out_channels",
+                  "roi_head.bbox_head.in_channels"),
+    doc="Cascade R-CNN with FPN (three bbox heads; a teacher for feature distillers)",
+)
 
 # ----------------------------------------------------------------------------- methods
 METHODS.register(

@@ -12,6 +12,7 @@ from typing import Any
 from . import catalog
 
 _RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
+_RESNETS = ("ResNet", "ResNetV1d", "ResNeXt")     # same stage widths for a given depth
 
 
 def resolve_config_path(ref: str) -> Path:
@@ -37,7 +38,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def resnet_channels(backbone: dict[str, Any]) -> list[int] | None:
     """Output channels of a ResNet backbone's stages (out_indices), or None if not a ResNet."""
-    if backbone.get("type") not in ("ResNet", "ResNetV1d") or backbone.get("depth") not in _RESNET_EXPANSION:
+    if backbone.get("type") not in _RESNETS or backbone.get("depth") not in _RESNET_EXPANSION:
         return None
     base = backbone.get("base_channels", 64) * _RESNET_EXPANSION[backbone["depth"]]
     return [base * 2 ** i for i in backbone.get("out_indices", (0, 1, 2, 3))]
@@ -51,7 +52,7 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
     cfg = Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict()
     backbone = _merge(cfg["backbone"], model.get("backbone", {}))
     backbone["init_cfg"] = None                  # no pretrained weights: start from scratch
-    if backbone.get("type", "").startswith("ResNet"):
+    if backbone.get("type") in _RESNETS:
         backbone["frozen_stages"] = model.get("backbone", {}).get("frozen_stages", -1)
         backbone["norm_eval"] = model.get("backbone", {}).get("norm_eval", False)
     cfg["backbone"] = backbone
@@ -61,27 +62,26 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
         neck_over["in_channels"] = channels
     cfg["neck"] = _merge(cfg["neck"], neck_over)
     head_path = arch["head"]
-    head = _merge(_get(cfg, head_path), model.get("head", {}))
-    head["num_classes"] = num_classes
-    _set(cfg, head_path, head)
-    overridden = {f"{arch['head']}.{k}" for k in model.get("head", {})}
+    overrides = model.get("head", {})
+    for head in _nodes(cfg, head_path):      # Cascade R-CNN: one bbox head per stage
+        head.update(_merge(head, overrides))
+        head["num_classes"] = num_classes
+    overridden = {f"{head_path}.{k}" for k in overrides}
     for key in arch["follows_neck"]:
         if key not in overridden:
-            _set(cfg, key, cfg["neck"]["out_channels"])
+            *parent, last = key.split(".")
+            for node in _nodes(cfg, ".".join(parent)):
+                node[last] = cfg["neck"]["out_channels"]
     return _merge(cfg, model.get("model", {}))
 
 
-def _get(cfg: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
-
-
-def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        cfg = cfg[part]
-    cfg[last] = value
+def _nodes(cfg: dict[str, Any], dotted: str) -> list[dict[str, Any]]:
+    """The dict(s) at a dotted path; a list along the way fans out to each element."""
+    nodes: list[Any] = [cfg]
+    for part in dotted.split(".") if dotted else []:
+        nodes = [n[part] for n in nodes]
+        nodes = [x for n in nodes for x in (n if isinstance(n, list) else [n])]
+    return nodes
 
 
 def build_detector(cfg: dict[str, Any]) -> Any:

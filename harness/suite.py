@@ -28,8 +28,8 @@ SUITE_KEYS = {
     "extends": "path (or list of paths) of base suites, relative to this file",
     "datasets": "mapping name -> {format, root, synth, classes}",
     "teachers": "mapping name -> model (arch, backbone, neck, head, model, checkpoint, schedule)",
-    "students": "mapping name -> model (arch, backbone, neck, head, model)",
-    "pairs": "list of {teacher, student} (or [teacher, student])",
+    "students": "mapping name -> model (arch, backbone, neck, head, model, schedule)",
+    "pairs": "list of {teacher, student, methods} (or [teacher, student]); methods restricts the suite's",
     "methods": "list of method names, or mapping label -> {method, params}",
     "seeds": "list of integer seeds",
     "schedule": "training schedule shared by every trial",
@@ -39,8 +39,8 @@ SUITE_KEYS = {
     "teacher_seed": "seed for harness-trained teachers (default 0)",
 }
 DATASET_KEYS = {"format", "root", "synth", "classes"}
-MODEL_KEYS = {"arch", "backbone", "neck", "head", "model"}
-TEACHER_KEYS = MODEL_KEYS | {"checkpoint", "schedule"}
+MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule"}
+TEACHER_KEYS = MODEL_KEYS | {"checkpoint"}
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "iters": None, "val_interval": 1, "batch_size": 2, "lr": 0.01,
     "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 35.0, "warmup_iters": 100,
@@ -187,8 +187,7 @@ def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any]) ->
                                             f"local checkpoint path, or leave 'checkpoint' out to "
                                             f"have the harness train this teacher")
             model["checkpoint"] = ckpt
-        if key == "teachers":
-            model["schedule"] = _schedule(m.get("schedule"), schedule, f"{key}.{name}.schedule")
+        model["schedule"] = _schedule(m.get("schedule"), schedule, f"{key}.{name}.schedule")
         out[name] = model
     return out
 
@@ -201,28 +200,35 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _pairs(doc: Node, teachers: dict, students: dict) -> list[tuple[str, str]]:
+def _pairs(doc: Node, teachers: dict, students: dict,
+           methods: dict[str, Any]) -> list[tuple[str, str, list[str] | None]]:
+    """(teacher, student, method labels or None for all) per pair."""
     node = doc.get("pairs")
     if not node:
         raise _err(doc, None, "the suite declares no pairs (list of {teacher, student})")
     out = []
     for item in node:
+        where, only = (item, None) if isinstance(item, Node) else (doc, None)
         if isinstance(item, dict):
-            _check_keys(item, {"teacher", "student"}, "pairs[]")
-            t, s = item.get("teacher"), item.get("student")
+            _check_keys(item, {"teacher", "student", "methods"}, "pairs[]")
+            t, s, only = item.get("teacher"), item.get("student"), item.get("methods")
         elif isinstance(item, list) and len(item) == 2:
             t, s = item
         else:
             raise _err(doc, "pairs", f"each pair is {{teacher: T, student: S}} or [T, S], got {item!r}")
-        if t not in teachers:
-            raise _err(item if isinstance(item, Node) else doc, "teacher" if isinstance(item, Node) else "pairs",
-                       f"pair names teacher '{t}' which is not under 'teachers'"
-                       f"{suggest(str(t), list(teachers))}; valid: {', '.join(teachers)}")
-        if s not in students:
-            raise _err(item if isinstance(item, Node) else doc, "student" if isinstance(item, Node) else "pairs",
-                       f"pair names student '{s}' which is not under 'students'"
-                       f"{suggest(str(s), list(students))}; valid: {', '.join(students)}")
-        out.append((t, s))
+        for role, name, known in (("teacher", t, teachers), ("student", s, students)):
+            if name not in known:
+                raise _err(where, role if where is item else "pairs",
+                           f"pair names {role} '{name}' which is not under '{role}s'"
+                           f"{suggest(str(name), list(known))}; valid: {', '.join(known)}")
+        if only is not None:
+            for label in only:
+                if label not in methods:
+                    raise _err(where, "methods", f"pair {t} -> {s} names method '{label}' which is not under "
+                                                 f"'methods'{suggest(str(label), list(methods))}; "
+                                                 f"valid: {', '.join(methods)}")
+            only = ["none"] + [m for m in only if m != "none"]
+        out.append((t, s, only))
     return out
 
 
@@ -303,8 +309,8 @@ def load_suite(path: str | Path) -> Suite:
     datasets = _datasets(doc)
     teachers = _models(doc, "teachers", TEACHER_KEYS, schedule)
     students = _models(doc, "students", MODEL_KEYS, schedule)
-    pairs = _pairs(doc, teachers, students)
     methods = _methods(doc)
+    pairs = _pairs(doc, teachers, students, methods)
     seeds = doc.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise _err(doc, "seeds", f"seeds must be a non-empty list of integers, got {seeds!r}")
@@ -320,8 +326,10 @@ def load_suite(path: str | Path) -> Suite:
     seen_teachers: set[tuple[str, str]] = set()
     for ds in datasets.values():
         ds_id = {k: v for k, v in ds.items() if k != "task"}
-        for t_name, s_name in pairs:
-            teacher, student = teachers[t_name], students[s_name]
+        for t_name, s_name, only in pairs:
+            teacher = teachers[t_name]
+            s_sched = students[s_name]["schedule"]
+            student = {k: v for k, v in students[s_name].items() if k != "schedule"}
             t_sched = teacher["schedule"]
             t_model = {k: v for k, v in teacher.items() if k != "schedule"}
             if teacher.get("checkpoint"):
@@ -337,13 +345,15 @@ def load_suite(path: str | Path) -> Suite:
                     teacher_checkpoint=t_ckpt, **common))
             family = catalog.ARCHS.get(student["arch"])["family"]
             for label, (method, overrides, where) in methods.items():
+                if only is not None and label not in only:
+                    continue
                 _check_serves(label, method, where, ds, teacher, student)
                 for seed in seeds:
                     suite.trials.append(TrialSpec(
                         task=ds["task"], role="student", dataset=ds_id, model=dict(student),
                         method=label, method_name=method,
                         params=catalog.method_params(method, family, overrides),
-                        seed=seed, schedule=schedule, teacher=t_model if method != "none" else None,
+                        seed=seed, schedule=s_sched, teacher=t_model if method != "none" else None,
                         teacher_checkpoint=t_ckpt if method != "none" else None, **common))
     unique: dict[str, TrialSpec] = {}
     for trial in suite.trials:   # `none` is shared by every pair with the same student

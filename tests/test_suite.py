@@ -30,7 +30,8 @@ def test_tiny_suite_expands_to_the_matrix(write_suite):
     assert [t.role for t in suite.trials] == ["teacher", "student", "student"]
     assert [t.method for t in suite.trials] == ["teacher", "none", "fgd"]
     fgd = suite.trials[2]
-    assert fgd.params == {"temp": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6}
+    assert fgd.params == {"temp": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6,
+                          "inherit": False}
     assert fgd.teacher_checkpoint == suite.trials[0].teacher_checkpoint
     assert suite.trials[1].teacher is None          # the student alone does not depend on the teacher
 
@@ -114,6 +115,31 @@ def test_missing_teacher_checkpoint(write_suite, tmp_path):
     assert "teachers.t.checkpoint" in msg and "/no/such/teacher.pth" in msg and "is not a file" in msg
 
 
+def test_pair_methods_restrict_the_matrix_and_student_schedules_apply(write_suite, tmp_path):
+    text = TINY_SUITE.format(root=tmp_path / "d", output=tmp_path / "o")
+    text = text.replace("methods: [none, fgd]", "methods: [none, fgd, feature_mse]")
+    text = text.replace("  - {teacher: t, student: s}", "  - {teacher: t, student: s, methods: [feature_mse]}")
+    text = text.replace("  s:\n    arch: retinanet", "  s:\n    schedule: {lr: 0.02}\n    arch: retinanet")
+    suite = load_suite(write_suite(text))
+    assert [t.method for t in suite.student_trials()] == ["none", "feature_mse"]
+    assert all(t.schedule["lr"] == 0.02 for t in suite.student_trials())
+    assert suite.teacher_trials()[0].schedule["lr"] == 0.01
+
+
+def test_pair_names_an_unknown_method(write_suite, tmp_path):
+    msg = _error(_variant(write_suite, tmp_path, "{teacher: t, student: s}", "{teacher: t, student: s, methods: [fgdd]}"))
+    assert "names method 'fgdd'" in msg and "did you mean 'fgd'" in msg
+
+
+def test_method_parameter_types_and_choices(write_suite, tmp_path):
+    msg = _error(_variant(write_suite, tmp_path, "methods: [none, fgd]", "methods:\n  fgd: {params: {alpha: high}}"))
+    assert "params.alpha must be a number" in msg
+    msg = _error(_variant(write_suite, tmp_path, "methods: [none, fgd]", "methods:\n  gid: {params: {score: papr}}"))
+    assert "'papr' is not one of paper, max_logit" in msg and "did you mean 'paper'" in msg
+    msg = _error(_variant(write_suite, tmp_path, "methods: [none, fgd]", "methods:\n  fgd: {params: {inherit: 1}}"))
+    assert "must be true or false" in msg
+
+
 def test_duplicate_key(write_suite, tmp_path):
     msg = _error(_variant(write_suite, tmp_path, "seeds: [0]", "seeds: [0]\nseeds: [1]"))
     assert "key 'seeds' is given twice" in msg
@@ -154,9 +180,14 @@ def test_trial_ids_are_stable_and_content_addressed(write_suite, tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "suites").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
-    """Suites with real data roots validate once those roots exist (here: empty stand-ins)."""
-    for var in ("COCO_ROOT", "VOC_ROOT", "CITYSCAPES_ROOT", "IMAGENET_ROOT", "CHECKPOINTS"):
+    """Suites with real data roots and checkpoints validate once those exist (here:
+    empty stand-ins in a temporary folder)."""
+    for var in ("COCO_ROOT", "VOC_ROOT", "CITYSCAPES_ROOT", "IMAGENET_ROOT"):
         monkeypatch.setenv(var, str(tmp_path))
+    monkeypatch.setenv("KD_CHECKPOINTS", str(tmp_path))
+    for text in [path.read_text()] + [p.read_text() for p in (REPO / "suites" / "base").glob("*.yaml")]:
+        for name in re.findall(r"\$\{KD_CHECKPOINTS[^}]*\}/([\w.\-]+)", text):
+            (tmp_path / name).touch()
     monkeypatch.chdir(REPO)
     suite = load_suite(path)
     assert suite.trials
