@@ -121,6 +121,16 @@ METHODS.register(
     doc="General Instance Distillation (Dai et al., CVPR 2021)",
 )
 
+METHODS.register(
+    "gkp", target="methods.gkp:GKP", tasks=("det",),
+    params={"prototypes": 10, "pursuit_alpha": 10.0, "pgm_percentile": 40.0, "pgm_min_box": 30.0,
+            "pgm_images_per_class": 800, "pgm_max_images": 10000,
+            "global_loss": True, "w_global": 10.0, "w_local": 1.0, "bg_weight": 4.0,
+            "w_roi_kd": 1.0, "kd_temp": 2.0, "kd_factor": 4.0},
+    needs_same_levels=True,
+    doc="Global knowledge with prototypes, PGM + RDM (Tang et al., ECCV 2022); global_loss: false = released config",
+)
+
 
 def method_params(method: str, family: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The method's hyperparameters for a student of ``family``: paper defaults, then

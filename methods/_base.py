@@ -38,6 +38,7 @@ class DetBatch:
     data_samples: list[Any] = field(default_factory=list)
     student_head: Any = None      # harness.dense.HeadOutputs, for distillers that set needs_head_outputs
     teacher_head: Any = None
+    rois: "RoIBatch | None" = None  # two-stage positive RoIs, for distillers that set needs_rois
 
     @classmethod
     def from_data_samples(cls, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
@@ -60,6 +61,19 @@ class DetBatch:
         return cls(student_feats, teacher_feats, boxes, valid, labels, img_hw, data_samples)
 
 
+@dataclass
+class RoIBatch:
+    """A two-stage student's positive sampled RoIs, padded per image like the GT boxes:
+    boxes N x R x 4, valid N x R, labels N x R; and for the valid ones (in that order)
+    the student's RoI-head class logits and the teacher's RoI head run on the same RoIs."""
+
+    boxes: torch.Tensor
+    valid: torch.Tensor
+    labels: torch.Tensor
+    student_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+
+
 class Distiller(nn.Module):
     """Base class: a distiller owns its trainable parts and turns a batch into losses.
 
@@ -71,6 +85,7 @@ class Distiller(nn.Module):
 
     task: str = ""
     needs_head_outputs: bool = False   # True: the batch carries both models' dense-head outputs
+    needs_rois: bool = False           # True: a two-stage batch carries the positive RoIs (RoIBatch)
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
         super().__init__()

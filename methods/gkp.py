@@ -161,3 +161,128 @@ def roi_soft_label_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, weights:
 def decay(epoch: int, max_epochs: int) -> float:
     """Feature-loss factor ``1 - epoch / max_epochs`` (epoch counted from 0)."""
     return max(0.0, 1.0 - epoch / max(1, max_epochs))
+
+
+# ------------------------------------------------------------------------------ module
+from typing import Any, Iterable  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from ._base import DetBatch, Distiller, ModelInfo, adapter  # noqa: E402
+from .gid import pool_instances, roi_levels  # noqa: E402
+
+
+def box_descriptors(feats: list[torch.Tensor], strides: list[int], boxes: torch.Tensor, valid: torch.Tensor,
+                    level: int | None = None, size: int = 4) -> torch.Tensor:
+    """Average-pooled box regions (M x C): on each box's own level by size (``level``
+    None), or all on one level."""
+    if level is None:
+        return pool_instances(feats, strides, boxes, valid, size).mean(dim=(2, 3))
+    one = [feats[level]]
+    return pool_instances(one, [strides[level]], boxes, valid, size).mean(dim=(2, 3))
+
+
+class GKP(Distiller):
+    """PGM + RDM. The harness calls :meth:`before_epoch` with the current models and a
+    sample of the training data before every epoch; the prototypes it picks are then
+    used by every step of that epoch."""
+
+    task = "det"
+    needs_rois = True      # two-stage: positive sampled RoIs, their student and teacher logits
+
+    def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
+        super().__init__(params, student, teacher)
+        self.adapters = nn.ModuleList(adapter(cs, ct, kernel_size=3) for cs, ct in zip(student.channels,
+                                                                                      teacher.channels))
+        # per level: student prototypes, teacher prototypes, their classes (set by PGM)
+        self.prototypes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------------- PGM
+    @torch.no_grad()
+    def before_epoch(self, batches: Iterable[DetBatch]) -> None:
+        """Pick prototypes per class and level from the GT instances of ``batches``
+        (each with both models' features), consumed lazily until the sample is large
+        enough."""
+        p = self.params
+        strides = self.teacher_info.strides
+        per_level: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = [{} for _ in strides]
+        images: dict[int, int] = {}
+        seen = 0
+        for batch in batches:
+            wh = batch.boxes[..., 2:] - batch.boxes[..., :2]
+            valid = batch.box_valid & ((wh[..., 0] * wh[..., 1]).clamp(min=0).sqrt() > p["pgm_min_box"])
+            if not valid.any():
+                continue
+            fs, ft = batch.student_feats, batch.teacher_feats
+            labels = batch.labels[valid]
+            for lvl in range(len(strides)):
+                ds = box_descriptors(fs, self.student_info.strides, batch.boxes, valid, lvl)
+                dt = box_descriptors(ft, strides, batch.boxes, valid, lvl)
+                for c in labels.unique().tolist():
+                    sel = labels == c
+                    per_level[lvl].setdefault(c, []).append((ds[sel], dt[sel]))
+            for c in labels.unique().tolist():
+                images[c] = images.get(c, 0) + int((batch.labels == c).any(dim=1).sum())
+            seen += len(batch.boxes)
+            if seen >= p["pgm_max_images"] or (images and min(images.values()) >= p["pgm_images_per_class"]):
+                break
+        prototypes = []
+        for lvl in range(len(strides)):
+            ps, pt, pc = [], [], []
+            for c, parts in sorted(per_level[lvl].items()):
+                a = F.normalize(torch.cat([x for x, _ in parts]), dim=1)
+                b = F.normalize(torch.cat([y for _, y in parts]), dim=1)
+                if len(a) >= 5:
+                    keep = density_filter(a, b, p["pgm_percentile"])
+                    a, b = a[keep], b[keep]
+                idx = joint_matching_pursuit(a, b, m=p["prototypes"], alpha=p["pursuit_alpha"])
+                ps.append(a[idx])
+                pt.append(b[idx])
+                pc.append(torch.full((len(idx),), c, dtype=torch.long, device=a.device))
+            if ps:
+                prototypes.append((torch.cat(ps), torch.cat(pt), torch.cat(pc)))
+            else:
+                prototypes.append((torch.zeros(0, self.student_info.channels[lvl], device=batch.boxes.device),
+                                   torch.zeros(0, self.teacher_info.channels[lvl], device=batch.boxes.device),
+                                   torch.zeros(0, dtype=torch.long, device=batch.boxes.device)))
+        self.prototypes = prototypes
+
+    # ------------------------------------------------------------------------- RDM
+    def _instances(self, batch: DetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Boxes N x B x 4, validity and labels: positive RoIs (two-stage) or GT boxes."""
+        if batch.rois is not None:
+            return batch.rois.boxes, batch.rois.valid, batch.rois.labels
+        return batch.boxes, batch.box_valid, batch.labels
+
+    def forward(self, batch: DetBatch) -> dict[str, torch.Tensor]:
+        p = self.params
+        strides = self.teacher_info.strides
+        boxes, valid, labels = self._instances(batch)
+        flat_labels = labels[valid]
+        levels = roi_levels(boxes[valid], len(strides))
+        weights = torch.zeros(len(flat_labels), device=boxes.device)
+        glob = batch.student_feats[0].sum() * 0
+        if self.prototypes is not None and len(flat_labels):
+            ds = box_descriptors(batch.student_feats, self.student_info.strides, boxes, valid)
+            dt = box_descriptors(batch.teacher_feats, strides, boxes, valid)
+            for lvl, (ps, pt, pc) in enumerate(self.prototypes):     # loop over levels only
+                on = levels == lvl
+                if not on.any() or len(pc) == 0:
+                    continue
+                weights[on] = robustness_weights(ds[on], dt[on], ps, pt, pc, flat_labels[on])
+                if p["global_loss"]:
+                    glob = glob + global_alignment_loss(ds[on], dt[on], ps, pt, weights[on]) * on.sum() / len(on)
+        w_full = torch.zeros(valid.shape, device=boxes.device)
+        w_full[valid] = weights
+        fg_total, bg_total = 0.0, 0.0
+        for lvl, (fs, ft) in enumerate(zip(batch.student_feats, batch.teacher_feats)):
+            fg = instance_weight_mask(boxes, w_full, batch.img_hw, ft.shape[2], ft.shape[3], strides[lvl])
+            local = weighted_feature_loss(self.adapters[lvl](fs), ft, fg, p["bg_weight"])
+            fg_total, bg_total = fg_total + local["fg"], bg_total + local["bg"]
+        fade = decay(self.epoch, self.max_epochs)
+        out = {"loss_gkp_fg": fade * p["w_local"] * fg_total, "loss_gkp_bg": fade * p["w_local"] * bg_total,
+               "loss_gkp_global": fade * p["w_global"] * glob}
+        if batch.rois is not None and batch.rois.student_logits is not None:
+            out["loss_gkp_roi_kd"] = p["w_roi_kd"] * roi_soft_label_loss(
+                batch.rois.student_logits, batch.rois.teacher_logits, weights, p["kd_temp"], p["kd_factor"])
+        return out
