@@ -141,3 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:            # output piped into `head` and the like
+        sys.stderr.close()
+        return 0

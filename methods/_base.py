@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 
 @dataclass
@@ -44,19 +45,17 @@ class DetBatch:
     def from_data_samples(cls, student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
                           data_samples: list[Any]) -> "DetBatch":
         device = student_feats[0].device
-        n = len(data_samples)
-        counts = [len(ds.gt_instances.bboxes) for ds in data_samples]
-        b = max(counts + [1])
-        boxes = torch.zeros(n, b, 4, device=device)
-        labels = torch.full((n, b), -1, dtype=torch.long, device=device)
-        valid = torch.zeros(n, b, dtype=torch.bool, device=device)
-        for i, ds in enumerate(data_samples):   # gathering per image, not a loss loop
-            k = counts[i]
-            if k:
-                bb = ds.gt_instances.bboxes
-                boxes[i, :k] = (bb.tensor if hasattr(bb, "tensor") else bb).to(device).float()
-                labels[i, :k] = ds.gt_instances.labels.to(device)
-                valid[i, :k] = True
+        gts = [ds.gt_instances for ds in data_samples]
+        box_list = [(g.bboxes.tensor if hasattr(g.bboxes, "tensor") else g.bboxes).to(device).float() for g in gts]
+        if not any(len(b) for b in box_list):      # keep one (invalid) slot so shapes stay N x B
+            box_list[0] = torch.zeros(1, 4, device=device)
+        boxes = pad_sequence(box_list, batch_first=True)
+        labels = pad_sequence([g.labels.to(device) for g in gts], batch_first=True, padding_value=-1)
+        valid = pad_sequence([torch.ones(len(g.labels), dtype=torch.bool, device=device) for g in gts],
+                             batch_first=True)
+        if labels.shape[1] < boxes.shape[1]:
+            labels = torch.full(boxes.shape[:2], -1, dtype=torch.long, device=device)
+            valid = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=device)
         img_hw = torch.tensor([ds.img_shape[:2] for ds in data_samples], dtype=torch.float32, device=device)
         return cls(student_feats, teacher_feats, boxes, valid, labels, img_hw, data_samples)
 

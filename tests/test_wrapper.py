@@ -111,3 +111,25 @@ def test_inherit_copies_neck_and_head_and_refuses_other_shapes():
     narrow = build_detector(detector_cfg(tiny_model("n", 8, 8), 4))
     with pytest.raises(ValueError, match="inherit"):
         inherit_neck_and_head(narrow, teacher)
+
+
+def test_det_batch_pads_boxes_and_handles_images_without_boxes():
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    from methods._base import DetBatch
+
+    def sample(boxes):
+        s = DetDataSample(metainfo={"img_shape": (32, 48)})
+        s.gt_instances = InstanceData(bboxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                      labels=torch.arange(len(boxes)))
+        return s
+    feats = [torch.zeros(3, 1, 4, 4)]
+    b = DetBatch.from_data_samples(feats, feats, [sample([[0, 0, 4, 4], [1, 1, 5, 5]]), sample([]),
+                                                  sample([[2, 2, 3, 3]])])
+    assert b.boxes.shape == (3, 2, 4)
+    assert b.box_valid.tolist() == [[True, True], [False, False], [True, False]]
+    assert b.labels.tolist() == [[0, 1], [-1, -1], [0, -1]]
+    assert b.img_hw.tolist() == [[32.0, 48.0]] * 3
+    empty = DetBatch.from_data_samples(feats[:1], feats[:1], [sample([])])
+    assert empty.boxes.shape == (1, 1, 4) and not empty.box_valid.any()
