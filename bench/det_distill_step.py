@@ -8,6 +8,7 @@ Printed per distiller, median of --reps runs after one warm-up, in milliseconds:
   student step   the student's own loss forward + backward (no distillation)
   teacher fwd    the frozen teacher's forward (features, and head outputs when needed)
   distill        the distiller's loss forward + backward, on the features above
+                 (a before-epoch step such as GKP's PGM runs once beforehand, untimed)
   ratio          distill / student step
 
 Run by hand:  .venv/bin/python bench/det_distill_step.py [--device cuda] [--reps 5]
@@ -109,6 +110,9 @@ def main() -> None:
 
         t_teacher = timed(teacher_fwd, args.device, args.reps)
         t_feats, t_raw = teacher_fwd()
+        if hasattr(distiller, "before_epoch"):    # once per epoch, not per step: untimed, so
+            distiller.before_epoch([DetBatch.from_data_samples(  # the step runs with prototypes
+                s_feats[:levels], list(t_feats)[:levels], samples)])
 
         def distill() -> None:
             feats = [f.clone().requires_grad_(True) for f in s_feats]

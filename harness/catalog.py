@@ -35,6 +35,11 @@ METRICS.register(
     doc="VOC box mAP at IoU 0.5 through mmdet's VOCMetric: VOC07 11-point and area, in [0, 1]",
 )
 
+METRICS.register(
+    "topk", task="cls", primary="top1", higher_is_better=True, keys=("top1", "top5"), display_scale=100.0,
+    doc="top-1 and top-5 accuracy, in [0, 1]",
+)
+
 # -------------------------------------------------------------------- dataset formats
 DATASET_FORMATS.register(
     "coco", target="harness.data:CocoFormat", task="det", metric="coco_bbox",
@@ -47,6 +52,13 @@ DATASET_FORMATS.register(
     synth="harness.synth:write_voc",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="Pascal VOC layout (root = VOCdevkit): VOC{2007,2012}/{JPEGImages,Annotations,ImageSets/Main}",
+)
+
+DATASET_FORMATS.register(
+    "imagenet", target="harness.data:ImageNetFormat", task="cls", metric="topk",
+    synth="harness.synth:write_imagenet",
+    synth_params=("train_images", "val_images", "image_size", "unlabeled_images", "seed"),
+    doc="ImageNet-style folders: <root>/{train,val}/<class>/*.jpg; unlabeled images in <root>/<unlabeled>/",
 )
 
 # ----------------------------------------------------------------------- architectures
@@ -84,9 +96,15 @@ ARCHS.register(
     doc="Cascade R-CNN with FPN (three bbox heads; a teacher for feature distillers)",
 )
 
+for _name, _doc in (("resnet18", "ResNet-18"), ("resnet34", "ResNet-34"), ("resnet50", "ResNet-50"),
+                   ("mobilenet_v2", "MobileNetV2"), ("mobilenet_v3_small", "MobileNetV3-Small"),
+                   ("mobilenet_v3_large", "MobileNetV3-Large")):
+    ARCHS.register(_name, task="cls", family="cls", torchvision=_name, levels=(),
+                   doc=f"torchvision {_doc} classifier (from scratch; `model:` gives builder kwargs)")
+
 # ----------------------------------------------------------------------------- methods
 METHODS.register(
-    "none", target=None, tasks=("det",), params={},
+    "none", target=None, tasks=("det", "cls"), params={},
     doc="the student trained alone with the same schedule and seed: the reference for every gain",
 )
 
@@ -129,6 +147,16 @@ METHODS.register(
             "w_roi_kd": 1.0, "kd_temp": 2.0, "kd_factor": 4.0},
     needs_same_levels=True,
     doc="Global knowledge with prototypes, PGM + RDM (Tang et al., ECCV 2022); global_loss: false = released config",
+)
+
+METHODS.register(
+    "hinton_kd", target="methods.ssld:HintonKD", tasks=("cls",), params={"temp": 4.0, "weight": 1.0},
+    doc="baseline: Hinton KD, CE + weight * T^2 * KL at temperature T (Hinton et al., 2015)",
+)
+METHODS.register(
+    "ssld", target="methods.ssld:SSLD", tasks=("cls",),
+    params={"weight": 1.0, "unlabeled": True, "mine_topk": 0, "finetune_epochs": 0, "finetune_lr_factor": 0.01},
+    doc="SSLD: symmetric KL to the teacher, no labels; unlabeled folder, top-k mining, fine-tune stage",
 )
 
 

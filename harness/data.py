@@ -125,6 +125,19 @@ class VocFormat(DatasetFormat):
                 dict(type="InProcessVOCMetric", metric="mAP", eval_mode="area", prefix="voc_area")]
 
 
+class ImageNetFormat(DatasetFormat):
+    """ImageNet-style folders, read by :class:`harness.cls.ImageFolder` (classification
+    trials build their loaders directly, see :mod:`harness.cls`)."""
+
+    def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
+        from .cls import folder_classes
+        return folder_classes(ds["root"])
+
+    def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
+        # the folders are the labels, synthetic or not
+        return tuple(ds["classes"]) if ds.get("classes") else self.default_classes(ds)
+
+
 def dataset_format(ds: dict[str, Any]) -> DatasetFormat:
     return import_target(catalog.DATASET_FORMATS.get(ds["format"]).target)()
 

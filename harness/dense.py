@@ -76,7 +76,8 @@ def head_outputs(detector: Any, raw: tuple[Any, ...], pad_hw: tuple[int, int] | 
         p = priors[None]
         boxes = torch.cat([p - dist[..., :2], p + dist[..., 2:]], dim=-1)
     else:
-        boxes = head.bbox_coder.decode(priors[None].expand(n, -1, -1), reg.detach())
+        # flattened to (N*P) x 4: mmdet's batched (N x P x 4) decoding is a deprecated slow path
+        boxes = head.bbox_coder.decode(priors.repeat(n, 1), reg.detach().reshape(-1, reg.shape[-1])).reshape(n, -1, 4)
     assigner = getattr(getattr(head, "train_cfg", None) or {}, "get", lambda *_: None)("assigner")
     pos_iou = float(assigner.get("pos_iou_thr", 0.5)) if assigner else 0.5
     return HeadOutputs(cls=cls, reg=reg, priors=priors, boxes=boxes.detach(), points_only=points_only,

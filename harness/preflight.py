@@ -25,8 +25,12 @@ def preflight(suite: Suite) -> None:
         key = content_hash([model, ds["root"]])
         if key not in built:
             try:
-                cfg = detector_cfg(model, num_classes(ds))
-                built[key] = (build_detector(cfg), cfg)
+                if ds["task"] == "cls":
+                    from .cls import build_net
+                    built[key] = (build_net(model, num_classes(ds)), {})
+                else:
+                    cfg = detector_cfg(model, num_classes(ds))
+                    built[key] = (build_detector(cfg), cfg)
             except Exception as exc:
                 raise SuiteError(f"{suite.file}: {role} '{model['name']}' (arch {model['arch']}) does not "
                                  f"build: {type(exc).__name__}: {exc}") from exc
@@ -48,7 +52,8 @@ def preflight(suite: Suite) -> None:
             continue
         distillers.add(key)
         try:
-            catalog.METHODS.load(t.method_name)(t.params, tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
+            infos = (None, None) if t.task == "cls" else (tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
+            catalog.METHODS.load(t.method_name)(t.params, *infos)
         except Exception as exc:
             raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "
                              f"{t.teacher['name']} -> {t.model['name']}: {type(exc).__name__}: {exc}") from exc

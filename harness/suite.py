@@ -38,15 +38,16 @@ SUITE_KEYS = {
     "teacher_cache": "where harness-trained teachers are kept (default <output>/../_teachers)",
     "teacher_seed": "seed for harness-trained teachers (default 0)",
 }
-DATASET_KEYS = {"format", "root", "synth", "classes"}
+DATASET_KEYS = {"format", "root", "synth", "classes", "unlabeled"}
 MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule"}
 TEACHER_KEYS = MODEL_KEYS | {"checkpoint"}
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "iters": None, "val_interval": 1, "batch_size": 2, "lr": 0.01,
     "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 35.0, "warmup_iters": 100,
-    "img_scale": [1333, 800], "num_workers": 0, "optimizer": "sgd",
+    "img_scale": [1333, 800], "num_workers": 0, "optimizer": "sgd", "policy": "step",
 }
 OPTIMIZERS = ("sgd", "adamw")
+POLICIES = ("step", "cosine")
 RESOURCE_DEFAULTS = {"cpu": 1, "gpu": 0}
 METHOD_ENTRY_KEYS = {"method", "params"}
 
@@ -129,6 +130,9 @@ def _schedule(node: Any, base: dict[str, Any], what: str) -> dict[str, Any]:
     if out["optimizer"] not in OPTIMIZERS:
         raise _err(node, "optimizer", f"{what}.optimizer '{out['optimizer']}' is not one of "
                                       f"{', '.join(OPTIMIZERS)}{suggest(out['optimizer'], OPTIMIZERS)}")
+    if out["policy"] not in POLICIES:
+        raise _err(node, "policy", f"{what}.policy '{out['policy']}' is not one of "
+                                   f"{', '.join(POLICIES)}{suggest(str(out['policy']), POLICIES)}")
     for key in ("batch_size", "val_interval"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise _err(node, key, f"{what}.{key} must be a positive integer, got {out[key]!r}")
@@ -158,9 +162,14 @@ def _datasets(doc: Node) -> dict[str, dict[str, Any]]:
             raise _err(ds, "root", f"datasets.{name}.root: '{root}' does not exist. Point it at a "
                                    f"{fmt}-layout dataset, or write a synthetic one with: "
                                    f"python -m harness data synth {fmt} --out {root}")
+        unlabeled = ds.get("unlabeled")
+        if unlabeled is None and fmt == "imagenet" and (synth or {}).get("unlabeled_images"):
+            unlabeled = "unlabeled"           # where the synthetic writer puts them
+        ds = dict(ds, unlabeled=unlabeled)
         out[name] = {"name": name, "format": fmt, "root": root, "task": entry["task"],
                      "synth": dict(synth) if synth is not None else None,
-                     "classes": list(ds["classes"]) if ds.get("classes") else None}
+                     "classes": list(ds["classes"]) if ds.get("classes") else None,
+                     "unlabeled": str(ds["unlabeled"]) if ds.get("unlabeled") else None}
     return out
 
 

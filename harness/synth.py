@@ -178,3 +178,38 @@ def write_voc(root: str | os.PathLike, train_images: int = 64, val_images: int =
 def shape_classes() -> tuple[str, ...]:
     """Class names of the synthetic detection data, in label order."""
     return tuple(SHAPES)
+
+
+def write_imagenet(root: str | os.PathLike, train_images: int = 16, val_images: int = 4,
+                   image_size: int = 64, unlabeled_images: int = 0, seed: int = 0) -> Path:
+    """Write an ImageNet-style classification dataset to ``root``.
+
+    Layout: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (``train_images``
+    and ``val_images`` per class), and ``root/unlabeled/*.jpg`` (images of random classes,
+    no labels) when ``unlabeled_images`` > 0. Each image shows one shape of its class
+    (see :data:`SHAPES`), at a random size and place on a textured background.
+    """
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    names = list(SHAPES)
+
+    def image(cls: int) -> Image.Image:
+        base = rng.randint(60, 160, size=3)
+        noise = rng.randint(-25, 25, size=(image_size, image_size, 3))
+        img = Image.fromarray(np.clip(base[None, None] + noise, 0, 255).astype(np.uint8), "RGB")
+        side = int(rng.randint(image_size // 3, image_size * 3 // 4 + 1))
+        x1, y1 = int(rng.randint(0, image_size - side + 1)), int(rng.randint(0, image_size - side + 1))
+        _draw(ImageDraw.Draw(img), names[cls], (x1, y1, x1 + side, y1 + side))
+        return img
+
+    with _AtomicDir(root) as tmp:
+        for split, per_class in (("train", train_images), ("val", val_images)):
+            for c, name in enumerate(names):
+                (tmp / split / name).mkdir(parents=True)
+                for i in range(per_class):
+                    image(c).save(tmp / split / name / f"{split}_{name}_{i:05d}.jpg", quality=95)
+        if unlabeled_images:
+            (tmp / "unlabeled").mkdir()
+            for i in range(unlabeled_images):
+                image(int(rng.randint(len(names)))).save(tmp / "unlabeled" / f"unlabeled_{i:06d}.jpg", quality=95)
+    return root

@@ -87,7 +87,8 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
             distiller = getattr(runner.model, "distiller", None)
             if distiller is not None:
                 distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
-                runner.model.prepare_epoch(runner.train_dataloader)     # PGM; not timed as training
+                if hasattr(runner.model, "prepare_epoch"):
+                    runner.model.prepare_epoch(runner.train_dataloader)     # PGM; not timed as training
             clock["start"] = time.perf_counter()
 
         def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
@@ -113,7 +114,7 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                 runner.logger.warning("no predictions to evaluate: every %s is %s", metric.name,
                                       metric["empty_value"])
                 clean = {k: float(metric["empty_value"]) for k in metric["keys"]}
-            point = {"epoch": runner.iter if by_iter else runner.epoch, **clean}
+            point = {"epoch": int(clock["epoch_offset"]) + (runner.iter if by_iter else runner.epoch), **clean}
             history.append(point)
             if report is not None:
                 report(dict(point))
@@ -133,8 +134,9 @@ def _optim_cfg(schedule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """train_cfg, param_scheduler and sampler: linear warm-up, then steps at 2/3 and 11/12
-    of training (mmdet's 1x: epochs 8 and 11 of 12; 2x: 16 and 22 of 24)."""
+    """train_cfg, param_scheduler and sampler: linear warm-up, then (policy "step") steps
+    at 2/3 and 11/12 of training (mmdet's 1x: epochs 8 and 11 of 12; 2x: 16 and 22 of
+    24), or (policy "cosine") cosine annealing to zero."""
     if schedule.get("iters"):
         total = int(schedule["iters"])
         train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=schedule["val_interval"])
@@ -143,8 +145,11 @@ def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
         total = int(schedule["epochs"])
         train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=total, val_interval=schedule["val_interval"])
         by_epoch, sampler = True, dict(type="DefaultSampler", shuffle=True)
-    milestones = sorted({max(1, total * 2 // 3), max(1, total * 11 // 12)})
-    sched = [dict(type="MultiStepLR", by_epoch=by_epoch, begin=0, end=total, milestones=milestones, gamma=0.1)]
+    if schedule.get("policy", "step") == "cosine":
+        sched = [dict(type="CosineAnnealingLR", by_epoch=by_epoch, begin=0, end=total, T_max=total, eta_min=0.0)]
+    else:
+        milestones = sorted({max(1, total * 2 // 3), max(1, total * 11 // 12)})
+        sched = [dict(type="MultiStepLR", by_epoch=by_epoch, begin=0, end=total, milestones=milestones, gamma=0.1)]
     if schedule.get("warmup_iters"):
         sched.insert(0, dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
                              end=int(schedule["warmup_iters"])))
@@ -198,43 +203,58 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
     ensure_dataset(spec.dataset)
-    model, model_cfg = build_trial_model(spec)
-    fmt = dataset_format(spec.dataset)
     sched = spec.schedule
     work_dir = spec.trial_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
-    clock: dict[str, float] = {}
-    loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
-                  persistent_workers=sched["num_workers"] > 0)
-    val_loader = dict(loader, batch_size=max(1, sched["batch_size"]), drop_last=False,
-                      sampler=dict(type="DefaultSampler", shuffle=False),
-                      dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
+    clock: dict[str, float] = {"epoch_offset": 0}
+    finetune_loader = None
+    if spec.task == "cls":
+        from .cls import prepare_trial
+        parts = prepare_trial(spec, load_weights)
+        model, model_cfg = parts["model"], parts["model_cfg"]
+        train_loader, val_loader, evaluator = parts["train_loader"], parts["val_loader"], parts["evaluator"]
+        finetune_loader, scope = parts["finetune_loader"], None
+    else:
+        model, model_cfg = build_trial_model(spec)
+        fmt = dataset_format(spec.dataset)
+        loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
+                      persistent_workers=sched["num_workers"] > 0)
+        val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
+                          dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
+        train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
+                            dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"]))
+        evaluator, scope = fmt.evaluator(spec.dataset), "mmdet"
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
     common = dict(
         model=model, work_dir=str(work_dir), val_dataloader=val_loader,
-        val_evaluator=fmt.evaluator(spec.dataset), val_cfg=dict(type="ValLoop"),
+        val_evaluator=evaluator, val_cfg=dict(type="ValLoop"),
         default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
                            param_scheduler=dict(type="ParamSchedulerHook"),
                            sampler_seed=dict(type="DistSamplerSeedHook"), checkpoint=None),
         custom_hooks=[_trial_hook(report, history, clock, by_iter=bool(sched.get("iters")),
                                   metric=catalog.METRICS.get(catalog.task_metric(spec.dataset["format"])))],
-        randomness=dict(seed=spec.seed), default_scope="mmdet", launcher="none",
+        randomness=dict(seed=spec.seed), default_scope=scope, launcher="none",
         env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
         log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
-        experiment_name=f"{spec.trial_id}-{time.strftime('%Y%m%d_%H%M%S')}",
     )
+    stamp = time.strftime("%Y%m%d_%H%M%S")
     if evaluate_only:
         load_weights(model.student, spec.teacher_checkpoint)
-        runner = Runner(**common)
-        runner.val()
+        Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
-        train_cfg, param_scheduler, sampler = _loop_cfgs(sched)
-        runner = Runner(
-            **common, train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
-            train_dataloader=dict(loader, sampler=sampler,
-                                  dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"])))
-        runner.train()
+        train_cfg, param_scheduler, _ = _loop_cfgs(sched)
+        Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}", train_cfg=train_cfg,
+               param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
+               train_dataloader=train_loader).train()
+        if finetune_loader is not None:     # SSLD's second stage: labelled data, reduced lr
+            ft = dict(sched, epochs=int(spec.params["finetune_epochs"]), iters=None, warmup_iters=0,
+                      lr=sched["lr"] * float(spec.params["finetune_lr_factor"]),
+                      val_interval=int(spec.params["finetune_epochs"]))
+            clock["epoch_offset"] = history[-1]["epoch"] if history else 0
+            ft_cfg, ft_sched, _ = _loop_cfgs(ft)
+            Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg,
+                   param_scheduler=ft_sched, optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
     if not history:
         raise RuntimeError("the trial finished without an evaluation")
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,

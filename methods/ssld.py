@@ -50,3 +50,32 @@ def mine_confident(probs: torch.Tensor, k: int) -> torch.Tensor:
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(order), device=probs.device) - starts[sorted_cls]
     return order[rank < k]
+
+
+# ------------------------------------------------------------------------------ modules
+from typing import Any  # noqa: E402
+
+from ._base import Distiller  # noqa: E402
+
+
+class SSLD(Distiller):
+    """SSLD: symmetric KL to the teacher on every image, labelled or not; no label is
+    read. Unlabeled data, top-k mining and the fine-tune stage are run by the harness
+    from this method's parameters (``unlabeled``, ``mine_topk``, ``finetune_epochs``)."""
+
+    task = "cls"
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return {"loss_ssld": self.params["weight"] * ssld_loss(batch.student_logits, batch.teacher_logits)}
+
+
+class HintonKD(Distiller):
+    """Hinton KD: CE on the labelled images plus ``weight T^2 KL`` to the teacher."""
+
+    task = "cls"
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        labelled = batch.labels >= 0
+        out = hinton_kd_loss(batch.student_logits[labelled], batch.teacher_logits[labelled],
+                             batch.labels[labelled], self.params["temp"], self.params["weight"])
+        return {"loss_ce": out["ce"], "loss_kd": out["kd"]}

@@ -1,0 +1,212 @@
+"""Classification in the same engine: torchvision models trained by mmengine's Runner on
+ImageNet-style folders, evaluated by top-1 / top-5.
+
+- :class:`ImageFolder`: ``<root>/<split>/<class>/*.jpg`` (classes in sorted folder
+  order), plus optionally an unlabeled folder whose images get the label -1;
+- :class:`ClassifierModel`: an mmengine ``BaseModel`` holding the student, an optional
+  frozen teacher and an optional distiller; without a distiller the loss is the
+  cross-entropy on labelled images (unlabelled ones are ignored), with one the
+  distiller decides (SSLD uses no label at all);
+- :class:`TopKAccuracy`: top-1 and top-5 accuracy in [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
+from mmengine.model import BaseModel, ImgDataPreprocessor
+from torch import nn
+
+from methods._base import Distiller
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]     # ImageNet, RGB, 0-255
+
+
+def folder_classes(root: str | Path) -> tuple[str, ...]:
+    """Class names: the sub-folders of ``root/train``, sorted (torchvision's convention)."""
+    return tuple(sorted(p.name for p in (Path(root) / "train").iterdir() if p.is_dir()))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Samples ``{'inputs': uint8 3xHxW, 'data_samples': label}`` from class folders."""
+
+    def __init__(self, root: str | Path, split: str, classes: Sequence[str], size: int, train: bool,
+                 unlabeled: str | None = None, files: Sequence[Path] | None = None) -> None:
+        from torchvision.transforms import v2
+
+        split_dir = Path(root) / split
+        self.items: list[tuple[Path, int]] = [
+            (p, c) for c, name in enumerate(classes) for p in sorted((split_dir / name).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES]
+        if unlabeled is not None:
+            extra = files if files is not None else unlabeled_files(root, unlabeled)
+            self.items += [(p, -1) for p in extra]
+        if train:
+            self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+                                         v2.RandomHorizontalFlip()])
+        else:
+            self.transform = v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True),
+                                         v2.CenterCrop(size)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        from torchvision.io import ImageReadMode, decode_image
+
+        path, label = self.items[idx]
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+        return {"inputs": self.transform(img), "data_samples": label}
+
+
+def unlabeled_files(root: str | Path, folder: str) -> list[Path]:
+    return sorted(p for p in (Path(root) / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def build_net(model: dict[str, Any], num_classes: int) -> nn.Module:
+    """A torchvision classifier from scratch (``weights=None``) with ``num_classes`` outputs."""
+    from torchvision import models
+
+    from . import catalog
+    arch = catalog.ARCHS.get(model["arch"])
+    kwargs = dict(model.get("model", {}))
+    return models.get_model(arch["torchvision"], weights=None, num_classes=num_classes, **kwargs)
+
+
+class ClassifierModel(BaseModel):
+    """Student (+ frozen teacher + distiller) for classification, driven by the Runner."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
+                 distiller: Distiller | None = None) -> None:
+        super().__init__(data_preprocessor=ImgDataPreprocessor(mean=MEAN, std=STD))
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ClassifierModel":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def init_weights(self) -> None:
+        """torchvision initialises its models when built; the teacher keeps its weights."""
+
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(inputs)
+
+    def forward(self, inputs: torch.Tensor, data_samples: Any = None, mode: str = "tensor") -> Any:
+        logits = self.student(inputs)
+        if mode == "tensor":
+            return logits
+        labels = torch.as_tensor(list(data_samples), device=logits.device)
+        if mode == "predict":
+            return [{"logits": z.detach(), "label": int(y)} for z, y in zip(logits, labels)]
+        if mode != "loss":
+            raise ValueError(f"invalid mode '{mode}': expected loss, predict or tensor")
+        if self.distiller is None:
+            return {"loss_ce": F.cross_entropy(logits, labels, ignore_index=-1)}
+        return self.distiller(ClsBatch(logits, self.teacher_logits(inputs), labels))
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+
+
+class ClsBatch:
+    """What a classification distiller sees: both models' logits and the labels (-1 for
+    unlabelled images)."""
+
+    def __init__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.student_logits, self.teacher_logits, self.labels = student_logits, teacher_logits, labels
+
+
+class TopKAccuracy(BaseMetric):
+    """Top-1 and top-5 accuracy (top-5 is top-k with k = the class count when fewer)."""
+
+    default_prefix = "cls"
+
+    def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
+        for s in data_samples:
+            k = min(5, s["logits"].numel())
+            top = s["logits"].topk(k).indices.tolist()
+            self.results.append((s["label"], top))
+
+    def compute_metrics(self, results: list) -> dict[str, float]:
+        n = max(1, len(results))
+        return {"top1": sum(label == top[0] for label, top in results) / n,
+                "top5": sum(label in top for label, top in results) / n}
+
+
+# ------------------------------------------------------------------------------- trials
+def _loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, train: bool) -> Any:
+    from mmengine.dataset import pseudo_collate
+    # training drops an incomplete last batch (a batch of one breaks BatchNorm, e.g. in
+    # MobileNetV3's squeeze-excite blocks), unless that would leave no batch at all
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                       collate_fn=pseudo_collate, drop_last=train and len(dataset) > batch_size,
+                                       persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def mine_unlabeled(teacher: nn.Module, files: list[Path], root: str, folder: str, classes: Sequence[str],
+                   size: int, k: int, batch_size: int) -> list[Path]:
+    """SSLD's mining: label the unlabeled images with the teacher, keep the top-k most
+    confident per class."""
+    from methods.ssld import mine_confident
+
+    data = ImageFolder(root, "val", [], size, train=False, unlabeled=folder, files=files)
+    pre = ImgDataPreprocessor(mean=MEAN, std=STD)
+    probs = []
+    for batch in _loader(data, batch_size, 0, train=False):
+        inputs = pre({"inputs": batch["inputs"]}, False)["inputs"]
+        probs.append(F.softmax(teacher(inputs), dim=1))
+    if not probs:
+        return []
+    keep = mine_confident(torch.cat(probs), k).tolist()
+    return [files[i] for i in sorted(keep)]
+
+
+def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
+    """Model, loaders and evaluator of a classification trial (and a fine-tune loader
+    for SSLD's second stage)."""
+    from mmengine.evaluator import Evaluator
+
+    from . import catalog
+    from .data import dataset_format
+
+    ds, sched = spec.dataset, spec.schedule
+    classes = dataset_format(ds).classes(ds)
+    size = int(sched["img_scale"][0])
+    student = build_net(spec.model, len(classes))
+    teacher = distiller = None
+    distilled = spec.role == "student" and spec.method_name != "none"
+    if distilled:
+        teacher = build_net(spec.teacher, len(classes))
+        load_weights(teacher, spec.teacher_checkpoint)
+        teacher.eval()
+        distiller = catalog.METHODS.load(spec.method_name)(spec.params, None, None)
+    p = spec.params
+    unlabeled = ds.get("unlabeled") if distilled and p.get("unlabeled") else None
+    files = None
+    if unlabeled and p.get("mine_topk"):
+        files = mine_unlabeled(teacher, unlabeled_files(ds["root"], unlabeled), ds["root"], unlabeled,
+                               classes, size, int(p["mine_topk"]), sched["batch_size"])
+    train = ImageFolder(ds["root"], "train", classes, size, train=True, unlabeled=unlabeled, files=files)
+    val = ImageFolder(ds["root"], "val", classes, size, train=False)
+    out = {"model": ClassifierModel(student, teacher, distiller), "model_cfg": {"arch": spec.model["arch"],
+           "model": spec.model.get("model", {}), "num_classes": len(classes), "classes": list(classes)},
+           "train_loader": _loader(train, sched["batch_size"], sched["num_workers"], True),
+           "val_loader": _loader(val, sched["batch_size"], sched["num_workers"], False),
+           "evaluator": Evaluator([TopKAccuracy()]), "finetune_loader": None,
+           "unlabeled_used": len(train) - len(ImageFolder(ds["root"], "train", classes, size, True))}
+    if distilled and p.get("finetune_epochs"):
+        labelled = ImageFolder(ds["root"], "train", classes, size, train=True)
+        out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True)
+    return out

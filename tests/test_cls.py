@@ -1,0 +1,140 @@
+"""Classification in the harness: ImageNet-style folders, top-k metric, SSLD and Hinton KD
+inside the model mmengine trains, and a tiny suite through Ray Tune."""
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+from harness import catalog
+from harness.synth import SHAPES, write_imagenet
+
+CLS_SUITE = """
+name: cls-tiny
+datasets:
+  shapes-cls:
+    format: imagenet
+    root: {root}
+    synth: {{train_images: 6, val_images: 3, image_size: 32, unlabeled_images: 8, seed: 0}}
+teachers:
+  r18: {{arch: resnet18}}
+students:
+  mnv3: {{arch: mobilenet_v3_small}}
+pairs: [[r18, mnv3]]
+methods:
+  hinton_kd: {{}}
+  ssld: {{params: {{mine_topk: 1, finetune_epochs: 1}}}}
+seeds: [0]
+schedule: {{epochs: 1, val_interval: 1, batch_size: 8, lr: 0.05, warmup_iters: 0, img_scale: [32, 32]}}
+resources: {{cpu: 1, gpu: 0}}
+output: {output}
+"""
+
+
+@pytest.fixture(scope="module")
+def cls_root(tmp_path_factory):
+    return write_imagenet(tmp_path_factory.mktemp("cls") / "shapes", train_images=4, val_images=2,
+                          image_size=32, unlabeled_images=5, seed=1)
+
+
+def test_imagenet_layout(cls_root):
+    assert sorted(p.name for p in cls_root.iterdir()) == ["train", "unlabeled", "val"]
+    assert sorted(p.name for p in (cls_root / "train").iterdir()) == sorted(SHAPES)
+    assert len(list((cls_root / "val" / "disc").glob("*.jpg"))) == 2
+    assert len(list((cls_root / "unlabeled").glob("*.jpg"))) == 5
+
+
+def test_image_folder_labels_and_unlabeled(cls_root):
+    from harness.cls import ImageFolder, folder_classes
+    classes = folder_classes(cls_root)
+    assert classes == tuple(sorted(SHAPES))
+    ds = ImageFolder(cls_root, "train", classes, 24, train=True, unlabeled="unlabeled")
+    labels = [label for _, label in ds.items]
+    assert labels.count(-1) == 5 and sorted(set(labels)) == [-1, 0, 1, 2, 3]
+    sample = ds[0]
+    assert sample["inputs"].shape == (3, 24, 24) and sample["inputs"].dtype == torch.uint8
+
+
+def test_topk_accuracy_by_hand():
+    from harness.cls import TopKAccuracy
+    metric = TopKAccuracy()
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3, 0.4, 0.0]])
+    metric.process({}, [{"logits": logits[0], "label": 1}, {"logits": logits[1], "label": 5}])
+    assert metric.compute_metrics(metric.results) == {"top1": 0.5, "top5": 0.5}
+
+
+def _model(method):
+    from harness.cls import ClassifierModel, build_net
+    torch.manual_seed(0)
+    student = build_net({"arch": "mobilenet_v3_small"}, 4)
+    teacher = build_net({"arch": "resnet18"}, 4)
+    if method == "none":
+        return ClassifierModel(student)
+    distiller = catalog.METHODS.load(method)(catalog.method_params(method, "cls"), None, None)
+    return ClassifierModel(student, teacher, distiller)
+
+
+def _batch(cls_root, labels):
+    from harness.cls import ImageFolder, folder_classes
+    ds = ImageFolder(cls_root, "val", folder_classes(cls_root), 32, train=False)
+    return {"inputs": [ds[i]["inputs"] for i in range(len(labels))], "data_samples": list(labels)}
+
+
+def _loss(model, batch):
+    torch.manual_seed(0)                     # the same dropout masks for both calls
+    return model(**model.data_preprocessor(batch, True), mode="loss")
+
+
+def test_ssld_ignores_labels(cls_root):
+    model = _model("ssld").train()
+    a = _loss(model, _batch(cls_root, [0, 1, 2, 3]))
+    b = _loss(model, _batch(cls_root, [3, 3, 0, 1]))
+    assert set(a) == {"loss_ssld"}
+    assert torch.equal(a["loss_ssld"], b["loss_ssld"])
+    hinton = _model("hinton_kd").train()
+    c = _loss(hinton, _batch(cls_root, [0, 1, 2, 3]))
+    d = _loss(hinton, _batch(cls_root, [3, 3, 0, 1]))
+    assert not torch.equal(c["loss_ce"], d["loss_ce"]) and torch.equal(c["loss_kd"], d["loss_kd"])
+
+
+@pytest.mark.parametrize("method", [m.name for m in catalog.METHODS if m.target and "cls" in m["tasks"]])
+def test_cls_distiller_trains_and_teacher_is_unchanged(method, cls_root):
+    model = _model(method).train()
+    assert not model.teacher.training
+    before = copy.deepcopy(model.teacher.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        losses = model(**model.data_preprocessor(_batch(cls_root, [0, 1, -1, 3]), True), mode="loss")
+        total, _ = model.parse_losses(losses)
+        assert torch.isfinite(total)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None for p in model.student.parameters())
+
+
+@pytest.fixture(scope="module")
+def cls_e2e(tmp_path_factory):
+    from harness.suite import load_suite
+    from harness.tune import run_suite
+    tmp = tmp_path_factory.mktemp("cls_e2e")
+    path = tmp / "cls.yaml"
+    path.write_text(CLS_SUITE.format(root=tmp / "shapes", output=tmp / "results"))
+    suite = load_suite(path)
+    return suite, run_suite(suite, num_cpus=2)
+
+
+def test_cls_suite_through_ray_gives_top1_rows(cls_e2e):
+    suite, summary = cls_e2e
+    assert not [t for t in summary["trials"] if t["error"]]
+    df = pd.read_parquet(summary["results"])
+    assert set(df["status"]) == {"ok"} and set(df["task"]) == {"cls"}
+    assert set(df["method"]) == {"teacher", "none", "hinton_kd", "ssld"}
+    assert set(df[df["primary"]]["metric"]) == {"top1"}
+    assert df["value"].between(0, 1).all()
+    ssld = df[df["method"] == "ssld"]
+    assert set(ssld["epoch"]) == {2}                     # 1 epoch + the 1-epoch fine-tune stage
