@@ -40,6 +40,12 @@ METRICS.register(
     doc="top-1 and top-5 accuracy, in [0, 1]",
 )
 
+METRICS.register(
+    "seg_iou", task="seg", primary="mIoU", higher_is_better=True, keys=("mIoU", "mAcc", "aAcc"),
+    value_scale=0.01, display_scale=100.0,   # mmseg reports percentages; stored in [0, 1]
+    doc="mIoU, mAcc and aAcc through mmseg's IoUMetric, in [0, 1]",
+)
+
 # -------------------------------------------------------------------- dataset formats
 DATASET_FORMATS.register(
     "coco", target="harness.data:CocoFormat", task="det", metric="coco_bbox",
@@ -59,6 +65,17 @@ DATASET_FORMATS.register(
     synth="harness.synth:write_imagenet",
     synth_params=("train_images", "val_images", "image_size", "unlabeled_images", "seed"),
     doc="ImageNet-style folders: <root>/{train,val}/<class>/*.jpg; unlabeled images in <root>/<unlabeled>/",
+)
+
+DATASET_FORMATS.register(
+    "cityscapes", target="harness.data:CityscapesFormat", task="seg", metric="seg_iou",
+    synth="harness.synth:write_cityscapes", synth_params=("train_images", "val_images", "image_size", "seed"),
+    doc="Cityscapes: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/.../*_gtFine_labelTrainIds.png",
+)
+DATASET_FORMATS.register(
+    "voc_seg", target="harness.data:VocSegFormat", task="seg", metric="seg_iou",
+    synth="harness.synth:write_voc_seg", synth_params=("train_images", "val_images", "image_size", "seed"),
+    doc="Pascal VOC 2012 segmentation (root = VOC2012); aug: true adds SegmentationClassAug",
 )
 
 # ----------------------------------------------------------------------- architectures
@@ -102,9 +119,20 @@ for _name, _doc in (("resnet18", "ResNet-18"), ("resnet34", "ResNet-34"), ("resn
     ARCHS.register(_name, task="cls", family="cls", torchvision=_name, levels=(),
                    doc=f"torchvision {_doc} classifier (from scratch; `model:` gives builder kwargs)")
 
+# DeepLabV3+ from mmseg's configs (output stride 8 as configured; suites set 16)
+ARCHS.register("deeplabv3plus", task="seg", family="seg", levels=(),
+               config="mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb2-40k_cityscapes-512x1024.py",
+               doc="DeepLabV3+ with a ResNet-V1c backbone (depth from `backbone: {depth: 101}`)")
+ARCHS.register("deeplabv3plus_r18", task="seg", family="seg", levels=(),
+               config="mmseg::deeplabv3plus/deeplabv3plus_r18-d8_4xb2-80k_cityscapes-512x1024.py",
+               doc="DeepLabV3+ ResNet-18-V1c, with mmseg's head widths for it")
+ARCHS.register("deeplabv3plus_mnv2", task="seg", family="seg", levels=(),
+               config="mmseg::mobilenet_v2/mobilenet-v2-d8_deeplabv3plus_4xb2-80k_cityscapes-512x1024.py",
+               doc="DeepLabV3+ with a MobileNetV2 backbone")
+
 # ----------------------------------------------------------------------------- methods
 METHODS.register(
-    "none", target=None, tasks=("det", "cls"), params={},
+    "none", target=None, tasks=("det", "seg", "cls"), params={},
     doc="the student trained alone with the same schedule and seed: the reference for every gain",
 )
 
@@ -149,6 +177,16 @@ METHODS.register(
     doc="Global knowledge with prototypes, PGM + RDM (Tang et al., ECCV 2022); global_loss: false = released config",
 )
 
+METHODS.register(
+    "pixel_kd", target="methods.icsd:PixelKD", tasks=("seg",), params={"weight": 10.0, "temp": 1.0},
+    doc="baseline: pixel-wise KD, KL(softmax(z_t) || softmax(z_s)) averaged over pixels",
+)
+METHODS.register(
+    "icsd", target="methods.icsd:ICSD", tasks=("seg",),
+    params={"variant": "paper", "w_icsd": 9500.0, "w_kd": 10.0, "temp": 1.0, "alw": True},
+    choices={"variant": ("paper", "released")},
+    doc="ICSD with adaptive loss weighting (AICSD, Mansourian et al. 2023); variant released = released code",
+)
 METHODS.register(
     "hinton_kd", target="methods.ssld:HintonKD", tasks=("cls",), params={"temp": 4.0, "weight": 1.0},
     doc="baseline: Hinton KD, CE + weight * T^2 * KL at temperature T (Hinton et al., 2015)",

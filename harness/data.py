@@ -138,6 +138,74 @@ class ImageNetFormat(DatasetFormat):
         return tuple(ds["classes"]) if ds.get("classes") else self.default_classes(ds)
 
 
+def seg_pipeline(train: bool, img_scale: list[int], crop: list[int] | None) -> list[dict[str, Any]]:
+    """mmseg's standard pipelines: random rescale (0.5-2x), crop, flip, photometric
+    distortion for training; a keep-ratio resize for evaluation."""
+    if not train:
+        return [dict(type="LoadImageFromFile"), dict(type="Resize", scale=tuple(img_scale), keep_ratio=True),
+                dict(type="LoadAnnotations"), dict(type="PackSegInputs")]
+    steps = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations"),
+             dict(type="RandomResize", scale=tuple(img_scale), ratio_range=(0.5, 2.0), keep_ratio=True)]
+    if crop:
+        steps.append(dict(type="RandomCrop", crop_size=tuple(crop), cat_max_ratio=0.75))
+    return steps + [dict(type="RandomFlip", prob=0.5), dict(type="PhotoMetricDistortion"), dict(type="PackSegInputs")]
+
+
+class SegFormat(DatasetFormat):
+    """Segmentation formats share mmseg's IoU metric (mIoU, mAcc, aAcc)."""
+
+    dataset_type = ""
+
+    def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
+        from mmseg import datasets
+        return tuple(getattr(datasets, self.dataset_type).METAINFO["classes"])
+
+    def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
+        # synthetic segmentation data uses the real class lists
+        return tuple(ds["classes"]) if ds.get("classes") else self.default_classes(ds)
+
+    def evaluator(self, ds: dict[str, Any]) -> Any:
+        return dict(type="IoUMetric", iou_metrics=["mIoU"])
+
+
+class CityscapesFormat(SegFormat):
+    """Cityscapes: ``leftImg8bit/{train,val}`` and ``gtFine/{train,val}`` with
+    ``*_gtFine_labelTrainIds.png`` (19 train ids)."""
+
+    dataset_type = "CityscapesDataset"
+
+    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int], crop: list[int] | None = None) -> dict:
+        return dict(type="CityscapesDataset", data_root=str(ds["root"]),
+                    data_prefix=dict(img_path=f"leftImg8bit/{split}", seg_map_path=f"gtFine/{split}"),
+                    metainfo=dict(classes=self.classes(ds)), test_mode=split != "train",
+                    pipeline=seg_pipeline(split == "train", img_scale, crop))
+
+
+class VocSegFormat(SegFormat):
+    """Pascal VOC 2012 segmentation (``root`` = the VOC2012 folder): ``JPEGImages``,
+    ``SegmentationClass``, ``ImageSets/Segmentation/{train,val}.txt``, 21 classes. With
+    ``aug: true`` the training set adds the augmented annotations (``SegmentationClassAug``
+    listed in ``ImageSets/Segmentation/aug.txt``), as mmseg's voc12aug configs do."""
+
+    dataset_type = "PascalVOCDataset"
+
+    def _one(self, ds: dict[str, Any], listing: str, seg_dir: str, train: bool, img_scale: list[int],
+             crop: list[int] | None) -> dict:
+        return dict(type="PascalVOCDataset", data_root=str(ds["root"]),
+                    data_prefix=dict(img_path="JPEGImages", seg_map_path=seg_dir),
+                    ann_file=f"ImageSets/Segmentation/{listing}.txt", metainfo=dict(classes=self.classes(ds)),
+                    test_mode=not train, pipeline=seg_pipeline(train, img_scale, crop))
+
+    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int], crop: list[int] | None = None) -> dict:
+        if split != "train":
+            return self._one(ds, "val", "SegmentationClass", False, img_scale, None)
+        train = self._one(ds, "train", "SegmentationClass", True, img_scale, crop)
+        if not ds.get("aug"):
+            return train
+        aug = self._one(ds, "aug", "SegmentationClassAug", True, img_scale, crop)
+        return dict(type="ConcatDataset", datasets=[train, aug])
+
+
 def dataset_format(ds: dict[str, Any]) -> DatasetFormat:
     return import_target(catalog.DATASET_FORMATS.get(ds["format"]).target)()
 

@@ -21,13 +21,18 @@ def preflight(suite: Suite) -> None:
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
 
-    def build(model: dict[str, Any], ds: dict[str, Any], role: str) -> tuple[Any, dict[str, Any]]:
-        key = content_hash([model, ds["root"]])
+    def build(model: dict[str, Any], ds: dict[str, Any], role: str,
+              schedule: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        key = content_hash([model, ds["root"], schedule.get("crop_size")])
         if key not in built:
             try:
                 if ds["task"] == "cls":
                     from .cls import build_net
                     built[key] = (build_net(model, num_classes(ds)), {})
+                elif ds["task"] == "seg":
+                    from .seg import build_segmentor, segmentor_cfg
+                    cfg = segmentor_cfg(model, num_classes(ds), schedule.get("crop_size"))
+                    built[key] = (build_segmentor(cfg), cfg)
                 else:
                     cfg = detector_cfg(model, num_classes(ds))
                     built[key] = (build_detector(cfg), cfg)
@@ -43,16 +48,16 @@ def preflight(suite: Suite) -> None:
 
     distillers: set[str] = set()
     for t in suite.trials:
-        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student")
+        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student", t.schedule)
         if t.teacher is None or t.method_name in ("none", "teacher"):
             continue
-        _, t_cfg = build(t.teacher, t.dataset, "teacher")
+        _, t_cfg = build(t.teacher, t.dataset, "teacher", t.schedule)
         key = content_hash([t.method_name, t.params, cfg, t_cfg])
         if key in distillers:
             continue
         distillers.add(key)
         try:
-            infos = (None, None) if t.task == "cls" else (tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
+            infos = (None, None) if t.task in ("cls", "seg") else (tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
             catalog.METHODS.load(t.method_name)(t.params, *infos)
         except Exception as exc:
             raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "

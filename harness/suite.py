@@ -38,13 +38,14 @@ SUITE_KEYS = {
     "teacher_cache": "where harness-trained teachers are kept (default <output>/../_teachers)",
     "teacher_seed": "seed for harness-trained teachers (default 0)",
 }
-DATASET_KEYS = {"format", "root", "synth", "classes", "unlabeled"}
+DATASET_KEYS = {"format", "root", "synth", "classes", "unlabeled", "aug"}
 MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule"}
 TEACHER_KEYS = MODEL_KEYS | {"checkpoint"}
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "iters": None, "val_interval": 1, "batch_size": 2, "lr": 0.01,
     "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 35.0, "warmup_iters": 100,
     "img_scale": [1333, 800], "num_workers": 0, "optimizer": "sgd", "policy": "step",
+    "crop_size": None,       # segmentation: random crop [h, w] after the random rescale
 }
 OPTIMIZERS = ("sgd", "adamw")
 POLICIES = ("step", "cosine")
@@ -169,7 +170,8 @@ def _datasets(doc: Node) -> dict[str, dict[str, Any]]:
         out[name] = {"name": name, "format": fmt, "root": root, "task": entry["task"],
                      "synth": dict(synth) if synth is not None else None,
                      "classes": list(ds["classes"]) if ds.get("classes") else None,
-                     "unlabeled": str(ds["unlabeled"]) if ds.get("unlabeled") else None}
+                     "unlabeled": str(ds["unlabeled"]) if ds.get("unlabeled") else None,
+                     "aug": bool(ds.get("aug", False))}
     return out
 
 

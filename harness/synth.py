@@ -213,3 +213,95 @@ def write_imagenet(root: str | os.PathLike, train_images: int = 16, val_images: 
             for i in range(unlabeled_images):
                 image(int(rng.randint(len(names)))).save(tmp / "unlabeled" / f"unlabeled_{i:06d}.jpg", quality=95)
     return root
+
+
+# ------------------------------------------------------------------------- segmentation
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+VOC_SEG_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+                   "train", "tvmonitor")
+
+
+def _seg_scene(rng: np.random.RandomState, h: int, w: int, classes: int, regions: int,
+               background: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image of class-coloured regions and its label map (255 on region borders).
+
+    Each class has a fixed colour (with noise), so the task is learnable; regions are
+    rectangles and ellipses of random classes drawn over a background class.
+    """
+    palette = np.random.RandomState(1234).randint(0, 256, size=(classes, 3))
+    label = np.full((h, w), background if background is not None else rng.randint(classes), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(regions):
+        c = rng.randint(classes)
+        cy, cx = rng.randint(h), rng.randint(w)
+        ry, rx = rng.randint(max(2, h // 10), max(3, h // 3)), rng.randint(max(2, w // 10), max(3, w // 3))
+        if rng.rand() < 0.5:
+            inside = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+        else:
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        label[inside] = c
+    img = palette[label] + rng.randint(-20, 20, size=(h, w, 3))
+    # ignore-label borders: pixels whose 4-neighbourhood holds another class
+    edge = np.zeros((h, w), dtype=bool)
+    edge[1:, :] |= label[1:, :] != label[:-1, :]
+    edge[:-1, :] |= label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+    edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+    label = np.where(edge, 255, label).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def write_cityscapes(root: str | os.PathLike, train_images: int = 8, val_images: int = 4,
+                     image_size: int = 64, seed: int = 0) -> Path:
+    """Write a Cityscapes-layout dataset: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``
+    and ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (19 train ids, 255 ignore).
+    Images are ``image_size`` x 2 ``image_size`` (Cityscapes' 1:2 aspect)."""
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    with _AtomicDir(root) as tmp:
+        for split, count, city in (("train", train_images, "aachen"), ("val", val_images, "frankfurt")):
+            (tmp / "leftImg8bit" / split / city).mkdir(parents=True)
+            (tmp / "gtFine" / split / city).mkdir(parents=True)
+            for i in range(count):
+                img, label = _seg_scene(rng, image_size, 2 * image_size, len(CITYSCAPES_CLASSES), 8, background=0)
+                stem = f"{city}_{i:06d}_000019"
+                Image.fromarray(img).save(tmp / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+                Image.fromarray(label).save(tmp / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png")
+    return root
+
+
+def write_voc_seg(root: str | os.PathLike, train_images: int = 8, val_images: int = 4,
+                  image_size: int = 64, seed: int = 0) -> Path:
+    """Write a Pascal VOC 2012 segmentation layout (``root`` = ``VOC2012``): ``JPEGImages``,
+    ``SegmentationClass`` (palette PNGs of class indices, 255 on borders) and
+    ``ImageSets/Segmentation/{train,val,trainval}.txt``; 21 classes, 0 = background."""
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    voc_palette = np.zeros((256, 3), dtype=np.uint8)        # VOC's bit-interleaved colour map
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        voc_palette[i] = (r, g, b)
+    with _AtomicDir(root) as tmp:
+        for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+            (tmp / sub).mkdir(parents=True)
+        ids: dict[str, list[str]] = {"train": [], "val": []}
+        for split, count in (("train", train_images), ("val", val_images)):
+            for _ in range(count):
+                stem = f"2012_{len(ids['train']) + len(ids['val']):06d}"
+                img, label = _seg_scene(rng, image_size, image_size, len(VOC_SEG_CLASSES), 4, background=0)
+                Image.fromarray(img).save(tmp / "JPEGImages" / f"{stem}.jpg", quality=95)
+                png = Image.fromarray(label, mode="P")
+                png.putpalette(voc_palette.flatten().tolist())
+                png.save(tmp / "SegmentationClass" / f"{stem}.png")
+                ids[split].append(stem)
+        for name, items in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
+            (tmp / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("".join(f"{i}\n" for i in items))
+    return root

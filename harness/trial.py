@@ -7,6 +7,7 @@ down, and writes the trial's rows to the results store either way.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import platform
 import time
@@ -107,9 +108,9 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                 clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
-            rename = metric.get("rename", {})
-            clean = {rename.get(k, k.split("/", 1)[-1]): float(v) for k, v in (metrics or {}).items()
-                     if isinstance(v, (int, float))}
+            rename, scale = metric.get("rename", {}), float(metric.get("value_scale", 1.0))
+            clean = {rename.get(k, k.split("/", 1)[-1]): float(v) * scale for k, v in (metrics or {}).items()
+                     if isinstance(v, numbers.Real)}      # numpy scalars included (mmseg's)
             if not clean and metric.get("empty_value") is not None:
                 runner.logger.warning("no predictions to evaluate: every %s is %s", metric.name,
                                       metric["empty_value"])
@@ -178,9 +179,6 @@ def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
 
     distilled = spec.role == "student" and spec.method_name != "none"
     ckpt = spec.teacher_checkpoint
-    if distilled and (not ckpt or not Path(ckpt).is_file()):
-        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
-                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
     n_cls = num_classes(spec.dataset)
     cfg = detector_cfg(spec.model, n_cls)
     student = build_detector(cfg)
@@ -202,6 +200,10 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     from mmengine.runner import Runner
 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    ckpt = spec.teacher_checkpoint
+    if spec.role == "student" and spec.method_name != "none" and (not ckpt or not Path(ckpt).is_file()):
+        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
+                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
     ensure_dataset(spec.dataset)
     sched = spec.schedule
     work_dir = spec.trial_dir
@@ -215,6 +217,17 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         model, model_cfg = parts["model"], parts["model_cfg"]
         train_loader, val_loader, evaluator = parts["train_loader"], parts["val_loader"], parts["evaluator"]
         finetune_loader, scope = parts["finetune_loader"], None
+    elif spec.task == "seg":
+        from .seg import build_trial_model as build_seg
+        model, model_cfg = build_seg(spec, load_weights)
+        fmt = dataset_format(spec.dataset)
+        loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
+                      persistent_workers=sched["num_workers"] > 0)
+        val_loader = dict(loader, batch_size=1, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
+                          dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
+        train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
+                            dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
+        evaluator, scope = fmt.evaluator(spec.dataset), "mmseg"
     else:
         model, model_cfg = build_trial_model(spec)
         fmt = dataset_format(spec.dataset)

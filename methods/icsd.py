@@ -80,3 +80,45 @@ def alw_weights(epoch: int, max_epochs: int) -> tuple[float, float]:
     """(weight of CE + ICSD, weight of pixel KD) at an epoch (from 0): ``alpha, 1 - alpha``."""
     alpha = min(1.0, max(0.0, epoch / max(1, max_epochs)))
     return alpha, 1.0 - alpha
+
+
+# ------------------------------------------------------------------------------ modules
+from typing import Any  # noqa: E402
+
+from ._base import Distiller  # noqa: E402
+
+
+class ICSD(Distiller):
+    """AICSD: ``alpha (L_CE + l_ICSD L_ICSD) + (1 - alpha) l_KD L_KD`` with
+    ``alpha = epoch / max_epochs`` when ``alw`` (else alpha = 1 and both terms count)."""
+
+    task = "seg"
+
+    def _weights(self) -> tuple[float, float]:
+        return alw_weights(self.epoch, self.max_epochs) if self.params["alw"] else (1.0, 1.0)
+
+    def student_loss_weight(self) -> float:
+        """The factor on the student's own (cross-entropy) losses."""
+        return self._weights()[0]
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        p = self.params
+        a, b = self._weights()
+        ignore = batch.labels == 255
+        return {"loss_icsd": a * p["w_icsd"] * icsd_loss(batch.student_logits, batch.teacher_logits,
+                                                         p["variant"], p["temp"]),
+                "loss_pixel_kd": b * p["w_kd"] * pixel_kd_loss(batch.student_logits, batch.teacher_logits,
+                                                               ignore=ignore)}
+
+
+class PixelKD(Distiller):
+    """Pixel-wise KD baseline, added to the student's own losses."""
+
+    task = "seg"
+
+    def student_loss_weight(self) -> float:
+        return 1.0
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return {"loss_pixel_kd": self.params["weight"] * pixel_kd_loss(
+            batch.student_logits, batch.teacher_logits, self.params["temp"], ignore=batch.labels == 255)}

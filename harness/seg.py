@@ -1,0 +1,145 @@
+"""Segmentation in the same engine: mmseg segmentors (DeepLabV3+), a distillation model
+the Runner trains, and the trial's model build.
+
+:class:`SegDistillationModel` runs the student's own ``loss`` (its decode head's output
+is captured by a forward hook), the frozen teacher on the same batch, and hands the
+distiller both models' logits upsampled to the input size with the label map; the
+distiller may scale the student's own losses (ICSD's adaptive loss weighting).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseModel
+from torch import nn
+
+from . import catalog
+from .models import _merge, resolve_config_path
+
+
+def _no_syncbn(node: Any) -> Any:
+    """One process, one device: every SyncBN becomes BN."""
+    if isinstance(node, dict):
+        return {k: ("BN" if k == "type" and v == "SyncBN" else _no_syncbn(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_no_syncbn(v) for v in node]
+    return node
+
+
+def segmentor_cfg(model: dict[str, Any], num_classes: int, crop: list[int] | None) -> dict[str, Any]:
+    """The mmseg model config for a suite model entry, trained from scratch."""
+    from mmengine.config import Config
+
+    arch = catalog.ARCHS.get(model["arch"])
+    cfg = _no_syncbn(Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict())
+    cfg["pretrained"] = None                         # no weights can be downloaded
+    cfg["backbone"] = _merge(cfg["backbone"], model.get("backbone", {}))
+    cfg["backbone"]["init_cfg"] = None
+    cfg["decode_head"] = _merge(cfg["decode_head"], model.get("head", {}))
+    heads = [cfg["decode_head"]] + (cfg["auxiliary_head"] if isinstance(cfg.get("auxiliary_head"), list)
+                                    else [cfg["auxiliary_head"]] if cfg.get("auxiliary_head") else [])
+    for head in heads:
+        head["num_classes"] = num_classes
+    if crop:
+        cfg["data_preprocessor"]["size"] = tuple(crop)
+    else:
+        cfg["data_preprocessor"].pop("size", None)
+        cfg["data_preprocessor"]["size_divisor"] = 32
+    return _merge(cfg, model.get("model", {}))
+
+
+def build_segmentor(cfg: dict[str, Any]) -> nn.Module:
+    """Build an mmseg segmentor in the mmseg registry scope."""
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        return MODELS.build(ConfigDict(copy.deepcopy(cfg)))
+
+
+class SegBatch:
+    """What a segmentation distiller sees: logits B x C x H x W of both models at the
+    input size, and the label map B x H x W (255 = ignore)."""
+
+    def __init__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.student_logits, self.teacher_logits, self.labels = student_logits, teacher_logits, labels
+
+
+class SegDistillationModel(BaseModel):
+    """Student (+ frozen teacher + distiller) for segmentation, driven by the Runner."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, distiller: Any = None) -> None:
+        super().__init__(data_preprocessor=student.data_preprocessor)
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        self._logits: torch.Tensor | None = None
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        if distiller is not None:
+            self._capture_logits(student.decode_head)
+
+    def _capture_logits(self, head: nn.Module) -> None:
+        """Keep the decode head's output. mmseg's heads call ``self.forward`` directly in
+        ``loss`` (module hooks do not fire), so ``forward`` is wrapped on the instance."""
+        original = head.forward
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            self._logits = original(*args, **kwargs)
+            return self._logits
+        head.forward = forward
+
+    def train(self, mode: bool = True) -> "SegDistillationModel":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def init_weights(self) -> None:
+        self.student.init_weights()
+
+    def forward(self, inputs: torch.Tensor, data_samples: Any = None, mode: str = "tensor") -> Any:
+        if mode == "predict":
+            return self.student.predict(inputs, data_samples)
+        if mode == "tensor":
+            return self.student._forward(inputs, data_samples)
+        if mode != "loss":
+            raise ValueError(f"invalid mode '{mode}': expected loss, predict or tensor")
+        losses = self.student.loss(inputs, data_samples)
+        if self.distiller is None:
+            return losses
+        size = inputs.shape[2:]
+        student_logits = F.interpolate(self._logits, size=size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            t = self.teacher.decode_head(self.teacher.extract_feat(inputs))
+            teacher_logits = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+        labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).squeeze(1)
+        weight = self.distiller.student_loss_weight()
+        losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
+        losses.update(self.distiller(SegBatch(student_logits, teacher_logits, labels)))
+        return losses
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+
+
+def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationModel, dict[str, Any]]:
+    """The model of a segmentation trial (teacher loaded) and the student's config."""
+    from .data import num_classes
+
+    n = num_classes(spec.dataset)
+    crop = spec.schedule.get("crop_size")
+    cfg = segmentor_cfg(spec.model, n, crop)
+    student = build_segmentor(cfg)
+    if spec.role == "teacher" or spec.method_name == "none":
+        return SegDistillationModel(student), cfg
+    teacher = build_segmentor(segmentor_cfg(spec.teacher, n, crop))
+    load_weights(teacher, spec.teacher_checkpoint)
+    distiller = catalog.METHODS.load(spec.method_name)(spec.params, None, None)
+    return SegDistillationModel(student, teacher, distiller), cfg
