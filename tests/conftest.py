@@ -80,4 +80,5 @@ def coco_dataset(root: Path, split: str = "train"):
 def det_batch(synth_coco) -> dict:
     """Two training samples of the synthetic COCO data, as a dataloader batch."""
     ds = coco_dataset(synth_coco)
-    return {"inputs": [ds[i]["inputs"] for i in range(2)], "data_samples": [ds[i]["data_samples"] for i in range(2)]}
+    samples = [ds[i] for i in range(2)]              # one pipeline run per sample: image and boxes agree
+    return {"inputs": [s["inputs"] for s in samples], "data_samples": [s["data_samples"] for s in samples]}
