@@ -21,15 +21,15 @@ def preflight(suite: Suite) -> None:
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
 
-    def build(model: dict[str, Any], ds: dict[str, Any], role: str,
-              schedule: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def build(model: dict[str, Any], ds: dict[str, Any], role: str, schedule: dict[str, Any],
+              task: str) -> tuple[Any, dict[str, Any]]:
         key = content_hash([model, ds["root"], schedule.get("crop_size")])
         if key not in built:
             try:
-                if ds["task"] == "cls":
+                if task == "cls":
                     from .cls import build_net
                     built[key] = (build_net(model, num_classes(ds)), {})
-                elif ds["task"] == "seg":
+                elif task == "seg":
                     from .seg import build_segmentor, segmentor_cfg
                     cfg = segmentor_cfg(model, num_classes(ds), schedule.get("crop_size"))
                     built[key] = (build_segmentor(cfg), cfg)
@@ -48,10 +48,10 @@ def preflight(suite: Suite) -> None:
 
     distillers: set[str] = set()
     for t in suite.trials:
-        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student", t.schedule)
+        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student", t.schedule, t.task)
         if t.teacher is None or t.method_name in ("none", "teacher"):
             continue
-        _, t_cfg = build(t.teacher, t.dataset, "teacher", t.schedule)
+        _, t_cfg = build(t.teacher, t.dataset, "teacher", t.schedule, t.task)
         key = content_hash([t.method_name, t.params, cfg, t_cfg])
         if key in distillers:
             continue

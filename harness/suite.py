@@ -3,8 +3,9 @@
 A suite names datasets, teachers, students, (teacher, student) pairs, methods with
 their hyperparameter overrides, seeds, a schedule and per-trial resources, and may
 ``extends:`` a base suite (mappings merge key by key, the extending file wins).
-The matrix is datasets x pairs x methods x seeds; the student alone (``none``) and the
-teacher's own score are always part of it.
+The matrix is datasets x pairs x methods x seeds, each pair and method applied to the
+datasets of its task (a suite may mix detection, segmentation and classification); the
+student alone (``none``) and the teacher's own score are always part of it.
 
 Validation happens here, before anything is imported or trained, and every error
 names the file, the line, the key and what would be valid.
@@ -48,7 +49,7 @@ SCHEDULE_DEFAULTS: dict[str, Any] = {
     "crop_size": None,       # segmentation: random crop [h, w] after the random rescale
 }
 OPTIMIZERS = ("sgd", "adamw")
-POLICIES = ("step", "cosine")
+POLICIES = ("step", "cosine", "poly")
 RESOURCE_DEFAULTS = {"cpu": 1, "gpu": 0}
 METHOD_ENTRY_KEYS = {"method", "params"}
 
@@ -283,16 +284,30 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
     return out
 
 
-def _check_serves(label: str, method: str, where: Any, ds: dict, teacher: dict, student: dict) -> None:
+def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
+                 pairs: list[tuple[str, str, list[str] | None]], methods: dict[str, Any]) -> None:
+    """Pairs and methods apply to the datasets of their task; one that matches no dataset
+    of the suite (or a pair mixing tasks) is an error."""
+    tasks = {ds["task"] for ds in datasets.values()}
+    listing = ", ".join(f"'{d['name']}' ({d['format']}) is a {d['task']} dataset" for d in datasets.values())
+    for t_name, s_name, _ in pairs:
+        t_arch, s_arch = catalog.ARCHS.get(teachers[t_name]["arch"]), catalog.ARCHS.get(students[s_name]["arch"])
+        if t_arch["task"] != s_arch["task"]:
+            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} mixes tasks: the teacher ({t_arch.name}) is a "
+                                     f"{t_arch['task']} model, the student ({s_arch.name}) a {s_arch['task']} model")
+        if t_arch["task"] not in tasks:
+            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} is a {t_arch['task']} pair but no dataset of the "
+                                     f"suite is: {listing}")
+    for label, (method, _, where) in methods.items():
+        entry = catalog.METHODS.get(method)
+        if not tasks & set(entry["tasks"]):
+            raise _err(where, label, f"method '{label}' ({method}) is for task {'/'.join(entry['tasks'])} "
+                                     f"but no dataset of the suite is: {listing}")
+
+
+def _check_serves(label: str, method: str, where: Any, teacher: dict, student: dict) -> None:
     entry = catalog.METHODS.get(method)
-    if ds["task"] not in entry["tasks"]:
-        raise _err(where, label, f"method '{label}' ({method}) is for task {'/'.join(entry['tasks'])} "
-                                 f"but dataset '{ds['name']}' ({ds['format']}) is a {ds['task']} dataset")
     t_arch, s_arch = catalog.ARCHS.get(teacher["arch"]), catalog.ARCHS.get(student["arch"])
-    for role, arch, m in (("teacher", t_arch, teacher), ("student", s_arch, student)):
-        if arch["task"] != ds["task"]:
-            raise _err(where, label, f"{role} '{m['name']}' ({arch.name}) is a {arch['task']} model but "
-                                     f"dataset '{ds['name']}' is a {ds['task']} dataset")
     if entry.get("needs_same_head") and t_arch.name != s_arch.name:
         raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
                                  f"{teacher['name']} -> {student['name']}: it compares the two heads' "
@@ -322,6 +337,7 @@ def load_suite(path: str | Path) -> Suite:
     students = _models(doc, "students", MODEL_KEYS, schedule)
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
+    _check_tasks(doc, datasets, teachers, students, pairs, methods)
     seeds = doc.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise _err(doc, "seeds", f"seeds must be a non-empty list of integers, got {seeds!r}")
@@ -338,6 +354,8 @@ def load_suite(path: str | Path) -> Suite:
     for ds in datasets.values():
         ds_id = {k: v for k, v in ds.items() if k != "task"}
         for t_name, s_name, only in pairs:
+            if catalog.ARCHS.get(teachers[t_name]["arch"])["task"] != ds["task"]:
+                continue                     # a pair serves the datasets of its own task
             teacher = teachers[t_name]
             s_sched = students[s_name]["schedule"]
             student = {k: v for k, v in students[s_name].items() if k != "schedule"}
@@ -356,9 +374,9 @@ def load_suite(path: str | Path) -> Suite:
                     teacher_checkpoint=t_ckpt, **common))
             family = catalog.ARCHS.get(student["arch"])["family"]
             for label, (method, overrides, where) in methods.items():
-                if only is not None and label not in only:
+                if (only is not None and label not in only) or ds["task"] not in catalog.METHODS.get(method)["tasks"]:
                     continue
-                _check_serves(label, method, where, ds, teacher, student)
+                _check_serves(label, method, where, teacher, student)
                 for seed in seeds:
                     suite.trials.append(TrialSpec(
                         task=ds["task"], role="student", dataset=ds_id, model=dict(student),

@@ -137,7 +137,7 @@ def _optim_cfg(schedule: dict[str, Any]) -> dict[str, Any]:
 def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """train_cfg, param_scheduler and sampler: linear warm-up, then (policy "step") steps
     at 2/3 and 11/12 of training (mmdet's 1x: epochs 8 and 11 of 12; 2x: 16 and 22 of
-    24), or (policy "cosine") cosine annealing to zero."""
+    24), (policy "cosine") cosine annealing to zero, or (policy "poly") DeepLab's poly 0.9."""
     if schedule.get("iters"):
         total = int(schedule["iters"])
         train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=schedule["val_interval"])
@@ -148,6 +148,8 @@ def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
         by_epoch, sampler = True, dict(type="DefaultSampler", shuffle=True)
     if schedule.get("policy", "step") == "cosine":
         sched = [dict(type="CosineAnnealingLR", by_epoch=by_epoch, begin=0, end=total, T_max=total, eta_min=0.0)]
+    elif schedule.get("policy") == "poly":      # DeepLab's lr * (1 - t/T)^0.9
+        sched = [dict(type="PolyLR", by_epoch=by_epoch, begin=0, end=total, power=0.9, eta_min=1e-4 * schedule["lr"])]
     else:
         milestones = sorted({max(1, total * 2 // 3), max(1, total * 11 // 12)})
         sched = [dict(type="MultiStepLR", by_epoch=by_epoch, begin=0, end=total, milestones=milestones, gamma=0.1)]

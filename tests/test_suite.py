@@ -140,6 +140,31 @@ def test_method_parameter_types_and_choices(write_suite, tmp_path):
     assert "must be true or false" in msg
 
 
+def test_mixed_task_suite_applies_pairs_and_methods_by_task(write_suite, tmp_path):
+    text = TINY_SUITE.format(root=tmp_path / "d", output=tmp_path / "o")
+    text = text.replace("datasets:\n", "datasets:\n  cls: {format: imagenet, root: %s, synth: {train_images: 2}}\n"
+                        % (tmp_path / "c"), 1)
+    text = text.replace("students:\n", "students:\n  c-s: {arch: resnet18}\n", 1)
+    text = text.replace("teachers:\n", "teachers:\n  c-t: {arch: resnet34}\n", 1)
+    text = text.replace("  - {teacher: t, student: s}", "  - {teacher: t, student: s}\n  - [c-t, c-s]")
+    text = text.replace("methods: [none, fgd]", "methods: [none, fgd, ssld]")
+    suite = load_suite(write_suite(text))
+    by_ds = {}
+    for t in suite.trials:
+        by_ds.setdefault(t.dataset["name"], set()).add(t.method)
+    assert by_ds == {"shapes": {"teacher", "none", "fgd"}, "cls": {"teacher", "none", "ssld"}}
+
+
+def test_pair_mixing_tasks_and_pair_without_dataset(write_suite, tmp_path):
+    msg = _error(_variant(write_suite, tmp_path, "  s:\n    arch: retinanet", "  s:\n    arch: resnet18"))
+    assert "mixes tasks" in msg and "(resnet18) a cls model" in msg
+    text = TINY_SUITE.format(root=tmp_path / "d", output=tmp_path / "o").replace(
+        "students:\n", "students:\n  c-s: {arch: resnet18}\n", 1).replace(
+        "teachers:\n", "teachers:\n  c-t: {arch: resnet34}\n", 1).replace(
+        "  - {teacher: t, student: s}", "  - {teacher: t, student: s}\n  - [c-t, c-s]")
+    assert "is a cls pair but no dataset of the suite is" in _error(write_suite(text))
+
+
 def test_duplicate_key(write_suite, tmp_path):
     msg = _error(_variant(write_suite, tmp_path, "seeds: [0]", "seeds: [0]\nseeds: [1]"))
     assert "key 'seeds' is given twice" in msg
@@ -185,6 +210,7 @@ def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
     for var in ("COCO_ROOT", "VOC_ROOT", "CITYSCAPES_ROOT", "IMAGENET_ROOT"):
         monkeypatch.setenv(var, str(tmp_path))
     monkeypatch.setenv("KD_CHECKPOINTS", str(tmp_path))
+    (tmp_path / "VOC2012").mkdir()
     for text in [path.read_text()] + [p.read_text() for p in (REPO / "suites" / "base").glob("*.yaml")]:
         for name in re.findall(r"\$\{KD_CHECKPOINTS[^}]*\}/([\w.\-]+)", text):
             (tmp_path / name).touch()
