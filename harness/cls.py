@@ -17,10 +17,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from mmengine.evaluator import BaseMetric
-from mmengine.model import BaseModel, ImgDataPreprocessor
+from mmengine.model import ImgDataPreprocessor
 from torch import nn
 
 from methods._base import Distiller
+
+from .teacher_student import TeacherStudentModel
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]     # ImageNet, RGB, 0-255
@@ -77,23 +79,12 @@ def build_net(model: dict[str, Any], num_classes: int) -> nn.Module:
     return models.get_model(arch["torchvision"], weights=None, num_classes=num_classes, **kwargs)
 
 
-class ClassifierModel(BaseModel):
+class ClassifierModel(TeacherStudentModel):
     """Student (+ frozen teacher + distiller) for classification, driven by the Runner."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  distiller: Distiller | None = None) -> None:
-        super().__init__(data_preprocessor=ImgDataPreprocessor(mean=MEAN, std=STD))
-        self.student, self.teacher, self.distiller = student, teacher, distiller
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ClassifierModel":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+        super().__init__(student, teacher, distiller, ImgDataPreprocessor(mean=MEAN, std=STD))
 
     def init_weights(self) -> None:
         """torchvision initialises its models when built; the teacher keeps its weights."""
@@ -114,9 +105,6 @@ class ClassifierModel(BaseModel):
         if self.distiller is None:
             return {"loss_ce": F.cross_entropy(logits, labels, ignore_index=-1)}
         return self.distiller(ClsBatch(logits, self.teacher_logits(inputs), labels))
-
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
 
 
 class ClsBatch:

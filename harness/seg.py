@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mmengine.model import BaseModel
 from torch import nn
 
 from . import catalog
 from .models import _merge, resolve_config_path
+from .teacher_student import TeacherStudentModel
 
 
 def _no_syncbn(node: Any) -> Any:
@@ -71,17 +71,12 @@ class SegBatch:
         self.student_logits, self.teacher_logits, self.labels = student_logits, teacher_logits, labels
 
 
-class SegDistillationModel(BaseModel):
+class SegDistillationModel(TeacherStudentModel):
     """Student (+ frozen teacher + distiller) for segmentation, driven by the Runner."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, distiller: Any = None) -> None:
-        super().__init__(data_preprocessor=student.data_preprocessor)
-        self.student, self.teacher, self.distiller = student, teacher, distiller
+        super().__init__(student, teacher, distiller, student.data_preprocessor)
         self._logits: torch.Tensor | None = None
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
         if distiller is not None:
             self._capture_logits(student.decode_head)
 
@@ -94,12 +89,6 @@ class SegDistillationModel(BaseModel):
             self._logits = original(*args, **kwargs)
             return self._logits
         head.forward = forward
-
-    def train(self, mode: bool = True) -> "SegDistillationModel":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def init_weights(self) -> None:
         self.student.init_weights()
@@ -124,9 +113,6 @@ class SegDistillationModel(BaseModel):
         losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
         losses.update(self.distiller(SegBatch(student_logits, teacher_logits, labels)))
         return losses
-
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
 
 
 def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationModel, dict[str, Any]]:

@@ -33,6 +33,26 @@ def _trainable(config: dict[str, Any]) -> None:
         raise exc
 
 
+def _progress_callback() -> Any:
+    """One console line per evaluation and per finished or failed trial, instead of
+    Tune's tables of every trial's whole configuration."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
+                              if isinstance(v, float) and not k.startswith(("time", "timestamp", "_")))
+            print(f"  {trial.custom_trial_name or trial}: epoch {result.get('epoch', '?')}: {shown}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"  done   {trial.custom_trial_name or trial}", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"  FAILED {trial.custom_trial_name or trial} (error row written; see its error.txt)", flush=True)
+
+    return Progress()
+
+
 def _trial_dirname(trial: Any) -> str:
     spec = TrialSpec.from_dict(trial.config["trial"])
     return f"{spec.role}-{spec.method}-s{spec.seed}-{spec.trial_id}"
@@ -50,8 +70,9 @@ def _fit(suite: Suite, phase: str, specs: list[TrialSpec]) -> list[dict[str, Any
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
         run_config=tune.RunConfig(
             name=f"{suite.name}-{phase}", storage_path=str((Path(suite.output) / "ray").resolve()),
-            failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            failure_config=tune.FailureConfig(max_failures=0), verbose=0, callbacks=[_progress_callback()]),
     )
+    print(f"{phase}: {len(specs)} trial(s) on Ray Tune, {res['cpu']} CPU / {res['gpu']} GPU each", flush=True)
     grid = tuner.fit()
     summary = []
     for result in grid:

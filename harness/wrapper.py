@@ -8,9 +8,9 @@ optimiser wrappers and evaluation loops drive it unchanged:
   used), the teacher on the identical preprocessed batch without autograd, and adds the
   distiller's ``loss_*`` terms to the student's;
 - ``predict`` is the student's, so evaluation measures the student alone;
-- the teacher stays in eval mode with ``requires_grad=False`` whatever ``train()`` is
-  called with, and ``init_weights`` never touches it;
-- :meth:`student_state_dict` is the export: the student alone, loadable into a plain
+- the teacher is frozen by :class:`~harness.teacher_student.TeacherStudentModel`, and
+  ``init_weights`` never touches it;
+- ``student_state_dict`` is the export: the student alone, loadable into a plain
   detector built from the same config.
 """
 from __future__ import annotations
@@ -18,33 +18,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from mmengine.model import BaseModel
 from torch import nn
 
 from methods._base import DetBatch, Distiller, RoIBatch
 
 from .dense import dense_head, head_outputs
+from .teacher_student import TeacherStudentModel
 
 
-class DistillationModel(BaseModel):
+class DistillationModel(TeacherStudentModel):
     """Student + frozen teacher + distiller (any of the last two may be absent)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  distiller: Distiller | None = None, num_levels: int | None = None) -> None:
-        super().__init__(data_preprocessor=student.data_preprocessor)
-        self.student = student
-        self.distiller = distiller
+        super().__init__(student, teacher, distiller, student.data_preprocessor)
         self.num_levels = num_levels
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
         self._captured: dict[str, Any] = {}
         self._needs_head = bool(getattr(distiller, "needs_head_outputs", False))
         if distiller is not None:
-            if teacher is None:
-                raise ValueError("a distiller needs a teacher")
             student.neck.register_forward_hook(self._capture("feats"))
             if self._needs_head:
                 dense_head(student).register_forward_hook(self._capture("head"))
@@ -66,12 +57,6 @@ class DistillationModel(BaseModel):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             self._captured[key] = output
         return hook
-
-    def train(self, mode: bool = True) -> "DistillationModel":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()          # frozen: BN statistics and dropout never change
-        return self
 
     def init_weights(self) -> None:
         """Initialise the student only; the teacher keeps its loaded weights and the
@@ -164,7 +149,3 @@ class DistillationModel(BaseModel):
             before(batches())
         finally:
             self.student.train(was_training)
-
-    def student_state_dict(self) -> dict[str, torch.Tensor]:
-        """The exported checkpoint's weights: the student alone (no teacher, no adapters)."""
-        return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}

@@ -82,3 +82,25 @@ def det_batch(synth_coco) -> dict:
     ds = coco_dataset(synth_coco)
     samples = [ds[i] for i in range(2)]              # one pipeline run per sample: image and boxes agree
     return {"inputs": [s["inputs"] for s in samples], "data_samples": [s["data_samples"] for s in samples]}
+
+
+def train_with_frozen_teacher(model, make_losses, steps: int = 2, lr: float = 0.01) -> dict:
+    """A few SGD steps on ``make_losses()``; checks every step's total is finite, and
+    afterwards that the teacher is bit-identical (buffers too) and got no gradient while
+    the student did. Returns the last loss dict."""
+    import copy
+
+    import torch
+    before = copy.deepcopy(model.teacher.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        losses = make_losses()
+        total, log = model.parse_losses(losses)
+        assert torch.isfinite(total), log
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    return losses
