@@ -196,12 +196,22 @@ def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
     return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides)), cfg
 
 
+def seed_trial(spec: TrialSpec) -> None:
+    """Seed Python, numpy and torch from the trial's seed. The Runner seeds again when
+    it starts, but models and distillers (adapters, GcBlocks, torchvision classifiers)
+    are initialised before it: without this their initial weights were unseeded and
+    runs of the same trial differed."""
+    from mmengine.runner import set_random_seed
+    set_random_seed(spec.seed)
+
+
 def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None) -> TrialResult:
     """Train and evaluate one trial; returns the final metrics. Raises on failure."""
     import torch
     from mmengine.runner import Runner
 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    seed_trial(spec)    # before any model or distiller part is initialised, not only in the Runner
     ckpt = spec.teacher_checkpoint
     if spec.role == "student" and spec.method_name != "none" and (not ckpt or not Path(ckpt).is_file()):
         raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "

@@ -130,3 +130,22 @@ def test_cls_suite_through_ray_gives_top1_rows(cls_e2e):
     assert df["value"].between(0, 1).all()
     ssld = df[df["method"] == "ssld"]
     assert set(ssld["epoch"]) == {2}                     # 1 epoch + the 1-epoch fine-tune stage
+
+
+def test_a_trial_builds_the_same_initial_weights_for_the_same_seed(tmp_path):
+    """Models are built before mmengine's Runner seeds anything; the trial seeds first."""
+    from harness.cls import prepare_trial
+    from harness.data import ensure_dataset
+    from harness.suite import load_suite
+    from harness.trial import load_weights, seed_trial
+    path = tmp_path / "cls.yaml"
+    path.write_text(CLS_SUITE.format(root=tmp_path / "shapes", output=tmp_path / "results"))
+    spec = [t for t in load_suite(path).trials if t.method == "none"][0]
+    ensure_dataset(spec.dataset)
+    weights = []
+    for seed in (0, 0, 1):
+        spec.seed = seed
+        seed_trial(spec)
+        weights.append(prepare_trial(spec, load_weights)["model"].student_state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
