@@ -74,7 +74,8 @@ DATASET_FORMATS.register(
 )
 DATASET_FORMATS.register(
     "voc_seg", target="harness.data:VocSegFormat", task="seg", metric="seg_iou",
-    synth="harness.synth:write_voc_seg", synth_params=("train_images", "val_images", "image_size", "seed"),
+    synth="harness.synth:write_voc_seg",
+    synth_params=("train_images", "val_images", "image_size", "aug_images", "seed"),
     doc="Pascal VOC 2012 segmentation (root = VOC2012); aug: true adds SegmentationClassAug",
 )
 

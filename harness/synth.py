@@ -274,10 +274,12 @@ def write_cityscapes(root: str | os.PathLike, train_images: int = 8, val_images:
 
 
 def write_voc_seg(root: str | os.PathLike, train_images: int = 8, val_images: int = 4,
-                  image_size: int = 64, seed: int = 0) -> Path:
+                  image_size: int = 64, aug_images: int = 0, seed: int = 0) -> Path:
     """Write a Pascal VOC 2012 segmentation layout (``root`` = ``VOC2012``): ``JPEGImages``,
     ``SegmentationClass`` (palette PNGs of class indices, 255 on borders) and
-    ``ImageSets/Segmentation/{train,val,trainval}.txt``; 21 classes, 0 = background."""
+    ``ImageSets/Segmentation/{train,val,trainval}.txt``; 21 classes, 0 = background.
+    With ``aug_images``, also the augmented set's layout: ``SegmentationClassAug``
+    (plain index PNGs) listed in ``ImageSets/Segmentation/aug.txt``."""
     root = Path(root)
     rng = np.random.RandomState(seed)
     voc_palette = np.zeros((256, 3), dtype=np.uint8)        # VOC's bit-interleaved colour map
@@ -292,16 +294,22 @@ def write_voc_seg(root: str | os.PathLike, train_images: int = 8, val_images: in
     with _AtomicDir(root) as tmp:
         for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
             (tmp / sub).mkdir(parents=True)
-        ids: dict[str, list[str]] = {"train": [], "val": []}
-        for split, count in (("train", train_images), ("val", val_images)):
+        ids: dict[str, list[str]] = {"train": [], "val": [], "aug": []}
+        if aug_images:
+            (tmp / "SegmentationClassAug").mkdir()
+        for split, count in (("train", train_images), ("val", val_images), ("aug", aug_images)):
             for _ in range(count):
-                stem = f"2012_{len(ids['train']) + len(ids['val']):06d}"
+                stem = f"2012_{sum(len(v) for v in ids.values()):06d}"
                 img, label = _seg_scene(rng, image_size, image_size, len(VOC_SEG_CLASSES), 4, background=0)
                 Image.fromarray(img).save(tmp / "JPEGImages" / f"{stem}.jpg", quality=95)
-                png = Image.fromarray(label, mode="P")
-                png.putpalette(voc_palette.flatten().tolist())
-                png.save(tmp / "SegmentationClass" / f"{stem}.png")
+                if split == "aug":
+                    Image.fromarray(label).save(tmp / "SegmentationClassAug" / f"{stem}.png")
+                else:
+                    png = Image.fromarray(label, mode="P")
+                    png.putpalette(voc_palette.flatten().tolist())
+                    png.save(tmp / "SegmentationClass" / f"{stem}.png")
                 ids[split].append(stem)
-        for name, items in (("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])):
+        lists = [("train", ids["train"]), ("val", ids["val"]), ("trainval", ids["train"] + ids["val"])]
+        for name, items in lists + ([("aug", ids["aug"])] if aug_images else []):
             (tmp / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("".join(f"{i}\n" for i in items))
     return root

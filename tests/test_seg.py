@@ -103,3 +103,24 @@ def test_cityscapes_suite_through_ray_gives_miou_rows(tmp_path):
     assert set(df["method"]) == {"teacher", "none", "pixel_kd", "icsd"}
     assert set(df["metric"]) == {"mIoU", "mAcc", "aAcc"} and set(df[df["primary"]]["metric"]) == {"mIoU"}
     assert df["value"].between(0, 1).all()
+
+
+def test_voc2012_layout_with_the_augmented_set_reads_through_mmseg(tmp_path):
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import DATASETS
+    from mmseg.utils import register_all_modules
+
+    from harness.data import VocSegFormat
+    from harness.synth import VOC_SEG_CLASSES, write_voc_seg
+    register_all_modules(init_default_scope=False)
+    root = write_voc_seg(tmp_path / "VOC2012", train_images=3, val_images=2, image_size=32, aug_images=4, seed=2)
+    assert (root / "ImageSets" / "Segmentation" / "aug.txt").read_text().split() and (root / "SegmentationClassAug").is_dir()
+    fmt = VocSegFormat()
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        plain = DATASETS.build(fmt.dataset({"root": str(root), "classes": None}, "train", [32, 32], [32, 32]))
+        aug = DATASETS.build(fmt.dataset({"root": str(root), "classes": None, "aug": True}, "train", [32, 32], [32, 32]))
+        val = DATASETS.build(fmt.dataset({"root": str(root), "classes": None}, "val", [32, 32]))
+    assert (len(plain), len(aug), len(val)) == (3, 7, 2)
+    assert fmt.classes({"classes": None}) == VOC_SEG_CLASSES and len(VOC_SEG_CLASSES) == 21
+    sample = aug[6]["data_samples"].gt_sem_seg.data                    # from SegmentationClassAug
+    assert set(sample.unique().tolist()) <= set(range(21)) | {255}
