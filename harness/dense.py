@@ -33,17 +33,6 @@ def dense_head(detector: Any) -> Any:
     return detector.rpn_head if getattr(detector, "with_rpn", False) else detector.bbox_head
 
 
-def head_layout(detector: Any) -> dict[str, Any]:
-    """What must agree for predictions of two heads to correspond one to one."""
-    head = dense_head(detector)
-    gen = head.prior_generator
-    layout = {"type": type(head).__name__, "strides": [tuple(s) for s in gen.strides],
-              "priors_per_cell": list(gen.num_base_priors), "classes": head.cls_out_channels}
-    if hasattr(gen, "base_anchors"):
-        layout["base_anchors"] = [a.tolist() for a in gen.base_anchors]
-    return layout
-
-
 def _flatten(maps: list[torch.Tensor], per_prior: int) -> torch.Tensor:
     n = maps[0].shape[0]
     return torch.cat([m.permute(0, 2, 3, 1).reshape(n, -1, per_prior) for m in maps], dim=1)

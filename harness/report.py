@@ -95,7 +95,3 @@ def format_report(df: pd.DataFrame) -> str:
             lines.append(f"  {r.trial_name} [{r.trial_id}]: {r.error}")
     return "\n".join(lines).lstrip("\n")
 
-
-def primary_metrics() -> dict[str, str]:
-    """Task -> leaderboard metric, for the report's legend."""
-    return {m["task"]: m["primary"] for m in catalog.METRICS}
