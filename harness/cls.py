@@ -192,8 +192,7 @@ def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
            "model": spec.model.get("model", {}), "num_classes": len(classes), "classes": list(classes)},
            "train_loader": _loader(train, sched["batch_size"], sched["num_workers"], True),
            "val_loader": _loader(val, sched["batch_size"], sched["num_workers"], False),
-           "evaluator": Evaluator([TopKAccuracy()]), "finetune_loader": None,
-           "unlabeled_used": len(train) - len(ImageFolder(ds["root"], "train", classes, size, True))}
+           "evaluator": Evaluator([TopKAccuracy()]), "finetune_loader": None}
     if distilled and p.get("finetune_epochs"):
         labelled = ImageFolder(ds["root"], "train", classes, size, train=True)
         out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True)

@@ -63,7 +63,10 @@ class DatasetFormat:
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int]) -> dict[str, Any]:
+    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
+                crop: list[int] | None = None) -> dict[str, Any]:
+        """The dataset config of a split; ``crop`` is the training crop [h, w] where the
+        format's pipeline has one (segmentation), ignored otherwise."""
         raise NotImplementedError
 
     def evaluator(self, ds: dict[str, Any]) -> Any:
@@ -82,7 +85,8 @@ class CocoFormat(DatasetFormat):
             cats = json.load(f)["categories"]
         return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
 
-    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int]) -> dict[str, Any]:
+    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
+                crop: list[int] | None = None) -> dict[str, Any]:
         ann_file, img_dir = self.splits[split]
         train = split == "train"
         return dict(type="CocoDataset", data_root=str(ds["root"]), ann_file=ann_file,
@@ -111,7 +115,8 @@ class VocFormat(DatasetFormat):
                     filter_cfg=dict(filter_empty_gt=True, min_size=2) if train else None,
                     test_mode=not train, pipeline=det_pipeline(train, img_scale))
 
-    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int]) -> dict[str, Any]:
+    def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
+                crop: list[int] | None = None) -> dict[str, Any]:
         if split != "train":
             return self._one(ds, "VOC2007", "test", False, img_scale)
         years = [y for y in ("VOC2007", "VOC2012")

@@ -196,6 +196,22 @@ def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
     return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides)), cfg
 
 
+def _config_loaders(spec: TrialSpec) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Train and val loader configs and the evaluator of a task whose datasets are
+    built from mmengine configs (detection, segmentation). Segmentation evaluates one
+    image at a time: its val images keep their own sizes."""
+    fmt, sched = dataset_format(spec.dataset), spec.schedule
+    loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
+                  persistent_workers=sched["num_workers"] > 0)
+    val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
+                      dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
+    if spec.task == "seg":
+        val_loader["batch_size"] = 1
+    train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
+                        dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
+    return train_loader, val_loader, fmt.evaluator(spec.dataset)
+
+
 def seed_trial(spec: TrialSpec) -> None:
     """Seed Python, numpy and torch from the trial's seed. The Runner seeds again when
     it starts, but models and distillers (adapters, GcBlocks, torchvision classifiers)
@@ -229,27 +245,14 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         model, model_cfg = parts["model"], parts["model_cfg"]
         train_loader, val_loader, evaluator = parts["train_loader"], parts["val_loader"], parts["evaluator"]
         finetune_loader, scope = parts["finetune_loader"], None
-    elif spec.task == "seg":
-        from .seg import build_trial_model as build_seg
-        model, model_cfg = build_seg(spec, load_weights)
-        fmt = dataset_format(spec.dataset)
-        loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
-                      persistent_workers=sched["num_workers"] > 0)
-        val_loader = dict(loader, batch_size=1, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
-                          dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
-        train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
-                            dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
-        evaluator, scope = fmt.evaluator(spec.dataset), "mmseg"
     else:
-        model, model_cfg = build_trial_model(spec)
-        fmt = dataset_format(spec.dataset)
-        loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
-                      persistent_workers=sched["num_workers"] > 0)
-        val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
-                          dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
-        train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
-                            dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"]))
-        evaluator, scope = fmt.evaluator(spec.dataset), "mmdet"
+        if spec.task == "seg":
+            from .seg import build_trial_model as build_seg
+            model, model_cfg = build_seg(spec, load_weights)
+        else:
+            model, model_cfg = build_trial_model(spec)
+        train_loader, val_loader, evaluator = _config_loaders(spec)
+        scope = "mmseg" if spec.task == "seg" else "mmdet"
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
     common = dict(
         model=model, work_dir=str(work_dir), val_dataloader=val_loader,
