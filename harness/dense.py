@@ -25,6 +25,8 @@ class HeadOutputs:
     boxes: torch.Tensor
     points_only: bool
     pos_iou: float
+    low_quality: bool = True      # the assigner's low-quality matches (each box's best priors)
+    min_pos_iou: float = 0.0
 
 
 def dense_head(detector: Any) -> Any:
@@ -68,6 +70,8 @@ def head_outputs(detector: Any, raw: tuple[Any, ...], pad_hw: tuple[int, int] | 
         # flattened to (N*P) x 4: mmdet's batched (N x P x 4) decoding is a deprecated slow path
         boxes = head.bbox_coder.decode(priors.repeat(n, 1), reg.detach().reshape(-1, reg.shape[-1])).reshape(n, -1, 4)
     assigner = getattr(getattr(head, "train_cfg", None) or {}, "get", lambda *_: None)("assigner")
-    pos_iou = float(assigner.get("pos_iou_thr", 0.5)) if assigner else 0.5
+    assigner = assigner or {}
     return HeadOutputs(cls=cls, reg=reg, priors=priors, boxes=boxes.detach(), points_only=points_only,
-                       pos_iou=pos_iou)
+                       pos_iou=float(assigner.get("pos_iou_thr", 0.5)),
+                       low_quality=bool(assigner.get("match_low_quality", True)),
+                       min_pos_iou=float(assigner.get("min_pos_iou", 0.0)))

@@ -1,6 +1,7 @@
 """Building the models a suite names: mmdet detectors from the architecture's bundled
-config plus the suite's overrides, set up for training from scratch (no weights can be
-downloaded here: ``init_cfg`` is dropped and ResNet BN statistics are trained).
+config plus the suite's overrides. The backbone starts from the pretrained weights the
+config names, with its frozen stage and BN statistics, unless the suite says otherwise
+(:mod:`harness.pretrained`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog
+from .pretrained import backbone_checkpoint
 
 _RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
 _RESNETS = ("ResNet", "ResNetV1d", "ResNeXt")     # same stage widths for a given depth
@@ -50,11 +52,16 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
 
     arch = catalog.ARCHS.get(model["arch"])
     cfg = Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict()
-    backbone = _merge(cfg["backbone"], model.get("backbone", {}))
-    backbone["init_cfg"] = None                  # no pretrained weights: start from scratch
-    if backbone.get("type") in _RESNETS:
-        backbone["frozen_stages"] = model.get("backbone", {}).get("frozen_stages", -1)
-        backbone["norm_eval"] = model.get("backbone", {}).get("norm_eval", False)
+    over = model.get("backbone", {})
+    backbone = _merge(cfg["backbone"], over)
+    bundled_ckpt = (cfg["backbone"].get("init_cfg") or {}).get("checkpoint")
+    ckpt = backbone_checkpoint(model.get("name", model["arch"]), model.get("pretrained", True), bundled_ckpt,
+                               cfg["backbone"], backbone)
+    backbone["init_cfg"] = dict(type="Pretrained", checkpoint=ckpt) if ckpt else None
+    if ckpt is None and backbone.get("type") in _RESNETS:
+        # from scratch, a frozen random stem and frozen random BN statistics cannot work
+        backbone["frozen_stages"] = over.get("frozen_stages", -1)
+        backbone["norm_eval"] = over.get("norm_eval", False)
     cfg["backbone"] = backbone
     neck_over = dict(model.get("neck", {}))
     channels = resnet_channels(backbone)
@@ -97,12 +104,13 @@ def build_detector(cfg: dict[str, Any]) -> Any:
         return MODELS.build(ConfigDict(copy.deepcopy(cfg)))
 
 
-def tapped_info(model: dict[str, Any], cfg: dict[str, Any]) -> Any:
-    """:class:`methods._base.ModelInfo` of the feature levels a feature distiller taps."""
+def tapped_info(model: dict[str, Any], cfg: dict[str, Any], all_levels: bool = False) -> Any:
+    """:class:`methods._base.ModelInfo` of the feature levels a feature distiller taps
+    (every neck output with ``all_levels``, for distillers that declare it)."""
     from methods._base import ModelInfo
 
     arch = catalog.ARCHS.get(model["arch"])
-    levels = list(arch["levels"])
+    levels = list(arch.get("neck_levels", arch["levels"]) if all_levels else arch["levels"])
     head = cfg["rpn_head"] if arch["stages"] == 2 else cfg["bbox_head"]
     layout = {"type": head["type"], "num_classes": head.get("num_classes", 1),
               "priors": head.get("anchor_generator") or {"strides": head.get("strides")}}

@@ -18,6 +18,7 @@ def preflight(suite: Suite) -> None:
     from .data import num_classes
     from .models import build_detector, detector_cfg, tapped_info
     from .trial import load_weights
+    from .wrapper import inherit_neck_and_head
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
 
@@ -48,17 +49,21 @@ def preflight(suite: Suite) -> None:
 
     distillers: set[str] = set()
     for t in suite.trials:
-        _, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student", t.schedule, t.task)
+        net, cfg = build(t.model, t.dataset, "teacher" if t.role == "teacher" else "student", t.schedule, t.task)
         if t.teacher is None or t.method_name in ("none", "teacher"):
             continue
-        _, t_cfg = build(t.teacher, t.dataset, "teacher", t.schedule, t.task)
+        t_net, t_cfg = build(t.teacher, t.dataset, "teacher", t.schedule, t.task)
         key = content_hash([t.method_name, t.params, cfg, t_cfg])
         if key in distillers:
             continue
         distillers.add(key)
         try:
-            infos = (None, None) if t.task in ("cls", "seg") else (tapped_info(t.model, cfg), tapped_info(t.teacher, t_cfg))
+            every = bool(catalog.METHODS.get(t.method_name).get("all_levels", False))
+            infos = (None, None) if t.task in ("cls", "seg") else (tapped_info(t.model, cfg, every),
+                                                                   tapped_info(t.teacher, t_cfg, every))
             catalog.METHODS.load(t.method_name)(t.params, *infos)
+            if t.params.get("inherit"):
+                inherit_neck_and_head(net, t_net)
         except Exception as exc:
             raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "
                              f"{t.teacher['name']} -> {t.model['name']}: {type(exc).__name__}: {exc}") from exc

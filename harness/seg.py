@@ -17,6 +17,7 @@ from torch import nn
 
 from . import catalog
 from .models import _merge, resolve_config_path
+from .pretrained import backbone_checkpoint
 from .teacher_student import TeacherStudentModel
 
 
@@ -30,14 +31,19 @@ def _no_syncbn(node: Any) -> Any:
 
 
 def segmentor_cfg(model: dict[str, Any], num_classes: int, crop: list[int] | None) -> dict[str, Any]:
-    """The mmseg model config for a suite model entry, trained from scratch."""
+    """The mmseg model config for a suite model entry; the backbone starts from the
+    checkpoint the config names (mmseg's model-level ``pretrained``) unless the suite
+    says otherwise (:mod:`harness.pretrained`)."""
     from mmengine.config import Config
 
     arch = catalog.ARCHS.get(model["arch"])
     cfg = _no_syncbn(Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict())
-    cfg["pretrained"] = None                         # no weights can be downloaded
-    cfg["backbone"] = _merge(cfg["backbone"], model.get("backbone", {}))
-    cfg["backbone"]["init_cfg"] = None
+    bundled = cfg["backbone"]
+    cfg["backbone"] = _merge(bundled, model.get("backbone", {}))
+    cfg["pretrained"] = backbone_checkpoint(model.get("name", model["arch"]), model.get("pretrained", True),
+                                            cfg.get("pretrained") or (bundled.get("init_cfg") or {}).get("checkpoint"),
+                                            bundled, cfg["backbone"])
+    cfg["backbone"]["init_cfg"] = None               # mmseg puts `pretrained` there itself
     cfg["decode_head"] = _merge(cfg["decode_head"], model.get("head", {}))
     heads = [cfg["decode_head"]] + (cfg["auxiliary_head"] if isinstance(cfg.get("auxiliary_head"), list)
                                     else [cfg["auxiliary_head"]] if cfg.get("auxiliary_head") else [])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import catalog
+from .pretrained import is_uri
 from .registry import suggest
 from .spec import TrialSpec, teacher_key
 from .yamlio import Node, SuiteError, deep_merge, load_yaml
@@ -38,9 +39,10 @@ SUITE_KEYS = {
     "output": "results directory (default results/<name>)",
     "teacher_cache": "where harness-trained teachers are kept (default <output>/../_teachers)",
     "teacher_seed": "seed for harness-trained teachers (default 0)",
+    "pretrained": "default for every model: true (the configs' ImageNet backbones), false, or a file / URI",
 }
 DATASET_KEYS = {"format", "root", "synth", "classes", "unlabeled", "aug"}
-MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule"}
+MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule", "pretrained"}
 TEACHER_KEYS = MODEL_KEYS | {"checkpoint"}
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "epochs": 12, "iters": None, "val_interval": 1, "batch_size": 2, "lr": 0.01,
@@ -176,6 +178,25 @@ def _datasets(doc: Node) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
+    """A ``pretrained`` setting: True, False, a URI, or an existing local file (absolute)."""
+    if not isinstance(node, dict) or key not in node:
+        return default                       # the suite's setting, already checked
+    value = node[key]
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str) or not value:
+        raise _err(node, key, f"{what} must be true, false, or a checkpoint file or URI, got {value!r}")
+    if is_uri(value):
+        return value
+    path = os.path.abspath(expand_path(value))
+    if not Path(path).is_file():
+        raise _err(node, key, f"{what}: '{path}' is not a file; give a local checkpoint of the backbone, a URI "
+                              f"(torchvision://, open-mmlab://, https://, ...), true for the config's own, "
+                              f"or false to train from scratch")
+    return path
+
+
 def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any]) -> dict[str, dict]:
     node = doc.get(key)
     if not node:
@@ -199,6 +220,12 @@ def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any]) ->
                                             f"local checkpoint path, or leave 'checkpoint' out to "
                                             f"have the harness train this teacher")
             model["checkpoint"] = ckpt
+        model["pretrained"] = _pretrained(m, "pretrained", f"{key}.{name}.pretrained",
+                                          _pretrained(doc, "pretrained", "pretrained"))
+        if catalog.ARCHS.get(arch)["task"] == "cls" and isinstance(model["pretrained"], str):
+            raise _err(m, "pretrained", f"{key}.{name}.pretrained: classifiers are built by torchvision from "
+                                        f"scratch (SSLD and Hinton KD train their students so); a checkpoint "
+                                        f"cannot be given here")
         model["schedule"] = _schedule(m.get("schedule"), schedule, f"{key}.{name}.schedule")
         out[name] = model
     return out

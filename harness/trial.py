@@ -159,20 +159,6 @@ def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
     return train_cfg, sched, sampler
 
 
-def inherit_neck_and_head(student: Any, teacher: Any) -> None:
-    """FGD's "inherit": copy the teacher's neck and head weights into the student.
-    Needs parts of the same shapes (e.g. a smaller backbone under the same neck/head)."""
-    source, target = teacher.state_dict(), student.state_dict()
-    two_stage = getattr(student, "with_rpn", False)
-    prefixes = ("neck.", "rpn_head.", "roi_head.") if two_stage else ("neck.", "bbox_head.")
-    keys = [k for k in target if k.startswith(prefixes)]
-    bad = [k for k in keys if k not in source or source[k].shape != target[k].shape]
-    if bad:
-        raise ValueError(f"'inherit' needs the student's neck and head to have the teacher's shapes; "
-                         f"these differ: {bad[:4]}{'...' if len(bad) > 4 else ''}")
-    student.load_state_dict({k: source[k] for k in keys}, strict=False)
-
-
 def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
     """The :class:`DistillationModel` of a trial, with the teacher loaded; and the
     trained model's mmdet config (what the exported checkpoint loads into)."""
@@ -189,11 +175,11 @@ def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
     t_cfg = detector_cfg(spec.teacher, n_cls)
     teacher = build_detector(t_cfg)
     load_weights(teacher, ckpt)
-    if spec.params.get("inherit"):
-        inherit_neck_and_head(student, teacher)
-    s_info, t_info = tapped_info(spec.model, cfg), tapped_info(spec.teacher, t_cfg)
+    every = bool(catalog.METHODS.get(spec.method_name).get("all_levels", False))
+    s_info, t_info = tapped_info(spec.model, cfg, every), tapped_info(spec.teacher, t_cfg, every)
     distiller = catalog.METHODS.load(spec.method_name)(spec.params, s_info, t_info)
-    return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides)), cfg
+    return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides),
+                             inherit=bool(spec.params.get("inherit"))), cfg
 
 
 def _config_loaders(spec: TrialSpec) -> tuple[dict[str, Any], dict[str, Any], Any]:

@@ -10,6 +10,10 @@ optimiser wrappers and evaluation loops drive it unchanged:
 - ``predict`` is the student's, so evaluation measures the student alone;
 - the teacher is frozen by :class:`~harness.teacher_student.TeacherStudentModel`, and
   ``init_weights`` never touches it;
+- with ``inherit`` (FGD's inheriting strategy) the student's neck and head are copied
+  from the teacher inside ``init_weights``, after the student's own initialisation:
+  mmengine's ``Runner.train()`` calls ``init_weights()``, which would otherwise overwrite
+  a copy made when the model was built (FGD's README warns of this for mmdet >= 2.12);
 - ``student_state_dict`` is the export: the student alone, loadable into a plain
   detector built from the same config.
 """
@@ -26,13 +30,33 @@ from .dense import dense_head, head_outputs
 from .teacher_student import TeacherStudentModel
 
 
+def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> None:
+    """FGD's inheriting strategy: every weight outside the backbone (neck, heads) is
+    copied from the teacher into the student. yzd-v/FGD (``detection_distiller.py``,
+    ``init_student``) loads all non-``backbone.`` keys of the teacher's checkpoint with a
+    non-strict load that skips mismatched shapes silently; here a mismatch is an error."""
+    source, target = teacher.state_dict(), student.state_dict()
+    keys = [k for k in target if not k.startswith(("backbone.", "data_preprocessor."))]
+    bad = [k for k in keys if k not in source or source[k].shape != target[k].shape]
+    if bad:
+        raise ValueError(f"'inherit' needs the student's neck and head to have the teacher's shapes (set "
+                         f"inherit: false for this pair); these differ: {bad[:4]}{'...' if len(bad) > 4 else ''}")
+    student.load_state_dict({k: source[k] for k in keys}, strict=False)
+
+
 class DistillationModel(TeacherStudentModel):
     """Student + frozen teacher + distiller (any of the last two may be absent)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
-                 distiller: Distiller | None = None, num_levels: int | None = None) -> None:
+                 distiller: Distiller | None = None, num_levels: int | None = None,
+                 inherit: bool = False) -> None:
         super().__init__(student, teacher, distiller, student.data_preprocessor)
         self.num_levels = num_levels
+        self.inherit = inherit
+        if inherit:
+            if teacher is None:
+                raise ValueError("'inherit' copies the teacher's neck and head: it needs a teacher")
+            inherit_neck_and_head(student, teacher)     # shapes checked now; redone in init_weights
         self._captured: dict[str, Any] = {}
         self._needs_head = bool(getattr(distiller, "needs_head_outputs", False))
         if distiller is not None:
@@ -59,9 +83,12 @@ class DistillationModel(TeacherStudentModel):
         return hook
 
     def init_weights(self) -> None:
-        """Initialise the student only; the teacher keeps its loaded weights and the
-        distiller's parts were initialised when built."""
+        """Initialise the student only (its pretrained backbone is loaded here), then,
+        with ``inherit``, copy the teacher's neck and head into it; the teacher keeps its
+        loaded weights and the distiller's parts were initialised when built."""
         self.student.init_weights()
+        if self.inherit:
+            inherit_neck_and_head(self.student, self.teacher)
 
     def forward(self, inputs: torch.Tensor, data_samples: Any = None, mode: str = "tensor") -> Any:
         if mode == "loss":

@@ -18,18 +18,40 @@ Prototype Generation Module (Sec. 3.2), before every epoch, per class and FPN le
   symmetric); the pair with the lowest total cost over all candidates is picked, the
   residuals deflated, and the step repeated. Matching pursuit, not k-means.
 
-Robust Distilling Module (Sec. 3.3):
+Robust Distilling Module (Sec. 3.3), as the released code computes it
+(hikvision-research/DAVAR-Lab-ML, ``ECCV22_Distilling_Object_Detectors_with_Global_Knowledge``,
+``third_party/kd/mmdet/strategy/kd_{one,two}_stage_strategy.py`` and
+``models/losses/kd_loss.py``), on every FPN level l of the neck (P3-P7 one-stage, P2-P6
+two-stage):
 
-- robustness weight per instance ``w = 1 - |q_s - q_t|`` with ``q = max cos(f, P)``
-  over same-class prototypes, no gradient (:func:`robustness_weights`);
-- global loss: smooth L1 between the instance's cosine similarities to all prototypes
-  in the two spaces, weighted by ``w`` (:func:`global_alignment_loss`);
-- local loss: feature imitation through a 3x3 adapter, foreground weighted by ``w``
-  instead of a binary mask, ``sum w (a(F_s) - F_t)^2 / max(1, 2 sum w)``, plus a
-  background term x4 normalised the same way (:func:`weighted_feature_loss`);
-- per-RoI soft-label KD (T = 2, KL x 4) weighted by ``w`` for two-stage detectors
-  (:func:`roi_soft_label_loss`);
-- feature losses decay by ``1 - epoch / max_epochs``.
+- instances: GT boxes (one-stage) or the student's positive sampled RoIs with their GT
+  labels (two-stage, ``proposal_replace_gt``); descriptor on level l: the mean of the
+  feature over the cells ``int(y1/s) .. int(y2/s)`` x ``int(x1/s) .. int(x2/s)``
+  (inclusive, s the level's stride; :func:`crop_descriptors`);
+- robustness weight on level l, ``w = 1 - |q_s - q_t|`` with ``q = max cos(f, P)`` over
+  the level's same-class prototypes, no gradient (:func:`robustness_weights`);
+- local loss on level l: foreground mask of the instances *mapped to level l*
+  (``floor(log2(sqrt((w+1)(h+1)) / 56))``), cells ``int(x1/s) .. int(x2/s) - 1`` holding
+  w (a later instance overwrites; a box within one cell keeps the larger weight),
+  ``L_fg = sum M (a(F_s) - F_t)^2 / max(1, 2 C sum M)``, background the cells off the
+  mask, ``x bg_weight`` (4), the same normalisation (:func:`instance_mask`,
+  :func:`weighted_feature_loss`); summed over levels (one-stage) or averaged over the
+  5 levels (two-stage);
+- per-RoI soft-label KD (two-stage): ``T^2 mean_c KL(softmax(z_t/T) || softmax(z_s/T)) w``
+  averaged over RoIs, T = 2, w from the RoI's 7x7 RoIAlign features on its RoI-head
+  level (:func:`roi_soft_label_loss`);
+- global alignment loss, off in the released configuration (``pair_wise='use_pgm'``),
+  ``global_loss: released`` computes its ``use_r2i`` form: on every level, smooth L1
+  between ``w cos(f_s, P)`` and ``w cos(f_t, P)`` over all instances x all the level's
+  prototypes, averaged, x ``w_global`` (``pair_wise_factor``, 5 in the config);
+  ``global_loss: paper`` the paper's reading (per instance on its own level, summed over
+  prototypes, the weight outside the smooth L1);
+- feature and global losses decay by ``1 - epoch / max_epochs``; the soft-label loss
+  does not.
+
+PGM here draws candidates from GT instances of a sample of the training data with the
+current models (the released PGM is a separate step over confident detections); see
+docs/fidelity.md.
 """
 from __future__ import annotations
 
@@ -107,8 +129,9 @@ def robustness_weights(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Tenso
 
 def global_alignment_loss(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Tensor, protos_t: torch.Tensor,
                           weights: torch.Tensor) -> torch.Tensor:
-    """Weighted smooth L1 between each instance's cosine-similarity vectors to all
-    prototypes in the student and teacher spaces, averaged over instances."""
+    """The paper's reading: weighted smooth L1 between each instance's cosine-similarity
+    vectors to all prototypes in the two spaces, summed over prototypes, averaged over
+    instances."""
     if len(fs) == 0:
         return fs.sum() * 0
     cs = F.normalize(fs, dim=1) @ F.normalize(protos_s, dim=1).t()
@@ -117,45 +140,98 @@ def global_alignment_loss(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Te
     return (weights * per).sum() / len(fs)
 
 
+def global_alignment_loss_released(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Tensor,
+                                   protos_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The released ``r2i_om_loss``: ``mean smoothL1(w cos(f_s, P_s), w cos(f_t, P_t))`` over
+    instances x prototypes (K x P), the weight inside."""
+    if len(fs) == 0 or len(protos_s) == 0:
+        return fs.sum() * 0
+    cs = F.normalize(fs, dim=1) @ F.normalize(protos_s, dim=1).t()
+    ct = F.normalize(ft, dim=1) @ F.normalize(protos_t, dim=1).t()
+    return F.smooth_l1_loss(cs * weights[:, None], (ct * weights[:, None]).detach())
+
+
+def released_levels(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """The strategy's ``_map_roi_levels``: ``floor(log2(sqrt((w+1)(h+1)) / 56 + 1e-6))``."""
+    scale = ((boxes[..., 2] - boxes[..., 0] + 1) * (boxes[..., 3] - boxes[..., 1] + 1)).clamp(min=0).sqrt()
+    return torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, num_levels - 1).long()
+
+
+def crop_descriptors(feat: torch.Tensor, boxes: torch.Tensor, image: torch.Tensor, stride: float) -> torch.Tensor:
+    """M x C: the mean of ``feat`` (N x C x H x W) over each box's cells
+    ``int(|y1|/s) .. int(|y2|/s)`` x ``int(|x1|/s) .. int(|x2|/s)`` (inclusive, clipped to
+    the map), boxes M x 4 in image pixels of images ``image`` (M). Computed from an
+    integral image (float64), so the cost is O(M C) whatever the box sizes."""
+    if len(boxes) == 0:
+        return feat.new_zeros(0, feat.shape[1])
+    n, c, h, w = feat.shape
+    cell = torch.div(boxes.abs(), stride, rounding_mode="floor").long()
+    x0, y0 = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
+    x1, y1 = (cell[:, 2] + 1).clamp(max=w), (cell[:, 3] + 1).clamp(max=h)
+    x1, y1 = torch.maximum(x1, x0 + 1), torch.maximum(y1, y0 + 1)
+    integral = F.pad(feat.double().cumsum(2).cumsum(3), (1, 0, 1, 0))          # N x C x (H+1) x (W+1)
+    flat = integral.flatten(2)                                                  # N x C x (H+1)(W+1)
+    per = integral.new_zeros(len(boxes), c)
+    for sign, ys, xs in ((1, y1, x1), (-1, y0, x1), (-1, y1, x0), (1, y0, x0)):    # four corners, not a box loop
+        per = per + sign * flat[image, :, ys * (w + 1) + xs]
+    area = ((y1 - y0) * (x1 - x0)).to(per.dtype)[:, None]
+    return (per / area).to(feat.dtype)
+
+
+def instance_mask(boxes: torch.Tensor, on: torch.Tensor, weights: torch.Tensor, height: int, width: int,
+                  stride: float) -> torch.Tensor:
+    """N x H x W foreground mask of the released ``get_gt_mask``: for the instances ``on``
+    (N x B), in their order, cells ``int(y1/s) .. int(y2/s) - 1`` x ``int(x1/s) ..
+    int(x2/s) - 1`` are set to the instance's weight (N x B); a box within one row or
+    column of cells sets only its first cell, to the larger of its weight and what is
+    there. Done for all instances at once: a cell holds the weight of the last instance
+    that set its block, or more if a one-cell box after it had a larger weight."""
+    x0 = torch.div(boxes[..., 0], stride, rounding_mode="trunc").long().clamp(min=0)
+    y0 = torch.div(boxes[..., 1], stride, rounding_mode="trunc").long().clamp(min=0)
+    x1 = torch.div(boxes[..., 2], stride, rounding_mode="trunc").long().clamp(max=width)
+    y1 = torch.div(boxes[..., 3], stride, rounding_mode="trunc").long().clamp(max=height)
+    cols = torch.arange(width, device=boxes.device)
+    rows = torch.arange(height, device=boxes.device)
+    block = ((rows[:, None] >= y0[..., None, None]) & (rows[:, None] < y1[..., None, None])
+             & (cols >= x0[..., None, None]) & (cols < x1[..., None, None]))     # N x B x H x W
+    single = (x0 == x1) | (y0 == y1)
+    point = (rows[:, None] == y0[..., None, None]) & (cols == x0[..., None, None])
+    sets = block & (on & ~single)[..., None, None]
+    maxes = point & (on & single)[..., None, None]
+    order = torch.arange(boxes.shape[1], device=boxes.device)[None, :, None, None]
+    last = torch.where(sets, order, -1).amax(dim=1, keepdim=True) if boxes.shape[1] else \
+        torch.full((boxes.shape[0], 1, height, width), -1, device=boxes.device)   # N x 1 x H x W
+    w = weights[..., None, None].to(torch.float32).expand_as(sets)
+    base = torch.where(last >= 0, w.gather(1, last.clamp(min=0)), torch.zeros((), device=boxes.device))[:, 0]
+    later = torch.where(maxes & (order > last), w, torch.full((), float("-inf"), device=boxes.device))
+    top = later.amax(dim=1) if boxes.shape[1] else base
+    return torch.maximum(base, top)
+
+
 def weighted_feature_loss(fs: torch.Tensor, ft: torch.Tensor, fg: torch.Tensor,
                           bg_weight: float = 4.0) -> dict[str, torch.Tensor]:
-    """Local feature imitation with a robustness-weighted foreground mask.
-
-    fs: student map after the adapter, ft: teacher map (N x C x H x W); fg: N x H x W
-    holding each cell's instance weight (0 off every instance). Background cells are
-    those no instance covers. Each term is ``sum mask (fs - ft)^2 / max(1, 2 sum mask)``;
-    the background term is multiplied by ``bg_weight``.
-    """
-    sq = ((fs - ft) ** 2).sum(dim=1)                             # N x H x W
-    bg = (fg <= 0).to(sq.dtype)
+    """The released ``KDLoss`` ("decouple"): fs the student map after the adapter, ft the
+    teacher's (N x C x H x W), fg the N x H x W mask of :func:`instance_mask`.
+    ``fg = sum M (fs - ft)^2 / max(1, 2 C sum M)``; the background mask is
+    ``1 - (M where M <= 0, else 1)``, its term normalised the same way, x ``bg_weight``."""
+    c = fs.shape[1]
+    sq = ((fs - ft) ** 2).sum(dim=1)                             # N x H x W, summed over channels
+    bg = 1 - torch.where(fg > 0, torch.ones_like(fg), fg)
     return {
-        "fg": (fg * sq).sum() / (2 * fg.sum()).clamp(min=1.0),
-        "bg": bg_weight * (bg * sq).sum() / (2 * bg.sum()).clamp(min=1.0),
+        "fg": (fg * sq).sum() / (2 * c * fg.sum()).clamp(min=1.0),
+        "bg": bg_weight * (bg * sq).sum() / (2 * c * bg.sum()).clamp(min=1.0),
     }
 
 
-def instance_weight_mask(boxes: torch.Tensor, weights: torch.Tensor, img_hw: torch.Tensor, height: int,
-                         width: int, stride: float) -> torch.Tensor:
-    """N x H x W: the largest weight of the instances (N x B boxes in image pixels,
-    weight 0 for padding) covering each cell of a map of the given stride."""
-    xs = (torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5) * stride
-    ys = (torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5) * stride
-    in_x = (xs >= boxes[..., 0:1]) & (xs <= boxes[..., 2:3])                 # N x B x W
-    in_y = (ys >= boxes[..., 1:2]) & (ys <= boxes[..., 3:4])                 # N x B x H
-    cover = in_y[..., :, None] & in_x[..., None, :]
-    vals = torch.where(cover, weights[..., None, None], torch.zeros((), device=boxes.device))
-    return vals.amax(dim=1) if vals.shape[1] else boxes.new_zeros(boxes.shape[0], height, width)
-
-
 def roi_soft_label_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, weights: torch.Tensor,
-                        temp: float = 2.0, factor: float = 4.0) -> torch.Tensor:
-    """Per-RoI ``factor * KL(softmax(z_t / T) || softmax(z_s / T))`` weighted by ``w``,
-    averaged over RoIs."""
+                        temp: float = 2.0) -> torch.Tensor:
+    """The released ``knowledge_distillation_kl_div_loss``: per RoI
+    ``T^2 * mean over the C+1 classes of KL terms`` times its weight, averaged over RoIs."""
     if len(logits_s) == 0:
         return logits_s.sum() * 0
     kl = F.kl_div(F.log_softmax(logits_s / temp, dim=1), F.softmax(logits_t / temp, dim=1),
-                  reduction="none").sum(dim=1)
-    return factor * (weights * kl).sum() / len(logits_s)
+                  reduction="none").mean(dim=1) * temp * temp
+    return (kl * weights).mean()
 
 
 def decay(epoch: int, max_epochs: int) -> float:
@@ -172,14 +248,12 @@ from ._base import DetBatch, Distiller, ModelInfo, adapter  # noqa: E402
 from .gid import pool_instances, roi_levels  # noqa: E402
 
 
-def box_descriptors(feats: list[torch.Tensor], strides: list[int], boxes: torch.Tensor, valid: torch.Tensor,
-                    level: int | None = None, size: int = 4) -> torch.Tensor:
-    """Average-pooled box regions (M x C): on each box's own level by size (``level``
-    None), or all on one level."""
-    if level is None:
-        return pool_instances(feats, strides, boxes, valid, size).mean(dim=(2, 3))
-    one = [feats[level]]
-    return pool_instances(one, [strides[level]], boxes, valid, size).mean(dim=(2, 3))
+def instance_descriptors(feats: list[torch.Tensor], strides: list[int], boxes: torch.Tensor,
+                         valid: torch.Tensor, level: int) -> torch.Tensor:
+    """M x C crop-mean descriptors (:func:`crop_descriptors`) of the valid boxes of
+    N x B x 4 on one level."""
+    image = torch.arange(boxes.shape[0], device=boxes.device)[:, None].expand(valid.shape)[valid]
+    return crop_descriptors(feats[level], boxes[valid], image, strides[level])
 
 
 class GKP(Distiller):
@@ -216,8 +290,8 @@ class GKP(Distiller):
             fs, ft = batch.student_feats, batch.teacher_feats
             labels = batch.labels[valid]
             for lvl in range(len(strides)):
-                ds = box_descriptors(fs, self.student_info.strides, batch.boxes, valid, lvl)
-                dt = box_descriptors(ft, strides, batch.boxes, valid, lvl)
+                ds = instance_descriptors(fs, self.student_info.strides, batch.boxes, valid, lvl)
+                dt = instance_descriptors(ft, strides, batch.boxes, valid, lvl)
                 for c in labels.unique().tolist():
                     sel = labels == c
                     per_level[lvl].setdefault(c, []).append((ds[sel], dt[sel]))
@@ -256,33 +330,60 @@ class GKP(Distiller):
 
     def forward(self, batch: DetBatch) -> dict[str, torch.Tensor]:
         p = self.params
-        strides = self.teacher_info.strides
+        strides, s_strides = self.teacher_info.strides, self.student_info.strides
         boxes, valid, labels = self._instances(batch)
         flat_labels = labels[valid]
-        levels = roi_levels(boxes[valid], len(strides))
-        weights = torch.zeros(len(flat_labels), device=boxes.device)
+        num_levels = len(strides)
+        mapped = released_levels(boxes, num_levels)                       # N x B
         glob = batch.student_feats[0].sum() * 0
-        if self.prototypes is not None and len(flat_labels):
-            ds = box_descriptors(batch.student_feats, self.student_info.strides, boxes, valid)
-            dt = box_descriptors(batch.teacher_feats, strides, boxes, valid)
-            for lvl, (ps, pt, pc) in enumerate(self.prototypes):     # loop over levels only
-                on = levels == lvl
-                if not on.any() or len(pc) == 0:
-                    continue
-                weights[on] = robustness_weights(ds[on], dt[on], ps, pt, pc, flat_labels[on])
-                if p["global_loss"]:
-                    glob = glob + global_alignment_loss(ds[on], dt[on], ps, pt, weights[on]) * on.sum() / len(on)
-        w_full = torch.zeros(valid.shape, device=boxes.device)
-        w_full[valid] = weights
         fg_total, bg_total = 0.0, 0.0
-        for lvl, (fs, ft) in enumerate(zip(batch.student_feats, batch.teacher_feats)):
-            fg = instance_weight_mask(boxes, w_full, batch.img_hw, ft.shape[2], ft.shape[3], strides[lvl])
+        for lvl, (fs, ft) in enumerate(zip(batch.student_feats, batch.teacher_feats)):   # loop over levels only
+            weights = torch.ones(valid.shape, device=boxes.device)          # binary mask without prototypes
+            protos = self.prototypes[lvl] if self.prototypes is not None else None
+            if protos is not None and len(flat_labels):
+                ps, pt, pc = protos
+                ds = instance_descriptors(batch.student_feats, s_strides, boxes, valid, lvl)
+                dt = instance_descriptors(batch.teacher_feats, strides, boxes, valid, lvl)
+                w = robustness_weights(ds, dt, ps, pt, pc, flat_labels)
+                weights = torch.zeros(valid.shape, device=boxes.device)
+                weights[valid] = w
+                if p["global_loss"] == "released":
+                    glob = glob + global_alignment_loss_released(ds, dt, ps, pt, w)
+                elif p["global_loss"] == "paper" and len(pc):
+                    own = mapped[valid] == lvl
+                    glob = glob + global_alignment_loss(ds[own], dt[own], ps, pt, w[own]) * own.sum() / len(own)
+            fg = instance_mask(boxes, valid & (mapped == lvl), weights, ft.shape[2], ft.shape[3], strides[lvl])
             local = weighted_feature_loss(self.adapters[lvl](fs), ft, fg, p["bg_weight"])
             fg_total, bg_total = fg_total + local["fg"], bg_total + local["bg"]
+        if self.student_info.family == "two_stage":          # the two-stage strategy averages over levels
+            fg_total, bg_total = fg_total / num_levels, bg_total / num_levels
         fade = decay(self.epoch, self.max_epochs)
-        out = {"loss_gkp_fg": fade * p["w_local"] * fg_total, "loss_gkp_bg": fade * p["w_local"] * bg_total,
-               "loss_gkp_global": fade * p["w_global"] * glob}
+        out = {"loss_gkp_fg": fade * p["w_local"] * fg_total, "loss_gkp_bg": fade * p["w_local"] * bg_total}
+        if p["global_loss"] != "off":
+            out["loss_gkp_global"] = fade * p["w_global"] * glob
         if batch.rois is not None and batch.rois.student_logits is not None:
             out["loss_gkp_roi_kd"] = p["w_roi_kd"] * roi_soft_label_loss(
-                batch.rois.student_logits, batch.rois.teacher_logits, weights, p["kd_temp"], p["kd_factor"])
+                batch.rois.student_logits, batch.rois.teacher_logits, self._roi_weights(batch), p["kd_temp"])
         return out
+
+    def _roi_weights(self, batch: DetBatch) -> torch.Tensor:
+        """Robustness weight of each positive RoI for the soft-label loss: its 7x7 RoIAlign
+        features (sampling ratio 0, the RoI head's) on its RoI-head level (mmdet's 56-px
+        rule over P2-P5), averaged, against that level's prototypes."""
+        rois = batch.rois
+        labels = rois.labels[rois.valid]
+        if self.prototypes is None or not len(labels):
+            return torch.ones(len(labels), device=rois.boxes.device)
+        k = len(self.student_info.strides) - 1                       # the RoI head reads P2-P5
+        s_strides, t_strides = self.student_info.strides[:k], self.teacher_info.strides[:k]
+        ds = pool_instances(batch.student_feats[:k], s_strides, rois.boxes, rois.valid, 7, sampling_ratio=0)
+        dt = pool_instances(batch.teacher_feats[:k], t_strides, rois.boxes, rois.valid, 7, sampling_ratio=0)
+        ds, dt = ds.mean(dim=(2, 3)), dt.mean(dim=(2, 3))
+        levels = roi_levels(rois.boxes[rois.valid], k)
+        weights = torch.zeros(len(labels), device=ds.device)
+        for lvl in range(k):                                          # loop over levels only
+            on = levels == lvl
+            ps, pt, pc = self.prototypes[lvl]
+            if on.any() and len(pc):
+                weights[on] = robustness_weights(ds[on], dt[on], ps, pt, pc, labels[on])
+        return weights

@@ -12,12 +12,25 @@ Segmentation", 2023 (arXiv:2308.04243); released code github.com/AmirMansurian/A
 - Eq. 5-6, adaptive loss weighting: ``alpha = epoch / max_epochs``,
   ``L = alpha (L_CE + l_ICSD L_ICSD) + (1 - alpha) l_KD L_KD``.
 
-The released code (``distiller.py``) differs; ``variant="released"`` reproduces it: the
-softmax runs over H only (dim 2 of B x C x H x W); the "KL" is ``KLDivLoss('batchmean')``
-given probabilities as its input, ``sum P_j (log P_j - P_i) / B`` over the whole batch
-(one matrix per batch); only i <= j is computed and mirrored; rows L2-normalised; the
-loss is ``mean((ICS_s - ICS_t)^2) / B``. The class count is the logits' channel count,
-i.e. the dataset's.
+The released code (AmirMansurian/AICSD, ``distiller.py``, ``Distiller.forward``) differs;
+``variant="released"`` (the default: the published numbers came from it) reproduces it:
+
+- ICSD (``lo_loss``): the softmax runs over H only (dim 2 of B x C x H x W); the "KL" is
+  ``KLDivLoss('batchmean')`` given probabilities as its input,
+  ``sum P_j (log P_j - P_i) / B`` over the whole batch (one matrix per batch); only
+  i <= j is computed and mirrored; rows L2-normalised; the loss is
+  ``mean((ICS_s - ICS_t)^2) / B``;
+- pixel KD (``pi_loss``): ``KLDivLoss()(log_softmax(z_s), softmax(z_t))`` with PyTorch's
+  default reduction ``mean``, i.e. divided by B*C*H*W, void pixels included. The
+  weight 10 (``--pi_lambda 10``) was tuned for that scale; the paper's form (summed
+  over classes, averaged over labelled pixels) is C times larger.
+
+The class count is the logits' channel count, i.e. the dataset's. The README's commands
+name ``--pa_lambda 9500`` for ICSD, but ``distiller.py`` computes ICSD under
+``lo_lambda`` (``pa_lambda`` weighs a pairwise-similarity term); 9500 is taken as
+ICSD's weight. ALW is a commented-out block of ``train_kd.py``:
+``alpha = epoch / 120; loss = alpha (L_seg + L_ICSD) + (1 - alpha) L_KD`` (120 = its
+epochs), i.e. ``alpha = epoch / max_epochs`` here.
 """
 from __future__ import annotations
 
@@ -65,11 +78,21 @@ def icsd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, variant: str = "pa
 
 
 def pixel_kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temp: float = 1.0,
-                  ignore: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over pixels of ``KL(softmax_C(z_t / T) || softmax_C(z_s / T))`` (Eq. 4);
-    ``ignore`` (B x H x W, True where the label is void) leaves those pixels out."""
-    kl = (F.softmax(logits_t / temp, dim=1)
-          * (F.log_softmax(logits_t / temp, dim=1) - F.log_softmax(logits_s / temp, dim=1))).sum(dim=1)
+                  ignore: torch.Tensor | None = None, variant: str = "released") -> torch.Tensor:
+    """``KL(softmax_C(z_t / T) || softmax_C(z_s / T))`` (Eq. 4).
+
+    ``variant="released"``: the KL's elementwise terms averaged over B*C*H*W, every pixel
+    (the released ``KLDivLoss()`` with reduction ``mean``); ``"paper"``: summed over
+    classes and averaged over pixels, ``ignore`` (B x H x W, True where the label is
+    void) leaving those out.
+    """
+    terms = F.softmax(logits_t / temp, dim=1) * (F.log_softmax(logits_t / temp, dim=1)
+                                                 - F.log_softmax(logits_s / temp, dim=1))
+    if variant == "released":
+        return terms.mean()
+    if variant != "paper":
+        raise ValueError(f"pixel KD variant '{variant}' is not one of: paper, released")
+    kl = terms.sum(dim=1)
     if ignore is not None:
         keep = ~ignore
         return kl[keep].sum() / keep.sum().clamp(min=1)
@@ -108,11 +131,12 @@ class ICSD(Distiller):
         return {"loss_icsd": a * p["w_icsd"] * icsd_loss(batch.student_logits, batch.teacher_logits,
                                                          p["variant"], p["temp"]),
                 "loss_pixel_kd": b * p["w_kd"] * pixel_kd_loss(batch.student_logits, batch.teacher_logits,
-                                                               ignore=ignore)}
+                                                               ignore=ignore, variant=p["variant"])}
 
 
 class PixelKD(Distiller):
-    """Pixel-wise KD baseline, added to the student's own losses."""
+    """Pixel-wise KD baseline, added to the student's own losses (``variant`` as in
+    :func:`pixel_kd_loss`; the default weight 10 is the released ``pi_lambda``)."""
 
     task = "seg"
 
@@ -121,4 +145,5 @@ class PixelKD(Distiller):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss_pixel_kd": self.params["weight"] * pixel_kd_loss(
-            batch.student_logits, batch.teacher_logits, self.params["temp"], ignore=batch.labels == 255)}
+            batch.student_logits, batch.teacher_logits, self.params["temp"], ignore=batch.labels == 255,
+            variant=self.params["variant"])}

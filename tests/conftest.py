@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY_SUITE = """
 name: tiny
+pretrained: false
 datasets:
   shapes:
     format: coco
@@ -18,15 +19,15 @@ datasets:
 teachers:
   t:
     arch: retinanet
-    backbone: {{depth: 18, base_channels: 8}}
+    backbone: {{depth: 18, base_channels: 16}}
     neck: {{out_channels: 16}}
     head: {{feat_channels: 16, stacked_convs: 1}}
 students:
   s:
     arch: retinanet
-    backbone: {{depth: 18, base_channels: 8}}
-    neck: {{out_channels: 8}}
-    head: {{feat_channels: 8, stacked_convs: 1}}
+    backbone: {{depth: 18, base_channels: 8}}    # narrower than the teacher's; same neck and head (FGD inherits)
+    neck: {{out_channels: 16}}
+    head: {{feat_channels: 16, stacked_convs: 1}}
 pairs:
   - {{teacher: t, student: s}}
 methods: [none, fgd]
@@ -60,7 +61,8 @@ def synth_coco(tmp_path_factory) -> Path:
 
 def tiny_model(name: str, width: int, neck: int) -> dict:
     """A suite model entry for a very small RetinaNet."""
-    return {"name": name, "arch": "retinanet", "backbone": {"depth": 18, "base_channels": width},
+    return {"name": name, "arch": "retinanet", "pretrained": False,
+            "backbone": {"depth": 18, "base_channels": width},
             "neck": {"out_channels": neck}, "head": {"feat_channels": neck, "stacked_convs": 1}}
 
 

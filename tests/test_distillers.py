@@ -14,7 +14,7 @@ from .conftest import tiny_model, train_with_frozen_teacher
 
 DET_METHODS = [m.name for m in catalog.METHODS if m.target and "det" in m["tasks"]]
 DET_ARCHS = [a.name for a in catalog.ARCHS if a["task"] == "det" and a.name != "cascade_rcnn"]  # teacher-only
-TINY_OVERRIDES = {"gkp": {"pgm_min_box": 0.0}}
+TINY_OVERRIDES = {"gkp": {"pgm_min_box": 0.0}, "gid": {"min_size": 2.0}}   # 64 px images: small boxes
 
 
 def _model(arch: str, name: str, neck: int) -> dict:
@@ -42,8 +42,10 @@ def test_distiller_trains_on_every_family(method, arch, det_batch):
     teacher.init_weights()
     # tiny 64 px images: let every GT box be a prototype candidate
     params = catalog.method_params(method, catalog.ARCHS.get(arch)["family"], TINY_OVERRIDES.get(method))
-    distiller = catalog.METHODS.load(method)(params, tapped_info(s_model, s_cfg), tapped_info(t_model, t_cfg))
-    model = DistillationModel(student, teacher, distiller, num_levels=len(catalog.ARCHS.get(arch)["levels"]))
+    every = bool(catalog.METHODS.get(method).get("all_levels", False))
+    s_info, t_info = tapped_info(s_model, s_cfg, every), tapped_info(t_model, t_cfg, every)
+    distiller = catalog.METHODS.load(method)(params, s_info, t_info)
+    model = DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides))
     model.train()
     model.prepare_epoch([copy.deepcopy(det_batch)])      # before-epoch step (PGM), as the harness runs it
     assert model.student.training

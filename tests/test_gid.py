@@ -43,7 +43,7 @@ def test_selection_uses_the_more_confident_models_box_and_top_k_per_image():
     conf_t = torch.tensor([[0.9, 0.1, 0.9], [0.1, 0.1, 0.1]])
     conf_s = torch.tensor([[0.1, 0.9, 0.1], [0.9, 0.9, 0.9]])
     boxes, valid, sc = select_general_instances(scores, bt[None].repeat(2, 1, 1), bs[None].repeat(2, 1, 1),
-                                                conf_t, conf_s, k=2)
+                                                conf_t, conf_s, k=2, min_size=2)
     assert valid.all()
     assert torch.equal(boxes[0, 0], bt[2]) and torch.equal(boxes[0, 1], bs[1])   # 0.7 teacher, 0.6 student
     assert torch.equal(boxes[1, 0], bs[0]) and torch.equal(boxes[1, 1], bs[1])   # image 1: student boxes
@@ -53,7 +53,7 @@ def test_selection_uses_the_more_confident_models_box_and_top_k_per_image():
 def test_selection_with_fewer_instances_than_k():
     b = _boxes([0, 0, 10, 10])
     boxes, valid, _ = select_general_instances(torch.tensor([[0.5]]), b[None], b[None], torch.ones(1, 1),
-                                               torch.zeros(1, 1), k=4)
+                                               torch.zeros(1, 1), k=4, min_size=2)
     assert valid.tolist() == [[True, False, False, False]]
 
 
@@ -104,8 +104,15 @@ def test_box_iou_and_masks():
     gi = _boxes([[0, 0, 10, 10], [100, 100, 110, 110]])
     iou = box_iou_batched(anchors, gi)
     assert iou[0, :, 0].tolist() == pytest.approx([1.0, 0.5, 0.0])
-    assert anchor_mask(anchors, gi, torch.tensor([[True, True]])).tolist() == [[True, True, False]]
-    assert anchor_mask(anchors, gi, torch.tensor([[False, True]])).tolist() == [[False, False, False]]
+    assert anchor_mask(anchors, gi, torch.tensor([[True, True]]), low_quality=False).tolist() == [[True, True, False]]
+    assert anchor_mask(anchors, gi, torch.tensor([[False, True]]), low_quality=False).tolist() == [[False, False, False]]
+    # low-quality matches: each GI's best anchors (ties included) are positive too
+    near = _boxes([[0, 0, 10, 12]])                        # IoU 10/12 and 12/20 with anchors 0 and 1
+    assert anchor_mask(anchors, near, torch.tensor([[True]]), pos_iou=0.9, low_quality=False).tolist() == \
+        [[False, False, False]]
+    assert anchor_mask(anchors, near, torch.tensor([[True]]), pos_iou=0.9).tolist() == [[True, False, False]]
+    assert anchor_mask(anchors, near, torch.tensor([[True]]), pos_iou=0.9, min_pos_iou=0.9).tolist() == \
+        [[False, False, False]]
     points = torch.tensor([[5.0, 5.0], [35.0, 35.0], [105.0, 105.0]])
     assert point_mask(points, gi, torch.tensor([[True, True]])).tolist() == [[True, False, True]]
 
@@ -116,8 +123,10 @@ def test_response_losses_by_hand():
     reg_s = torch.tensor([[[0.0, 0.0], [9.0, 9.0]]])
     reg_t = torch.tensor([[[0.5, 2.0], [0.0, 0.0]]])
     mask = torch.tensor([[True, False]])
-    out = response_losses(cls_s, cls_t, reg_s, reg_t, mask)
+    out = response_losses(cls_s, cls_t, reg_s, reg_t, mask, reg_beta=1.0)
     # BCE(logit 0, target 0.75) = -(0.75 ln 0.5 + 0.25 ln 0.5) = ln 2
     assert out["cls"].item() == pytest.approx(math.log(2.0))
     # smooth L1 (beta 1): 0.5 * 0.5^2 + (2 - 0.5) = 0.125 + 1.5
     assert out["reg"].item() == pytest.approx(1.625)
+    # the reproduction's beta 0.1: both differences are linear, |d| - 0.05
+    assert response_losses(cls_s, cls_t, reg_s, reg_t, mask)["reg"].item() == pytest.approx(0.45 + 1.95)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.gkp import (decay, density, density_filter, global_alignment_loss, instance_weight_mask,
-                         joint_matching_pursuit, pursuit_coefficients, robustness_weights,
+from methods.gkp import (crop_descriptors, decay, density, density_filter, global_alignment_loss, instance_mask,
+                         joint_matching_pursuit, pursuit_coefficients, released_levels, robustness_weights,
                          roi_soft_label_loss, weighted_feature_loss)
 
 
@@ -104,21 +104,44 @@ def test_weighted_feature_loss_by_hand():
     out = weighted_feature_loss(fs, ft, fg)
     assert out["fg"].item() == pytest.approx(0.5 * 1 / max(1.0, 2 * 0.5))
     assert out["bg"].item() == pytest.approx(4 * (4 + 9) / (2 * 2))
+    # two channels: the squared error doubles and so does the normaliser 2 C sum(M)
+    fs2, ft2 = torch.zeros(1, 2, 1, 3), torch.cat([ft, ft], dim=1)
+    fg2 = torch.tensor([[[2.0, 0.0, 0.0]]])
+    out2 = weighted_feature_loss(fs2, ft2, fg2)
+    assert out2["fg"].item() == pytest.approx(2.0 * 2 * 1 / (2 * 2 * 2.0))
+    assert out2["bg"].item() == pytest.approx(4 * 2 * (4 + 9) / (2 * 2 * 2))
 
 
-def test_instance_weight_mask_takes_the_largest_weight():
-    boxes = torch.tensor([[[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 8.0, 8.0]]])
-    mask = instance_weight_mask(boxes, torch.tensor([[0.3, 0.9]]), torch.tensor([[32.0, 32.0]]), 4, 4, 8)
-    assert mask[0, 0, 0].item() == pytest.approx(0.9)      # cell centre (4, 4): both boxes
-    assert mask[0, 1, 1].item() == pytest.approx(0.3)      # (12, 12): the big box only
+def test_instance_mask_later_instance_overwrites_and_one_cell_boxes_keep_the_max():
+    # stride 8 on a 4x4 map: box 0 covers cells 0..1 (x 0..16 -> int 0 .. int 2, exclusive)
+    boxes = torch.tensor([[[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 8.0, 8.0], [17.0, 17.0, 20.0, 20.0]]])
+    on = torch.tensor([[True, True, True]])
+    mask = instance_mask(boxes, on, torch.tensor([[0.3, 0.9, 0.7]]), 4, 4, 8)
+    assert mask[0, 0, 0].item() == pytest.approx(0.9)      # box 1 set its one block after box 0
+    assert mask[0, 1, 1].item() == pytest.approx(0.3)      # box 0 only
+    assert mask[0, 2, 2].item() == pytest.approx(0.7)      # box 2 lies within cell (2, 2): one cell
     assert mask[0, 3, 3].item() == 0
+    swapped = instance_mask(boxes[:, [1, 0, 2]], on, torch.tensor([[0.9, 0.3, 0.7]]), 4, 4, 8)
+    assert swapped[0, 0, 0].item() == pytest.approx(0.3)   # order matters: the later box overwrites
+    off = instance_mask(boxes, torch.tensor([[True, False, True]]), torch.tensor([[0.3, 0.9, 0.7]]), 4, 4, 8)
+    assert off[0, 0, 0].item() == pytest.approx(0.3)       # an instance of another level is not drawn
+
+
+def test_released_levels_and_crop_descriptors_by_hand():
+    boxes = torch.tensor([[0.0, 0.0, 55.0, 55.0], [0.0, 0.0, 111.0, 111.0], [0.0, 0.0, 1000.0, 1000.0]])
+    assert released_levels(boxes, 5).tolist() == [0, 1, 4]       # sqrt((w+1)(h+1)) / 56: 1, 2, 17.9
+    feat = torch.arange(16.0).reshape(1, 1, 4, 4)
+    # stride 8: box (8, 0, 17, 9) -> rows 0..1, cols 1..2 (inclusive) -> cells 1, 2, 5, 6
+    d = crop_descriptors(feat, torch.tensor([[8.0, 0.0, 17.0, 9.0]]), torch.tensor([0]), 8)
+    assert d.item() == pytest.approx((1 + 2 + 5 + 6) / 4)
 
 
 def test_roi_soft_label_loss_by_hand():
     zs = torch.tensor([[0.0, 0.0]])
     zt = torch.tensor([[2 * math.log(3.0), 0.0]])           # softmax(zt / 2) = (0.75, 0.25)
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-    assert roi_soft_label_loss(zs, zt, torch.tensor([0.5])).item() == pytest.approx(4 * 0.5 * kl)
+    # T^2 x the KL's terms averaged over the 2 classes, x the weight, averaged over RoIs
+    assert roi_soft_label_loss(zs, zt, torch.tensor([0.5])).item() == pytest.approx(4 * 0.5 * kl / 2)
 
 
 def test_decay():

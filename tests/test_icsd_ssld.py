@@ -75,9 +75,12 @@ def test_pixel_kd_by_hand_and_ignore():
     zt = torch.tensor([[[[math.log(3.0), 0.0]], [[0.0, 0.0]]]])        # pixel 0: p_t = (3/4, 1/4)
     zs = torch.zeros(1, 2, 1, 2)                                        # p_s = (1/2, 1/2)
     k0 = _kl([0.75, 0.25], [0.5, 0.5])
-    assert pixel_kd_loss(zs, zt).item() == pytest.approx(k0 / 2)       # pixel 1: identical, KL 0
+    assert pixel_kd_loss(zs, zt, variant="paper").item() == pytest.approx(k0 / 2)   # pixel 1: KL 0
     ignore = torch.tensor([[[False, True]]])
-    assert pixel_kd_loss(zs, zt, ignore=ignore).item() == pytest.approx(k0)
+    assert pixel_kd_loss(zs, zt, ignore=ignore, variant="paper").item() == pytest.approx(k0)
+    # released: the KL's terms averaged over B*C*H*W = 4, void pixels included
+    assert pixel_kd_loss(zs, zt).item() == pytest.approx(k0 / 4)
+    assert pixel_kd_loss(zs, zt, ignore=ignore).item() == pytest.approx(k0 / 4)
 
 
 def test_alw_weights_first_middle_last_epoch():

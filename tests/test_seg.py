@@ -16,6 +16,7 @@ from .conftest import train_with_frozen_teacher
 
 SEG_SUITE = """
 name: seg-tiny
+pretrained: false
 datasets:
   cs: {{format: cityscapes, root: {root}, synth: {{train_images: 4, val_images: 2, image_size: 32, seed: 0}}}}
 teachers:
@@ -32,9 +33,9 @@ schedule: {{epochs: 1, val_interval: 1, batch_size: 2, lr: 0.01, warmup_iters: 0
 resources: {{cpu: 1, gpu: 0}}
 output: {output}
 """
-TINY_T = {"name": "t", "arch": "deeplabv3plus_r18", "backbone": {"base_channels": 16},
+TINY_T = {"name": "t", "arch": "deeplabv3plus_r18", "pretrained": False, "backbone": {"base_channels": 16},
           "head": {"c1_in_channels": 16, "in_channels": 128}, "model": {"auxiliary_head": {"in_channels": 64}}}
-TINY_S = {"name": "s", "arch": "deeplabv3plus_mnv2", "backbone": {"widen_factor": 0.5},
+TINY_S = {"name": "s", "arch": "deeplabv3plus_mnv2", "pretrained": False, "backbone": {"widen_factor": 0.5},
           "head": {"in_channels": 160, "c1_in_channels": 16}, "model": {"auxiliary_head": {"in_channels": 48}}}
 
 

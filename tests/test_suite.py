@@ -31,7 +31,7 @@ def test_tiny_suite_expands_to_the_matrix(write_suite):
     assert [t.method for t in suite.trials] == ["teacher", "none", "fgd"]
     fgd = suite.trials[2]
     assert fgd.params == {"temp": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6,
-                          "inherit": False}
+                          "inherit": True}
     assert fgd.teacher_checkpoint == suite.trials[0].teacher_checkpoint
     assert suite.trials[1].teacher is None          # the student alone does not depend on the teacher
 

@@ -96,7 +96,7 @@ def test_exported_student_loads_into_plain_detector(parts, tmp_path):
 
 def test_inherit_copies_neck_and_head_and_refuses_other_shapes():
     from harness.models import build_detector, detector_cfg
-    from harness.trial import inherit_neck_and_head
+    from harness.wrapper import inherit_neck_and_head
 
     deeper = dict(tiny_model("t", 8, 16))
     deeper["backbone"] = {"depth": 34, "base_channels": 8}        # R34 -> R18: same widths, as R101 -> R50
