@@ -19,13 +19,13 @@ datasets:
 teachers:
   t:
     arch: retinanet
-    backbone: {{depth: 18, base_channels: 16}}
+    backbone: {{depth: 34, base_channels: 8}}
     neck: {{out_channels: 16}}
     head: {{feat_channels: 16, stacked_convs: 1}}
 students:
   s:
     arch: retinanet
-    backbone: {{depth: 18, base_channels: 8}}    # narrower than the teacher's; same neck and head (FGD inherits)
+    backbone: {{depth: 18, base_channels: 8}}    # shallower than the teacher's, same widths: FGD inherits
     neck: {{out_channels: 16}}
     head: {{feat_channels: 16, stacked_convs: 1}}
 pairs:
