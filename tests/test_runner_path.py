@@ -1,0 +1,142 @@
+"""What a trial does, checked through the real training path: ``run_trial`` builds the
+model and mmengine's ``Runner.train()`` initialises it (``init_weights()``) before the
+first iteration. A helper that works alone can be undone there, so these tests look at
+the model as the first training step sees it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.suite import load_suite
+from harness.trial import run_trial, save_weights
+from harness.yamlio import SuiteError
+
+
+@pytest.fixture
+def first_step(monkeypatch):
+    """Records the student's and teacher's weights when the Runner runs the first loss."""
+    from harness import seg, wrapper
+    seen: dict = {}
+    for cls in (wrapper.DistillationModel, seg.SegDistillationModel):
+        original = cls.forward
+
+        def forward(self, *args, _original=original, **kwargs):
+            if kwargs.get("mode", args[2] if len(args) > 2 else "tensor") == "loss" and "student" not in seen:
+                seen["student"] = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+                if self.teacher is not None:
+                    seen["teacher"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+                seen["requires_grad"] = {k: p.requires_grad for k, p in self.student.named_parameters()}
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", forward)
+    return seen
+
+
+def _teacher_checkpoint(spec) -> dict:
+    """Write a teacher checkpoint for a student trial (as a finished teacher trial would)."""
+    from harness.data import ensure_dataset, num_classes
+    from harness.models import build_detector, detector_cfg
+    ensure_dataset(spec.dataset)
+    torch.manual_seed(5)
+    teacher = build_detector(detector_cfg(spec.teacher, num_classes(spec.dataset)))
+    teacher.init_weights()
+    for p in teacher.parameters():             # make every weight distinct from any initialisation
+        p.data.add_(torch.randn_like(p) * 0.01)
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    save_weights(state, spec.teacher_checkpoint, {})
+    return state
+
+
+@pytest.mark.parametrize("inherit", [True, False])
+def test_fgd_inherit_survives_the_runner_and_the_teacher_stays_loaded(write_suite, first_step, inherit):
+    """FGD's inheriting strategy through Runner.train(): at the first iteration the
+    student's neck and head equal the teacher's (and its backbone does not); without
+    inherit they do not. The teacher is the checkpoint, frozen, before and after."""
+    text = write_suite().read_text().replace("methods: [none, fgd]",
+                                             f"methods: {{fgd: {{params: {{inherit: {str(inherit).lower()}}}}}}}")
+    suite = load_suite(write_suite(text))
+    spec = next(t for t in suite.trials if t.method == "fgd")
+    saved = _teacher_checkpoint(spec)
+    run_trial(spec, log_level="WARNING")
+    student, teacher = first_step["student"], first_step["teacher"]
+    head = [k for k in student if k.startswith(("neck.", "bbox_head."))]
+    assert head
+    same = [torch.equal(student[k], teacher[k]) for k in head]
+    assert all(same) if inherit else not any(same)
+    assert not torch.equal(student["backbone.conv1.weight"][:, :, :1], teacher["backbone.conv1.weight"][:, :, :1])
+    assert all(torch.equal(teacher[k], saved[k]) for k in saved)          # loaded as saved, at step one
+    # and after training: reload what the trial's teacher was and compare with the file
+    from harness.trial import build_trial_model
+    model, _ = build_trial_model(spec)
+    assert all(torch.equal(model.teacher.state_dict()[k], saved[k]) for k in saved)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def _backbone_file(tmp_path, base: int):
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(9)
+    net = ResNet(depth=18, base_channels=base)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    path = tmp_path / "r18-local.pth"
+    torch.save({"state_dict": state}, path)
+    return path, state
+
+
+def test_pretrained_backbone_from_a_local_file_is_loaded_by_the_runner(write_suite, tmp_path, first_step):
+    """``pretrained: <file>``: Runner.train() -> init_weights() loads the file into the
+    student's backbone (mmengine's Pretrained init, as the configs do it), and the
+    config's frozen stem / stage 1 and BN statistics apply (``frozen_stages=1``,
+    ``norm_eval``)."""
+    path, state = _backbone_file(tmp_path, 8)
+    text = write_suite().read_text().replace(
+        "    backbone: {depth: 18, base_channels: 8}", f"    pretrained: {path}\n    backbone: {{depth: 18, base_channels: 8}}")
+    text = text.replace("methods: [none, fgd]", "methods: [none]")
+    suite = load_suite(write_suite(text))
+    spec = next(t for t in suite.trials if t.role == "student")
+    assert spec.model["pretrained"] == str(path)
+    run_trial(spec, log_level="WARNING")
+    student = first_step["student"]
+    assert all(torch.equal(student[f"backbone.{k}"], v) for k, v in state.items() if "num_batches" not in k)
+    grads = first_step["requires_grad"]
+    assert not grads["backbone.conv1.weight"] and not grads["backbone.layer1.0.conv1.weight"]   # frozen_stages=1
+    assert grads["backbone.layer2.0.conv1.weight"]
+
+
+def test_from_scratch_trains_every_stage(write_suite, first_step):
+    """``pretrained: false`` (the synthetic suites): no checkpoint, every stage trains."""
+    suite = load_suite(write_suite(write_suite().read_text().replace("methods: [none, fgd]", "methods: [none]")))
+    spec = next(t for t in suite.trials if t.role == "student")
+    run_trial(spec, log_level="WARNING")
+    assert all(first_step["requires_grad"].values())
+
+
+def test_missing_pretrained_file_is_a_clear_error_before_anything_trains(write_suite, tmp_path):
+    text = write_suite().read_text().replace("pretrained: false", f"pretrained: {tmp_path}/nope.pth")
+    with pytest.raises(SuiteError) as err:
+        load_suite(write_suite(text))
+    msg = str(err.value)
+    assert "suite.yaml:3" in msg and "pretrained" in msg and "nope.pth" in msg and "is not a file" in msg
+    assert not (tmp_path / "results").exists()
+
+
+def test_configs_pretrained_backbones_follow_the_suites_backbone():
+    """The bundled configs' checkpoints, frozen stage and BN statistics by default; depth
+    and ResNeXt overrides pick the matching checkpoint; widths no checkpoint fits are an
+    error that says what to set."""
+    from harness.models import detector_cfg
+    from harness.seg import segmentor_cfg
+    r50 = detector_cfg({"name": "s", "arch": "retinanet"}, 80)["backbone"]
+    assert r50["init_cfg"] == {"type": "Pretrained", "checkpoint": "torchvision://resnet50"}
+    assert r50["frozen_stages"] == 1 and r50["norm_eval"] is True
+    r101 = detector_cfg({"name": "t", "arch": "faster_rcnn", "backbone": {"depth": 101}}, 80)["backbone"]
+    assert r101["init_cfg"]["checkpoint"] == "torchvision://resnet101"
+    x101 = detector_cfg({"name": "t", "arch": "retinanet",
+                         "backbone": {"type": "ResNeXt", "depth": 101, "groups": 64, "base_width": 4}}, 80)
+    assert x101["backbone"]["init_cfg"]["checkpoint"] == "open-mmlab://resnext101_64x4d"
+    fcos = detector_cfg({"name": "t", "arch": "fcos", "backbone": {"depth": 101}}, 80)["backbone"]
+    assert fcos["init_cfg"]["checkpoint"] == "open-mmlab://detectron/resnet101_caffe"
+    assert segmentor_cfg({"name": "s", "arch": "deeplabv3plus_r18"}, 19, None)["pretrained"] == \
+        "open-mmlab://resnet18_v1c"
+    assert segmentor_cfg({"name": "t", "arch": "deeplabv3plus", "backbone": {"depth": 101}}, 19,
+                         None)["pretrained"] == "open-mmlab://resnet101_v1c"
+    with pytest.raises(ValueError, match="pretrained: false"):
+        detector_cfg({"name": "w", "arch": "retinanet", "backbone": {"depth": 18, "base_channels": 16}}, 80)
