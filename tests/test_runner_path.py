@@ -133,7 +133,7 @@ def test_configs_pretrained_backbones_follow_the_suites_backbone():
                          "backbone": {"type": "ResNeXt", "depth": 101, "groups": 64, "base_width": 4}}, 80)
     assert x101["backbone"]["init_cfg"]["checkpoint"] == "open-mmlab://resnext101_64x4d"
     fcos = detector_cfg({"name": "t", "arch": "fcos", "backbone": {"depth": 101}}, 80)["backbone"]
-    assert fcos["init_cfg"]["checkpoint"] == "open-mmlab://detectron/resnet101_caffe"
+    assert fcos["init_cfg"]["checkpoint"] == "open-mmlab://detectron2/resnet101_caffe"   # the bundled R50's family
     assert segmentor_cfg({"name": "s", "arch": "deeplabv3plus_r18"}, 19, None)["pretrained"] == \
         "open-mmlab://resnet18_v1c"
     assert segmentor_cfg({"name": "t", "arch": "deeplabv3plus", "backbone": {"depth": 101}}, 19,
