@@ -97,3 +97,23 @@ def test_report_text_lists_methods_and_errors():
     assert "teacher T -> student S" in text
     assert "student alone" in text and "fgd" in text and "+10.00" in text
     assert "1 trial(s) failed" in text and "RuntimeError: boom" in text
+
+
+def test_paired_gain_interval_matches_scipy_on_fixed_numbers():
+    """The gain's 95% interval is Student's t on the per-seed differences (seeds both ran)."""
+    import math
+
+    import pandas as pd
+    from scipy import stats
+
+    from harness.report import paired_gain
+    method = pd.Series({0: 40.0, 1: 42.0, 2: 41.0})
+    alone = pd.Series({0: 38.0, 1: 39.0, 2: 40.0, 3: 50.0})          # seed 3 has no pair: left out
+    mean, lo, hi, n = paired_gain(method, alone)
+    diff = [2.0, 3.0, 1.0]
+    want = stats.t.interval(0.95, 2, loc=2.0, scale=stats.sem(diff))
+    assert (mean, n) == (2.0, 3) and (lo, hi) == pytest.approx(want)
+    assert lo == pytest.approx(2.0 - 4.302652729911275 * (1 / math.sqrt(3)))
+    lower = paired_gain(method, alone, higher_is_better=False)        # a lower-is-better metric flips the sign
+    assert lower[0] == -2.0 and lower[1] == pytest.approx(-want[1])
+    assert math.isnan(paired_gain(method[:1], alone)[1])              # one pair: no interval
