@@ -76,7 +76,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
                 sign = 1.0 if higher else -1.0
                 gain = sign * (mean - base)
                 gap = sign * (t_score - base)      # only a teacher better than the student has a gap
-                base_seeds = alone_seeds[student] if student in alone_seeds.index.get_level_values(0) else pd.Series()
+                base_seeds = alone_seeds[student] if student in alone_seeds.index.get_level_values(0) else pd.Series(dtype=float)
                 _, lo, hi, _ = paired_gain(values, base_seeds, higher) if method != "none" else (0, math.nan, math.nan, 0)
                 rows.append(dict(
                     task=task, dataset=dataset, teacher=teacher, student=student, method=method, metric=metric,

@@ -197,7 +197,9 @@ def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
     return path
 
 
-def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any]) -> dict[str, dict]:
+def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any],
+            pretrained: Any = True) -> dict[str, dict]:
+    """The suite's teachers or students; ``pretrained`` is the suite's default."""
     node = doc.get(key)
     if not node:
         raise _err(doc, None, f"the suite declares no {key}")
@@ -220,8 +222,7 @@ def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any]) ->
                                             f"local checkpoint path, or leave 'checkpoint' out to "
                                             f"have the harness train this teacher")
             model["checkpoint"] = ckpt
-        model["pretrained"] = _pretrained(m, "pretrained", f"{key}.{name}.pretrained",
-                                          _pretrained(doc, "pretrained", "pretrained"))
+        model["pretrained"] = _pretrained(m, "pretrained", f"{key}.{name}.pretrained", pretrained)
         if catalog.ARCHS.get(arch)["task"] == "cls" and isinstance(model["pretrained"], str):
             raise _err(m, "pretrained", f"{key}.{name}.pretrained: classifiers are built by torchvision from "
                                         f"scratch (SSLD and Hinton KD train their students so); a checkpoint "
@@ -360,8 +361,9 @@ def load_suite(path: str | Path) -> Suite:
         _check_keys(doc["resources"], set(RESOURCE_DEFAULTS), "resources")
         resources.update(doc["resources"])
     datasets = _datasets(doc)
-    teachers = _models(doc, "teachers", TEACHER_KEYS, schedule)
-    students = _models(doc, "students", MODEL_KEYS, schedule)
+    pretrained = _pretrained(doc, "pretrained", "pretrained")
+    teachers = _models(doc, "teachers", TEACHER_KEYS, schedule, pretrained)
+    students = _models(doc, "students", MODEL_KEYS, schedule, pretrained)
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)

@@ -40,10 +40,12 @@ with equal channels (its only setting) no adapter acts, as here, where a 1x1 ada
 per level exists only when the channels differ.
 
 Everything is batched: one NMS call for the whole batch (boxes offset per image), one
-RoIAlign call per FPN level, no loop over images, boxes or anchors.
+RoIAlign call per FPN level, no loop over boxes or anchors (only ``relation="image"``
+loops over the batch's images).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,7 +121,6 @@ def canonical_levels(boxes: torch.Tensor, strides: list[int], canonical_size: fl
     """Index into ``strides`` of each box's level by detectron2's rule
     (``assign_boxes_to_levels``): ``floor(4 + log2(sqrt(area) / 224 + 1e-8))`` clamped to
     the levels present (P3 for strides starting at 8)."""
-    import math
     lo, hi = int(round(math.log2(strides[0]))), int(round(math.log2(strides[-1])))
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
     level = torch.floor(canonical_level + torch.log2(area.sqrt() / canonical_size + 1e-8))
