@@ -4,6 +4,8 @@ first iteration. A helper that works alone can be undone there, so these tests l
 the model as the first training step sees it."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,12 +23,17 @@ def first_step(monkeypatch):
         original = cls.forward
 
         def forward(self, *args, _original=original, **kwargs):
-            if kwargs.get("mode", args[2] if len(args) > 2 else "tensor") == "loss" and "student" not in seen:
+            first = kwargs.get("mode", args[2] if len(args) > 2 else "tensor") == "loss" and "student" not in seen
+            if first:
                 seen["student"] = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
                 if self.teacher is not None:
                     seen["teacher"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
                 seen["requires_grad"] = {k: p.requires_grad for k, p in self.student.named_parameters()}
-            return _original(self, *args, **kwargs)
+            out = _original(self, *args, **kwargs)
+            if first:
+                seen["losses"] = {k: float(sum(v) if isinstance(v, list) else v) for k, v in out.items()
+                                  if "loss" in k}
+            return out
         monkeypatch.setattr(cls, "forward", forward)
     return seen
 
@@ -69,6 +76,20 @@ def test_fgd_inherit_survives_the_runner_and_the_teacher_stays_loaded(write_suit
     model, _ = build_trial_model(spec)
     assert all(torch.equal(model.teacher.state_dict()[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("method,params", [("gid", "{min_size: 2.0}"), ("gkp", "{pgm_min_box: 0.0}")])
+def test_gid_and_gkp_train_through_the_runner(write_suite, first_step, method, params):
+    """GID and GKP at the released defaults (but for the 64 px images' box thresholds)
+    through run_trial / Runner.train(): the first step carries their finite losses, and
+    the trial finishes with an evaluation."""
+    text = write_suite().read_text().replace("methods: [none, fgd]", f"methods: {{{method}: {{params: {params}}}}}")
+    spec = next(t for t in load_suite(write_suite(text)).trials if t.method == method)
+    _teacher_checkpoint(spec)
+    result = run_trial(spec, log_level="WARNING")
+    mine = {k: v for k, v in first_step["losses"].items() if k.startswith(f"loss_{method}_")}
+    assert mine and all(math.isfinite(v) for v in mine.values())
+    assert "bbox_mAP" in result.metrics
 
 
 def _backbone_file(tmp_path, base: int):
