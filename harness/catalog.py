@@ -151,7 +151,7 @@ METHODS.register(
     # on in every released config whose pair allows it (`init_student = True`), off only
     # for the Cascade teacher, whose heads differ: such a pair sets inherit: false
     params={**_FGD_DEFAULTS["one_stage"], "inherit": True},
-    family_params=_FGD_DEFAULTS,
+    family_params=_FGD_DEFAULTS, positive=("temp",),
     needs_same_levels=True,
     doc="Focal and Global Distillation (Yang et al., CVPR 2022)",
 )
@@ -169,6 +169,7 @@ METHODS.register(
     params={"score": "paper", "top_n": 3000, "min_size": 10.0, "nms_iou": 0.3, "k": 10, "roi_size": 10,
             "w_feat": 5e-4, "w_rel": 40.0, "w_cls": 0.1, "w_reg": 1.0, "reg_beta": 0.1, "relation": "batch"},
     choices={"score": ("paper", "max_logit"), "relation": ("batch", "image")},
+    positive=("top_n", "k", "roi_size", "reg_beta"), at_most_one=("nms_iou",),
     needs_same_levels=True, needs_same_head=True,
     doc="General Instance Distillation (Dai et al., CVPR 2021)",
 )
@@ -183,6 +184,7 @@ METHODS.register(
             "global_loss": "off", "w_global": 5.0, "w_local": 1.0, "bg_weight": 4.0,
             "w_roi_kd": 1.0, "kd_temp": 2.0},
     choices={"global_loss": ("off", "released", "paper")},
+    positive=("prototypes", "kd_temp", "pgm_images_per_class", "pgm_max_images"),
     needs_same_levels=True, all_levels=True,
     doc="Global knowledge with prototypes, PGM + RDM (Tang et al., ECCV 2022); global_loss: released|paper adds "
         "the global alignment loss (off in the released config)",
@@ -190,20 +192,20 @@ METHODS.register(
 
 METHODS.register(
     "pixel_kd", target="methods.icsd:PixelKD", tasks=("seg",),
-    params={"weight": 10.0, "temp": 1.0, "variant": "released"},
+    params={"weight": 10.0, "temp": 1.0, "variant": "released"}, positive=("temp",),
     choices={"variant": ("released", "paper")},
     doc="baseline: pixel-wise KD, KL(softmax(z_t) || softmax(z_s)); released: mean over B*C*H*W (AICSD's "
         "KLDivLoss), paper: summed over classes, mean over labelled pixels",
 )
 METHODS.register(
     "icsd", target="methods.icsd:ICSD", tasks=("seg",),
-    params={"variant": "released", "w_icsd": 9500.0, "w_kd": 10.0, "temp": 1.0, "alw": True},
+    params={"variant": "released", "w_icsd": 9500.0, "w_kd": 10.0, "temp": 1.0, "alw": True}, positive=("temp",),
     choices={"variant": ("released", "paper")},
     doc="ICSD with adaptive loss weighting (AICSD, Mansourian et al. 2023); variant released (default) = the "
         "released code, paper = the paper's equations",
 )
 METHODS.register(
-    "hinton_kd", target="methods.ssld:HintonKD", tasks=("cls",), params={"temp": 4.0, "weight": 1.0},
+    "hinton_kd", target="methods.ssld:HintonKD", tasks=("cls",), params={"temp": 4.0, "weight": 1.0}, positive=("temp",),
     doc="baseline: Hinton KD, CE + weight * T^2 * KL at temperature T (Hinton et al., 2015)",
 )
 METHODS.register(

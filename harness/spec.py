@@ -40,6 +40,9 @@ class TrialSpec:
     schedule: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, Any] | None = None        # the teacher model, for students
     teacher_checkpoint: str | None = None        # where the teacher's weights are / will be
+    #: what the teacher is: for a student, the teacher trial's ``trial_id`` (its model,
+    #: data, schedule, seed and checkpoint); for a teacher given as a file, its sha256
+    teacher_id: str | None = None
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     output_dir: str = "results"
 
@@ -75,6 +78,22 @@ class TrialSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrialSpec":
         return cls(**data)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content (cached per path, size and modification time)."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def teacher_key(model: dict[str, Any], dataset: dict[str, Any], schedule: dict[str, Any],

@@ -12,6 +12,7 @@ names the file, the line, the key and what would be valid.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,39 +22,20 @@ from typing import Any
 from . import catalog
 from .pretrained import is_uri
 from .registry import suggest
-from .spec import TrialSpec, teacher_key
+from .schema import Resources, Schedule, SuiteDoc, check_name, validate
+from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError, deep_merge, load_yaml
 
-SUITE_KEYS = {
-    "name": "suite name (default: the file's stem)",
-    "description": "free text",
-    "extends": "path (or list of paths) of base suites, relative to this file",
-    "datasets": "mapping name -> {format, root, synth, classes}",
-    "teachers": "mapping name -> model (arch, backbone, neck, head, model, checkpoint, schedule)",
-    "students": "mapping name -> model (arch, backbone, neck, head, model, schedule)",
-    "pairs": "list of {teacher, student, methods} (or [teacher, student]); methods restricts the suite's",
-    "methods": "list of method names, or mapping label -> {method, params}",
-    "seeds": "list of integer seeds",
-    "schedule": "training schedule shared by every trial",
-    "resources": "per-trial resources {cpu, gpu}",
-    "output": "results directory (default results/<name>)",
-    "teacher_cache": "where harness-trained teachers are kept (default <output>/../_teachers)",
-    "teacher_seed": "seed for harness-trained teachers (default 0)",
-    "pretrained": "default for every model: true (the configs' ImageNet backbones), false, or a file / URI",
-}
-DATASET_KEYS = {"format", "root", "synth", "classes", "unlabeled", "aug"}
-MODEL_KEYS = {"arch", "backbone", "neck", "head", "model", "schedule", "pretrained"}
-TEACHER_KEYS = MODEL_KEYS | {"checkpoint"}
-SCHEDULE_DEFAULTS: dict[str, Any] = {
-    "epochs": 12, "iters": None, "val_interval": 1, "batch_size": 2, "lr": 0.01,
-    "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": 35.0, "warmup_iters": 100,
-    "img_scale": [1333, 800], "num_workers": 0, "optimizer": "sgd", "policy": "step",
-    "crop_size": None,       # segmentation: random crop [h, w] after the random rescale
-}
-OPTIMIZERS = ("sgd", "adamw")
-POLICIES = ("step", "cosine", "poly")
-RESOURCE_DEFAULTS = {"cpu": 1, "gpu": 0}
+SCHEDULE_DEFAULTS: dict[str, Any] = Schedule().model_dump()
 METHOD_ENTRY_KEYS = {"method", "params"}
+
+#: where a suite may write besides the working directory: os.pathsep-separated roots
+OUTPUT_ROOT_ENV = "KD_HARNESS_OUTPUT_ROOT"
+
+#: a ``type:`` in a model override names a registered class, optionally with its
+#: registry scope; never an import path (mmengine would import any dotted name)
+TYPE_SCOPES = ("mmdet", "mmseg", "mmengine", "mmcv", "mmpretrain")
+_TYPE_RE = re.compile(rf"^(?:({'|'.join(TYPE_SCOPES)})\.)?[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
@@ -64,6 +46,11 @@ class Suite:
     file: str
     doc: dict[str, Any]
     trials: list[TrialSpec] = field(default_factory=list)
+    #: every ``type:`` named in a model override: (name, file:line, key path), checked
+    #: against the mm registries by the preflight, before anything is built
+    type_refs: list[tuple[str, str, str]] = field(default_factory=list)
+    #: ``file:line`` of each top-level key, for errors found after loading
+    where: dict[str, str] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -95,10 +82,42 @@ _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
 def expand_path(value: str) -> str:
-    """Expand ``~``, ``${VAR}`` and ``${VAR:-default}`` in a path from a suite."""
+    """Expand ``~``, ``${VAR}`` and ``${VAR:-default}`` in a path from a suite. An unset
+    (or empty) variable without a default is an error: it would silently become ''."""
     def repl(m: re.Match[str]) -> str:
-        return os.environ.get(m.group(1)) or (m.group(2) or "")
+        got = os.environ.get(m.group(1))
+        if got:
+            return got
+        if m.group(2) is None:
+            raise ValueError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} "
+                             f"to give a default)")
+        return m.group(2)
     return os.path.expanduser(_VAR.sub(repl, value))
+
+
+def _expand(node: Any, key: str, value: str, what: str) -> str:
+    try:
+        return expand_path(value)
+    except ValueError as exc:
+        raise _err(node, key, f"{what}: {exc}") from None
+
+
+def allowed_roots(extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Where a run may write: the working directory, ``$KD_HARNESS_OUTPUT_ROOT``
+    (os.pathsep-separated) and ``--output-root``."""
+    roots = [Path.cwd()] + [Path(p) for p in os.environ.get(OUTPUT_ROOT_ENV, "").split(os.pathsep) if p]
+    roots += [Path(p) for p in extra]
+    return [Path(os.path.abspath(os.path.expanduser(str(r)))).resolve() for r in roots]
+
+
+def _contained(path: str, node: Any, key: str, what: str, roots: list[Path]) -> str:
+    """``path`` made absolute, refused unless it resolves (symlinks followed) under a root."""
+    real = Path(path).resolve()
+    if not any(real == r or r in real.parents for r in roots):
+        raise _err(node, key, f"{what}: '{path}' is outside the places this run may write "
+                              f"({', '.join(map(str, roots))}); write a path under one of them, or allow its "
+                              f"parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
+    return path
 
 
 def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
@@ -110,58 +129,54 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
         raise SuiteError(f"{path}: a suite must be a YAML mapping")
     bases = doc.get("extends") or []
     bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise _err(doc, "extends", f"extends: a path or a list of paths of base suites, got {doc.get('extends')!r}")
     merged: Any = None
     for base in bases:
-        base_path = (path.parent / expand_path(str(base))).resolve()
+        base_path = (path.parent / _expand(doc, "extends", base, "extends")).resolve()
         if base_path in seen:
             raise _err(doc, "extends", f"'{base}' extends itself (cycle)")
         if not base_path.exists():
-            raise _err(doc, "extends", f"base suite '{base}' not found (looked at {base_path})")
+            raise _err(doc, "extends", f"extends: base suite '{base}' not found (looked at {base_path})")
         base_doc = _load_with_extends(base_path, seen + (base_path,))
         merged = base_doc if merged is None else deep_merge(merged, base_doc)
     return doc if merged is None else deep_merge(merged, doc)
 
 
 # --------------------------------------------------------------------------- sections
-def _schedule(node: Any, base: dict[str, Any], what: str) -> dict[str, Any]:
+def _schedule(doc: Node, node: Any, base: dict[str, Any], loc: tuple[str, ...]) -> dict[str, Any]:
+    """``base`` overridden by the schedule at ``loc``, checked whole by the schema."""
     if node is None:
         return dict(base)
-    _check_keys(node, set(SCHEDULE_DEFAULTS), what)
-    out = dict(base)
-    out.update(node)
-    if out["iters"] is None and not (isinstance(out["epochs"], int) and out["epochs"] > 0):
-        raise _err(node, "epochs", f"{what}.epochs must be a positive integer (or give iters)")
-    if out["optimizer"] not in OPTIMIZERS:
-        raise _err(node, "optimizer", f"{what}.optimizer '{out['optimizer']}' is not one of "
-                                      f"{', '.join(OPTIMIZERS)}{suggest(out['optimizer'], OPTIMIZERS)}")
-    if out["policy"] not in POLICIES:
-        raise _err(node, "policy", f"{what}.policy '{out['policy']}' is not one of "
-                                   f"{', '.join(POLICIES)}{suggest(str(out['policy']), POLICIES)}")
-    for key in ("batch_size", "val_interval"):
-        if not isinstance(out[key], int) or out[key] < 1:
-            raise _err(node, key, f"{what}.{key} must be a positive integer, got {out[key]!r}")
-    return out
+    if not isinstance(node, dict):
+        raise _err(doc if len(loc) == 1 else _node_at(doc, loc[:-1]), loc[-1],
+                   f"{'.'.join(loc)} must be a mapping of schedule keys, got {node!r}")
+    merged = validate(Schedule, {**base, **node}, doc, str(getattr(doc, "file", "<suite>")), loc).model_dump()
+    if merged["iters"] is None and "epochs" not in node and "epochs" not in base:
+        raise _err(node, None, f"{'.'.join(loc)}: give epochs or iters")
+    return merged
 
 
-def _datasets(doc: Node) -> dict[str, dict[str, Any]]:
-    node = doc.get("datasets")
-    if not node:
-        raise _err(doc, None, "the suite declares no datasets (key 'datasets')")
-    _check_keys(node, set(node), "datasets")
+def _node_at(doc: Any, loc: tuple[Any, ...]) -> Any:
+    for key in loc:
+        doc = doc[key]
+    return doc
+
+
+def _datasets(doc: Node, roots: list[Path]) -> dict[str, dict[str, Any]]:
     out = {}
-    for name, ds in node.items():
-        _check_keys(ds, DATASET_KEYS, f"datasets.{name}")
+    for name, ds in doc["datasets"].items():
         fmt = ds.get("format")
         if fmt not in catalog.DATASET_FORMATS:
             raise _err(ds, "format", f"datasets.{name}.format: "
                                      f"{catalog.DATASET_FORMATS.unknown_message(str(fmt))}")
-        if "root" not in ds:
-            raise _err(ds, None, f"datasets.{name} has no 'root'")
         entry = catalog.DATASET_FORMATS.get(fmt)
-        root = os.path.abspath(expand_path(str(ds["root"])))
+        root = os.path.abspath(_expand(ds, "root", ds["root"], f"datasets.{name}.root"))
         synth = ds.get("synth")
         if synth is not None:
-            _check_keys(synth, set(entry["synth_params"]), f"datasets.{name}.synth")
+            _check_keys(synth, set(entry["synth_params"]), f"datasets.{name}.synth ({fmt})")
+            if not Path(root).exists():      # it will be written: only where this run may write
+                _contained(root, ds, "root", f"datasets.{name}.root (synthetic, written on first use)", roots)
         if synth is None and not Path(root).exists():
             raise _err(ds, "root", f"datasets.{name}.root: '{root}' does not exist. Point it at a "
                                    f"{fmt}-layout dataset, or write a synthetic one with: "
@@ -169,11 +184,13 @@ def _datasets(doc: Node) -> dict[str, dict[str, Any]]:
         unlabeled = ds.get("unlabeled")
         if unlabeled is None and fmt == "imagenet" and (synth or {}).get("unlabeled_images"):
             unlabeled = "unlabeled"           # where the synthetic writer puts them
-        ds = dict(ds, unlabeled=unlabeled)
+        if unlabeled is not None and (os.path.isabs(unlabeled) or ".." in Path(unlabeled).parts):
+            raise _err(ds, "unlabeled", f"datasets.{name}.unlabeled: a folder inside the dataset's root, "
+                                        f"got '{unlabeled}'")
         out[name] = {"name": name, "format": fmt, "root": root, "task": entry["task"],
                      "synth": dict(synth) if synth is not None else None,
                      "classes": list(ds["classes"]) if ds.get("classes") else None,
-                     "unlabeled": str(ds["unlabeled"]) if ds.get("unlabeled") else None,
+                     "unlabeled": str(unlabeled) if unlabeled else None,
                      "aug": bool(ds.get("aug", False))}
     return out
 
@@ -185,11 +202,9 @@ def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
     value = node[key]
     if isinstance(value, bool):
         return value
-    if not isinstance(value, str) or not value:
-        raise _err(node, key, f"{what} must be true, false, or a checkpoint file or URI, got {value!r}")
     if is_uri(value):
         return value
-    path = os.path.abspath(expand_path(value))
+    path = os.path.abspath(_expand(node, key, value, what))
     if not Path(path).is_file():
         raise _err(node, key, f"{what}: '{path}' is not a file; give a local checkpoint of the backbone, a URI "
                               f"(torchvision://, open-mmlab://, https://, ...), true for the config's own, "
@@ -197,26 +212,43 @@ def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
     return path
 
 
-def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any],
-            pretrained: Any = True) -> dict[str, dict]:
+def _scan_types(obj: Any, node: Any, key_path: str, refs: list[tuple[str, str, str]]) -> None:
+    """Every ``type`` (and ``_scope_``) in a config override must name a registered class,
+    never an import path: mmengine's registries import any dotted name they are given."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            here = f"{key_path}.{key}"
+            if not isinstance(key, str):
+                raise _err(obj, key, f"{here}: config keys are strings, got {key!r}")
+            if key == "type":
+                if not isinstance(value, str) or not _TYPE_RE.match(value):
+                    raise _err(obj, key, f"{here}: '{value}' is not a registered class name; a type names a "
+                                         f"class registered in mmdet / mmseg / mmengine / mmcv (e.g. ResNet, "
+                                         f"GN, mmdet.FPN), never an import path")
+                refs.append((value, obj.where(key) if isinstance(obj, Node) else key_path, here))
+            elif key == "_scope_" and value not in TYPE_SCOPES:
+                raise _err(obj, key, f"{here}: scope '{value}' is not one of {', '.join(TYPE_SCOPES)}")
+            _scan_types(value, value, here, refs)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _scan_types(value, node, f"{key_path}[{i}]", refs)
+
+
+def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any,
+            refs: list[tuple[str, str, str]]) -> dict[str, dict]:
     """The suite's teachers or students; ``pretrained`` is the suite's default."""
-    node = doc.get(key)
-    if not node:
-        raise _err(doc, None, f"the suite declares no {key}")
     out = {}
-    for name, m in node.items():
-        _check_keys(m, allowed, f"{key}.{name}")
+    for name, m in doc[key].items():
         arch = m.get("arch")
         if arch not in catalog.ARCHS:
             raise _err(m, "arch", f"{key}.{name}.arch: {catalog.ARCHS.unknown_message(str(arch))}")
         model = {"name": name, "arch": arch}
         for part in ("backbone", "neck", "head", "model"):
             if m.get(part) is not None:
-                if not isinstance(m[part], dict):
-                    raise _err(m, part, f"{key}.{name}.{part} must be a mapping of config overrides")
+                _scan_types(m[part], m[part], f"{key}.{name}.{part}", refs)
                 model[part] = _plain(m[part])
         if m.get("checkpoint"):
-            ckpt = os.path.abspath(expand_path(str(m["checkpoint"])))
+            ckpt = os.path.abspath(_expand(m, "checkpoint", m["checkpoint"], f"{key}.{name}.checkpoint"))
             if not Path(ckpt).is_file():
                 raise _err(m, "checkpoint", f"{key}.{name}.checkpoint: '{ckpt}' is not a file; give a "
                                             f"local checkpoint path, or leave 'checkpoint' out to "
@@ -227,7 +259,7 @@ def _models(doc: Node, key: str, allowed: set[str], schedule: dict[str, Any],
             raise _err(m, "pretrained", f"{key}.{name}.pretrained: classifiers are built by torchvision from "
                                         f"scratch (SSLD and Hinton KD train their students so); a checkpoint "
                                         f"cannot be given here")
-        model["schedule"] = _schedule(m.get("schedule"), schedule, f"{key}.{name}.schedule")
+        model["schedule"] = _schedule(doc, m.get("schedule"), schedule, (key, name, "schedule"))
         out[name] = model
     return out
 
@@ -243,33 +275,60 @@ def _plain(obj: Any) -> Any:
 def _pairs(doc: Node, teachers: dict, students: dict,
            methods: dict[str, Any]) -> list[tuple[str, str, list[str] | None]]:
     """(teacher, student, method labels or None for all) per pair."""
-    node = doc.get("pairs")
-    if not node:
-        raise _err(doc, None, "the suite declares no pairs (list of {teacher, student})")
     out = []
-    for item in node:
-        where, only = (item, None) if isinstance(item, Node) else (doc, None)
+    for item in doc["pairs"]:
+        where = item if isinstance(item, Node) else doc
+        key_of = (lambda k: k) if isinstance(item, Node) else (lambda k: "pairs")
         if isinstance(item, dict):
-            _check_keys(item, {"teacher", "student", "methods"}, "pairs[]")
             t, s, only = item.get("teacher"), item.get("student"), item.get("methods")
-        elif isinstance(item, list) and len(item) == 2:
-            t, s = item
         else:
-            raise _err(doc, "pairs", f"each pair is {{teacher: T, student: S}} or [T, S], got {item!r}")
+            t, s, only = item[0], item[1], None
         for role, name, known in (("teacher", t, teachers), ("student", s, students)):
             if name not in known:
-                raise _err(where, role if where is item else "pairs",
-                           f"pair names {role} '{name}' which is not under '{role}s'"
-                           f"{suggest(str(name), list(known))}; valid: {', '.join(known)}")
+                raise _err(where, key_of(role), f"pair names {role} '{name}' which is not under '{role}s'"
+                                                f"{suggest(str(name), list(known))}; valid: {', '.join(known)}")
         if only is not None:
             for label in only:
                 if label not in methods:
-                    raise _err(where, "methods", f"pair {t} -> {s} names method '{label}' which is not under "
-                                                 f"'methods'{suggest(str(label), list(methods))}; "
-                                                 f"valid: {', '.join(methods)}")
+                    raise _err(where, key_of("methods"), f"pair {t} -> {s} names method '{label}' which is not "
+                                                         f"under 'methods'{suggest(str(label), list(methods))}; "
+                                                         f"valid: {', '.join(methods)}")
             only = ["none"] + [m for m in only if m != "none"]
+        if (t, s) in [(a, b) for a, b, _ in out]:
+            raise _err(where, key_of("teacher"), f"the pair {t} -> {s} is given twice")
         out.append((t, s, only))
     return out
+
+
+def _check_param(label: str, name: str, entry: Any, params: Any, p: str, value: Any) -> None:
+    """One hyperparameter against the registry: its choices, its type, its range."""
+    where = f"methods.{label}.params.{p}"
+    choices = entry.get("choices", {}).get(p)
+    if choices:
+        if value not in choices:
+            raise _err(params, p, f"{where}: '{value}' is not one of "
+                                  f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
+        return
+    default = entry["params"][p]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _err(params, p, f"{where} must be true or false, got {value!r}")
+        return
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(params, p, f"{where} must be a number (default {default}), got {value!r}")
+        if not math.isfinite(value):
+            raise _err(params, p, f"{where} must be a finite number, got {value}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise _err(params, p, f"{where} must be a whole number (default {default}), got {value!r}")
+        if p in entry.get("positive", ()) and value <= 0:
+            raise _err(params, p, f"{where} must be greater than 0 (default {default}), got {value!r}")
+        if value < 0:
+            raise _err(params, p, f"{where} must be 0 or more (default {default}), got {value!r}")
+        if p in entry.get("at_most_one", ()) and value > 1:
+            raise _err(params, p, f"{where} must be between 0 and 1 (default {default}), got {value!r}")
+    elif not isinstance(value, type(default)):
+        raise _err(params, p, f"{where} must be a {type(default).__name__} (default {default!r}), got {value!r}")
 
 
 def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
@@ -278,15 +337,11 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
     out: dict[str, tuple[str, dict[str, Any], Any]] = {}
     items = [(m, None) for m in node] if isinstance(node, list) else list(node.items())
     for label, spec in items:
-        if not isinstance(label, str):
-            raise _err(doc, "methods", f"method names are strings, got {label!r}")
         spec = spec or {}
-        if spec:
-            _check_keys(spec, METHOD_ENTRY_KEYS, f"methods.{label}")
-        name = spec.get("method", label)
-        where = spec if isinstance(spec, Node) and "method" in spec else node
+        name = spec.get("method") or label
+        where = spec if isinstance(spec, Node) and "method" in spec else node if isinstance(node, Node) else doc
         if name not in catalog.METHODS:
-            raise _err(where, "method" if where is spec else label,
+            raise _err(where, "method" if where is spec else label if where is node else "methods",
                        f"methods.{label}: {catalog.METHODS.unknown_message(str(name))}")
         params = spec.get("params") or {}
         entry = catalog.METHODS.get(name)
@@ -295,17 +350,7 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
             if p not in valid:
                 raise _err(params, p, f"methods.{label}.params: '{p}' is not a parameter of {name}"
                                       f"{suggest(str(p), list(valid))}; valid: {', '.join(valid) or '(none)'}")
-            choices = entry.get("choices", {}).get(p)
-            if choices and value not in choices:
-                raise _err(params, p, f"methods.{label}.params.{p}: '{value}' is not one of "
-                                      f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
-            default = valid[p]
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise _err(params, p, f"methods.{label}.params.{p} must be true or false, got {value!r}")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise _err(params, p, f"methods.{label}.params.{p} must be a number (default {default}), "
-                                      f"got {value!r}")
+            _check_param(label, name, entry, params, p, value)
         out[label] = (name, dict(params), spec if isinstance(spec, Node) else node)
     if "none" not in out:   # the reference for every gain is always there
         out = {"none": ("none", {}, node), **out}
@@ -349,37 +394,51 @@ def _check_serves(label: str, method: str, where: Any, teacher: dict, student: d
 
 
 # ------------------------------------------------------------------------------- main
-def load_suite(path: str | Path) -> Suite:
-    """Load, merge and validate a suite and expand its trial matrix. Imports no backend."""
+def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ()) -> Suite:
+    """Load, merge and validate a suite and expand its trial matrix. Imports no backend.
+
+    Every place the run will write (``output``, ``teacher_cache``, synthetic datasets)
+    must resolve under the working directory, ``$KD_HARNESS_OUTPUT_ROOT`` or one of
+    ``output_roots``.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise SuiteError(f"{path}: is a directory; give a suite file, e.g. suites/demo.yaml")
     doc = _load_with_extends(path.resolve())
-    _check_keys(doc, SUITE_KEYS, "the suite")
+    file = str(path.resolve())
+    validate(SuiteDoc, doc, doc, file)           # types and ranges of every key
+    roots = allowed_roots(output_roots)
     name = str(doc.get("name") or path.stem)
-    schedule = _schedule(doc.get("schedule"), SCHEDULE_DEFAULTS, "schedule")
-    resources = dict(RESOURCE_DEFAULTS)
-    if doc.get("resources") is not None:
-        _check_keys(doc["resources"], set(RESOURCE_DEFAULTS), "resources")
-        resources.update(doc["resources"])
-    datasets = _datasets(doc)
+    if not doc.get("name"):
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise SuiteError(f"{file}: the suite's name comes from the file name: {exc}; give 'name:'") from None
+    schedule = _schedule(doc, doc.get("schedule"), SCHEDULE_DEFAULTS, ("schedule",))
+    resources = validate(Resources, doc.get("resources") or {}, doc, file, ("resources",)).model_dump()
+    datasets = _datasets(doc, roots)
     pretrained = _pretrained(doc, "pretrained", "pretrained")
-    teachers = _models(doc, "teachers", TEACHER_KEYS, schedule, pretrained)
-    students = _models(doc, "students", MODEL_KEYS, schedule, pretrained)
+    refs: list[tuple[str, str, str]] = []
+    teachers = _models(doc, "teachers", schedule, pretrained, refs)
+    students = _models(doc, "students", schedule, pretrained, refs)
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)
-    seeds = doc.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise _err(doc, "seeds", f"seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = list(doc.get("seeds", [0]))
     # absolute: Ray trials may run in another working directory (or on another node)
-    output = os.path.abspath(expand_path(str(doc.get("output") or f"results/{name}")))
-    cache = os.path.abspath(expand_path(str(doc.get("teacher_cache") or Path(output).parent / "_teachers")))
+    output = os.path.abspath(_expand(doc, "output", str(doc.get("output") or f"results/{name}"), "output"))
+    _contained(output, doc, "output" if "output" in doc else None, "output", roots)
+    cache = os.path.abspath(_expand(doc, "teacher_cache", str(doc.get("teacher_cache")
+                                                             or Path(output).parent / "_teachers"), "teacher_cache"))
+    _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
     teacher_seed = int(doc.get("teacher_seed", 0))
 
     merged = dict(doc)
     merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources)
-    suite = Suite(name=name, file=str(path), doc=merged)
+    suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
+                  where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
     common = dict(suite=name, resources=resources, output_dir=output)
-    seen_teachers: set[tuple[str, str]] = set()
+    teacher_trials: dict[tuple[str, str], TrialSpec] = {}
     for ds in datasets.values():
         ds_id = {k: v for k, v in ds.items() if k != "task"}
         for t_name, s_name, only in pairs:
@@ -390,29 +449,34 @@ def load_suite(path: str | Path) -> Suite:
             student = {k: v for k, v in students[s_name].items() if k != "schedule"}
             t_sched = teacher["schedule"]
             t_model = {k: v for k, v in teacher.items() if k != "schedule"}
-            if teacher.get("checkpoint"):
-                t_ckpt = teacher["checkpoint"]
-            else:
-                key = teacher_key(t_model, ds_id, t_sched, teacher_seed)
-                t_ckpt = str(Path(cache) / f"{ds['name']}-{t_name}-{key}" / "teacher.pth")
-            if (ds["name"], t_name) not in seen_teachers:
-                seen_teachers.add((ds["name"], t_name))
-                suite.trials.append(TrialSpec(
-                    task=ds["task"], role="teacher", dataset=ds_id, model=t_model, method="teacher",
-                    method_name="teacher", seed=teacher_seed, schedule=t_sched,
-                    teacher_checkpoint=t_ckpt, **common))
+            if (ds["name"], t_name) not in teacher_trials:
+                if teacher.get("checkpoint"):
+                    t_ckpt, t_source = teacher["checkpoint"], file_sha256(teacher["checkpoint"])
+                else:
+                    key = teacher_key(t_model, ds_id, t_sched, teacher_seed)
+                    t_ckpt, t_source = str(Path(cache) / f"{ds['name']}-{t_name}-{key}" / "teacher.pth"), None
+                spec = TrialSpec(task=ds["task"], role="teacher", dataset=ds_id, model=t_model, method="teacher",
+                                 method_name="teacher", seed=teacher_seed, schedule=t_sched,
+                                 teacher_checkpoint=t_ckpt, teacher_id=t_source, **common)
+                teacher_trials[(ds["name"], t_name)] = spec
+                suite.trials.append(spec)
+            t_spec = teacher_trials[(ds["name"], t_name)]
             family = catalog.ARCHS.get(student["arch"])["family"]
             for label, (method, overrides, where) in methods.items():
                 if (only is not None and label not in only) or ds["task"] not in catalog.METHODS.get(method)["tasks"]:
                     continue
                 _check_serves(label, method, where, teacher, student)
+                distilled = method != "none"
                 for seed in seeds:
                     suite.trials.append(TrialSpec(
                         task=ds["task"], role="student", dataset=ds_id, model=dict(student),
                         method=label, method_name=method,
                         params=catalog.method_params(method, family, overrides),
-                        seed=seed, schedule=s_sched, teacher=t_model if method != "none" else None,
-                        teacher_checkpoint=t_ckpt if method != "none" else None, **common))
+                        seed=seed, schedule=s_sched, teacher=t_model if distilled else None,
+                        teacher_checkpoint=t_spec.teacher_checkpoint if distilled else None,
+                        # the teacher's whole identity (its schedule, seed, data, checkpoint's
+                        # content): a student of a changed teacher is a new trial
+                        teacher_id=t_spec.trial_id if distilled else None, **common))
     unique: dict[str, TrialSpec] = {}
     for trial in suite.trials:   # `none` is shared by every pair with the same student
         unique.setdefault(trial.trial_id, trial)

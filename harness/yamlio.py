@@ -12,6 +12,10 @@ from typing import Any
 import yaml
 
 
+#: a suite is a short file; anything larger is a mistake (or an attempt to exhaust memory)
+MAX_BYTES = 1 << 20
+
+
 class Node(dict):
     """A mapping from a YAML file; ``where(key)`` gives ``file:line`` of that key."""
 
@@ -38,6 +42,9 @@ def _loader_for(path: str) -> type:
         out.file, out.line, out.key_lines = path, node.start_mark.line + 1, {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise SuiteError(f"{path}:{key_node.start_mark.line + 1}: a key must be a name, got "
+                                 f"{type(key).__name__} {key!r}")
             if key in out:
                 raise SuiteError(f"{path}:{key_node.start_mark.line + 1}: key '{key}' is given twice")
             out[key] = loader.construct_object(value_node, deep=True)
@@ -52,12 +59,22 @@ def load_yaml(path: str | Path) -> Any:
     """Load one YAML file strictly; errors name the file and line."""
     path = str(path)
     try:
+        if Path(path).is_dir():
+            raise SuiteError(f"{path}: is a directory, not a suite file")
+        if Path(path).stat().st_size > MAX_BYTES:
+            raise SuiteError(f"{path}: {Path(path).stat().st_size} bytes; a suite is at most {MAX_BYTES} bytes")
         with open(path, encoding="utf-8") as f:
             return yaml.load(f, Loader=_loader_for(path))  # noqa: S506 - SafeLoader subclass
     except FileNotFoundError:
         raise SuiteError(f"{path}: no such file") from None
+    except PermissionError:
+        raise SuiteError(f"{path}: cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a suite is YAML text") from None
     except yaml.YAMLError as exc:
         raise SuiteError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise SuiteError(f"{path}: nested too deeply to be a suite") from None
 
 
 def deep_merge(base: Any, over: Any) -> Any:

@@ -38,6 +38,21 @@ output: {output}
 """
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _allow_writes_under_tmp(tmp_path_factory):
+    """Suites in the tests write under pytest's temporary directory: allow it, as a user
+    allows a root with --output-root or $KD_HARNESS_OUTPUT_ROOT."""
+    import os
+    base = str(tmp_path_factory.getbasetemp())
+    old = os.environ.get("KD_HARNESS_OUTPUT_ROOT")
+    os.environ["KD_HARNESS_OUTPUT_ROOT"] = base
+    yield
+    if old is None:
+        os.environ.pop("KD_HARNESS_OUTPUT_ROOT", None)
+    else:
+        os.environ["KD_HARNESS_OUTPUT_ROOT"] = old
+
+
 @pytest.fixture
 def write_suite(tmp_path: Path):
     """write_suite(text=None, name='suite.yaml', **fmt) -> path; defaults to the tiny suite."""

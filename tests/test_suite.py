@@ -217,3 +217,9 @@ def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     suite = load_suite(path)
     assert suite.trials
+
+
+def test_the_key_reference_is_generated_from_the_schema():
+    """docs/suite-schema.md is `python -m harness schema`'s output: regenerate it when a key changes."""
+    from harness.schema import reference
+    assert (REPO / "docs" / "suite-schema.md").read_text() == reference() + "\n"

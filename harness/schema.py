@@ -1,0 +1,341 @@
+"""The suite schema: every key a suite may hold, its type, range and meaning, in one place.
+
+pydantic checks the types and ranges of a suite document (after ``extends`` is merged)
+and this module turns its errors into messages that name the file, the line and the
+key, with what would be valid. The same models generate the key reference
+(``python -m harness schema``, ``docs/suite-schema.md``). What needs the registries
+(names of methods, architectures, dataset formats) or cross-references (a pair's
+teacher) is checked in :mod:`harness.suite`, after this.
+"""
+from __future__ import annotations
+
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
+                      field_validator, model_validator)
+
+from .registry import suggest
+from .yamlio import Node, SuiteError
+
+#: names that become directory and file names: letters, digits, ``_ . + -``; no ``..``
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+NAME_HELP = "1-100 characters: letters, digits, '_', '.', '+', '-', starting with a letter or digit, no '..'"
+
+
+def check_name(value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a valid name ({NAME_HELP})")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------- models
+class Schedule(Strict):
+    """Training schedule. A model's ``schedule`` overrides the suite's key by key."""
+
+    epochs: StrictInt = Field(12, ge=1, le=100_000, description="training epochs (ignored when iters is set)")
+    iters: StrictInt | None = Field(None, ge=1, le=100_000_000, description="training iterations instead of epochs")
+    val_interval: StrictInt = Field(1, ge=1, description="evaluate every N epochs (or iterations)")
+    batch_size: StrictInt = Field(2, ge=1, le=4096, description="images per batch (per worker)")
+    lr: float = Field(0.01, allow_inf_nan=False, gt=0, le=100, description="base learning rate")
+    momentum: float = Field(0.9, allow_inf_nan=False, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-4, allow_inf_nan=False, ge=0, le=1, description="weight decay")
+    grad_clip: float | None = Field(35.0, allow_inf_nan=False, gt=0, description="max gradient norm; null for no clipping")
+    warmup_iters: StrictInt = Field(100, ge=0, description="linear warm-up iterations")
+    img_scale: list[StrictInt] = Field([1333, 800], min_length=2, max_length=2,
+                                       description="[w, h] the images are resized to (keeping the ratio for detection)")
+    num_workers: StrictInt = Field(0, ge=0, le=64, description="data loader worker processes")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    policy: Literal["step", "cosine", "poly"] = Field(
+        "step", description="lr policy: steps at 2/3 and 11/12, cosine to zero, or DeepLab's poly 0.9")
+    crop_size: list[StrictInt] | None = Field(None, min_length=2, max_length=2,
+                                              description="segmentation: random crop [h, w] after the rescale")
+
+    @field_validator("img_scale", "crop_size")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not all(8 <= x <= 16384 for x in v):
+            raise ValueError(f"sizes must be between 8 and 16384 pixels, got {v}")
+        return v
+
+
+class Resources(Strict):
+    """What one trial asks of the cluster."""
+
+    cpu: float = Field(1, allow_inf_nan=False, gt=0, le=4096, description="CPUs per trial (fractions allowed)")
+    gpu: float = Field(0, allow_inf_nan=False, ge=0, le=64, description="GPUs per trial (fractions allowed: 0.5 puts two trials on one GPU)")
+
+
+class Synth(Strict):
+    """A synthetic twin of the dataset, written at ``root`` on first use (keys allowed per format)."""
+
+    train_images: StrictInt | None = Field(None, ge=1, le=1_000_000, description="training images")
+    val_images: StrictInt | None = Field(None, ge=1, le=1_000_000, description="validation images")
+    image_size: StrictInt | None = Field(None, ge=16, le=4096, description="image side, pixels")
+    max_objects: StrictInt | None = Field(None, ge=1, le=100, description="objects per image (detection)")
+    unlabeled_images: StrictInt | None = Field(None, ge=0, le=1_000_000, description="unlabelled images (SSLD)")
+    aug_images: StrictInt | None = Field(None, ge=0, le=1_000_000, description="SBD-style extra images (VOC)")
+    seed: StrictInt | None = Field(None, ge=0, description="generator seed")
+
+
+class Dataset(Strict):
+    """One dataset: a real on-disk layout, or its synthetic twin."""
+
+    format: str = Field(description="dataset format (python -m harness ls)")
+    root: str = Field(min_length=1, description="dataset directory; ~ and ${VAR} / ${VAR:-default} expand")
+    synth: Synth | None = Field(None, description="write a synthetic dataset at root if it is not there")
+    classes: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="class names to keep (default: all of the format's)")
+    unlabeled: str | None = Field(None, min_length=1, description="classification: folder of unlabelled images")
+    aug: StrictBool = Field(False, description="VOC: add the SBD-style augmented training set")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"class names repeat: {sorted({c for c in v if v.count(c) > 1})}")
+        return v
+
+
+class Model(Strict):
+    """A student (or the common part of a teacher): an architecture and config overrides."""
+
+    arch: str = Field(description="registered architecture (python -m harness ls)")
+    backbone: dict[str, Any] | None = Field(None, description="overrides merged into the config's backbone")
+    neck: dict[str, Any] | None = Field(None, description="overrides merged into the config's neck")
+    head: dict[str, Any] | None = Field(None, description="overrides merged into the config's head")
+    model: dict[str, Any] | None = Field(None, description="overrides merged into the whole model config")
+    schedule: dict[str, Any] | None = Field(None, description="this model's schedule (keys of 'schedule')")
+    pretrained: Any = Field(None, description="true (the config's ImageNet backbone), false, or a file / URI")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool) and not (isinstance(v, str) and v):
+            raise ValueError("must be true, false, or a checkpoint file or URI")
+        return v
+
+
+class Teacher(Model):
+    """A teacher: a model, trained by the harness unless ``checkpoint`` is given."""
+
+    checkpoint: str | None = Field(None, min_length=1, description="local checkpoint file of the trained teacher")
+
+
+class MethodEntry(Strict):
+    """A method under a label: the registered method and its hyperparameter overrides."""
+
+    method: str | None = Field(None, description="registered method (default: the label)")
+    params: dict[str, Any] | None = Field(None, description="hyperparameters (python -m harness ls lists them)")
+
+
+class Pair(Strict):
+    """A (teacher, student) pair, optionally restricted to some of the suite's methods."""
+
+    teacher: str = Field(description="a name under 'teachers'")
+    student: str = Field(description="a name under 'students'")
+    methods: list[str] | None = Field(None, min_length=1, description="labels under 'methods' (default: all)")
+
+
+class SuiteDoc(Strict):
+    """A suite: datasets x (teacher, student) pairs x methods x seeds."""
+
+    name: str | None = Field(None, description=f"suite name (default: the file's stem); {NAME_HELP}")
+    description: str | None = Field(None, description="free text")
+    extends: list[str] | None = Field(None, description="base suites (path or list), relative to this file")
+    datasets: dict[str, Dataset] = Field(min_length=1, description="name -> dataset")
+    teachers: dict[str, Teacher] = Field(min_length=1, description="name -> teacher model")
+    students: dict[str, Model] = Field(min_length=1, description="name -> student model")
+    pairs: list[Pair] = Field(min_length=1, description="{teacher, student, methods} or [teacher, student]")
+    methods: dict[str, MethodEntry] = Field(
+        default_factory=dict, description="list of method names, or label -> {method, params}")
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field([0], min_length=1, max_length=1000, description="seeds of the student trials")
+    schedule: dict[str, Any] | None = Field(None, description="the schedule every trial shares (see Schedule)")
+    resources: Resources = Field(default_factory=Resources, description="per-trial resources")
+    output: str | None = Field(None, min_length=1, description="results directory (default results/<name>); "
+                                                              "must stay under the working directory or an allowed root")
+    teacher_cache: str | None = Field(None, min_length=1, description="where harness-trained teachers are kept "
+                                                                     "(default <output>/../_teachers)")
+    teacher_seed: StrictInt = Field(0, ge=0, description="seed of harness-trained teachers")
+    pretrained: Any = Field(True, description="default for every model: true, false, or a file / URI")
+
+    _pretrained = field_validator("pretrained")(Model._pretrained.__func__)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v)
+
+    @field_validator("datasets", "teachers", "students", "methods")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            check_name(key)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat: {sorted({s for s in v if v.count(s) > 1})} (each seed once)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        """The shorthand forms: ``extends: path``, ``methods: [a, b]``, ``pairs: [[t, s]]``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("extends"), str):
+            data["extends"] = [data["extends"]]
+        methods = data.get("methods")
+        if isinstance(methods, list):
+            if not all(isinstance(m, str) for m in methods):
+                raise ValueError(f"methods: a list of method names holds only names, got {methods!r}")
+            data["methods"] = {m: {} for m in methods}
+        elif isinstance(methods, dict):
+            data["methods"] = {k: ({} if v is None else v) for k, v in methods.items()}
+        elif methods is None:
+            data.pop("methods", None)
+        pairs = data.get("pairs")
+        if isinstance(pairs, list):
+            data["pairs"] = [{"teacher": p[0], "student": p[1]} if isinstance(p, list) and len(p) == 2 else p
+                             for p in pairs]
+        return data
+
+
+# ------------------------------------------------------------------------ validation
+def _where(doc: Any, loc: tuple[Any, ...], fallback: str) -> str:
+    """``file:line`` of the deepest key of ``loc`` found in the document."""
+    where, node = fallback, doc
+    for key in loc:
+        if isinstance(node, Node) and key in node:
+            where, node = node.where(key), node[key]
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+            if isinstance(node, Node):
+                where = node.where()
+        else:
+            break
+    return where
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` (for listing its keys)."""
+    current: Any = model
+    for key in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if key not in current.model_fields:
+                return None
+            current = current.model_fields[key].annotation
+            continue
+        # through containers: dict[str, X] (key), list[X] (index), X | None
+        while True:
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            origin = typing.get_origin(current)
+            if origin in (dict, list):
+                current = args[-1]
+                break
+            if args and origin is not Annotated:
+                current = args[0]
+                continue
+            return None
+    while not (isinstance(current, type) and issubclass(current, BaseModel)):
+        args = [a for a in typing.get_args(current) if a is not type(None)]
+        if not args or typing.get_origin(current) in (dict, list):
+            return None
+        current = args[0]
+    return current
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(f"[{k}]" if isinstance(k, int) else str(k) for k in loc).replace(".[", "[")
+
+
+def _message(err: dict[str, Any], model: type[BaseModel], prefix: tuple[Any, ...]) -> str:
+    local = tuple(err["loc"])
+    loc = prefix + local
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(model, local[:-1])
+        valid = list(owner.model_fields) if owner else []
+        return (f"unknown key '{loc[-1]}' in {_dotted(loc[:-1]) or 'the suite'}{suggest(str(loc[-1]), valid)}; "
+                f"valid keys: {', '.join(sorted(valid))}")
+    if err["type"] == "missing":
+        return f"{_dotted(loc)} is required"
+    got = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc:                         # a whole-document check; its message names the key
+        return msg
+    if isinstance(got, dict) or len(repr(got)) > 80:
+        return f"{_dotted(loc)}: {msg}"
+    return f"{_dotted(loc)}: {msg} (got {got!r})"
+
+
+def validate(model: type[BaseModel], data: Any, doc: Any, file: str, prefix: tuple[Any, ...] = ()) -> Any:
+    """Validate ``data`` (found at ``prefix`` in ``doc``) against ``model``; the first
+    error becomes a :class:`SuiteError` naming the file, line and key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = prefix + tuple(err["loc"])
+        if not loc:                     # "key: message" from a whole-document check
+            loc = (str(err["msg"]).removeprefix("Value error, ").split(":", 1)[0],)
+        where = _where(doc, loc, file)
+        raise SuiteError(f"{where}: {_message(err, model, prefix)}") from None
+
+
+# ---------------------------------------------------------------------- documentation
+def _type_name(annotation: Any) -> str:
+    """``list[int] | null`` and the like, for the reference."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _constraints(info: Any) -> str:
+    parts = []
+    for m in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"),
+                          ("min_length", "min length"), ("max_length", "max length")):
+            if getattr(m, attr, None) is not None:
+                parts.append(f"{sym} {getattr(m, attr)}")
+    return ", ".join(parts)
+
+
+def reference() -> str:
+    """Markdown reference of every suite key, generated from the models above."""
+    lines = ["# Suite keys", "",
+             "Generated by `python -m harness schema` from `harness/schema.py`; do not edit by hand.",
+             "Unknown keys are errors. Every error names the file, the line and the key.", ""]
+    for model in (SuiteDoc, Dataset, Synth, Teacher, Model, Schedule, Resources, MethodEntry, Pair):
+        lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
+                  "| key | type | default | range | meaning |", "| --- | --- | --- | --- | --- |"]
+        for name, info in model.model_fields.items():
+            default = "required" if info.is_required() else (
+                "{}" if info.default_factory is not None else repr(info.default).replace("None", "null"))
+            default = {"True": "true", "False": "false"}.get(default, default)
+            cell = _type_name(info.annotation).replace("|", "\\|")       # a table cell cannot hold a bare |
+            lines.append(f"| `{name}` | `{cell}` | {default} | {_constraints(info)} | {info.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
