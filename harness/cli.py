@@ -6,6 +6,7 @@ Heavy imports (torch, mmdet, ray) happen inside the subcommands that need them, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .suite import load_suite
     from .tune import pending_trials  # noqa: F401 - imports no ray at module level
 
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, args.output_root)
     teachers, students = pending_trials(suite) if Path(suite.output).exists() else (
         suite.teacher_trials(), suite.student_trials())
     todo = {t.trial_id for t in teachers + students}
@@ -39,35 +40,66 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .suite import load_suite
 
-    suite = load_suite(args.suite)      # every suite error is raised here, before anything trains
-    from .data import ensure_dataset
-    from .preflight import preflight
+    suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
+    from .preflight import check_types
+    check_types(suite)                  # every `type:` a registered class, before any config is built
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        from .tune import check_resources, local_capacity
+        check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
+    from .runlock import run_lock
 
-    for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
-        ensure_dataset(ds)
-    preflight(suite)
-    from .report import format_report
-    from .results import read_results
-    from .tune import run_suite
+    with run_lock(suite.output, wait=args.wait):
+        from .data import ensure_dataset
+        from .preflight import preflight
 
-    start = time.perf_counter()
-    summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
-                        verbose=args.verbose)
-    print(f"\n{len(summary['trials'])} trial(s) run, {summary['skipped']} already done, "
-          f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
-    print(format_report(read_results(suite.output)))
-    return 1 if any(t["error"] for t in summary["trials"]) else 0
+        from .data import dataset_format
+        for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
+            ensure_dataset(ds)
+            try:
+                dataset_format(ds).check(ds)
+            except ValueError as exc:
+                raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
+        preflight(suite)
+        from .report import format_report
+        from .results import read_results, remove_stale_temporaries
+        from .tune import Interrupted, run_suite
+
+        remove_stale_temporaries(suite.output)     # a killed run's half-written files; we hold the lock
+        start = time.perf_counter()
+        try:
+            summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
+                                verbose=args.verbose)
+        except Interrupted as exc:
+            summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
+            done = sum(not t["error"] for t in summary["trials"])
+            print(f"\nstopped by {exc.args[0]}: {done} trial(s) finished and kept, "
+                  f"{len(summary['interrupted'])} interrupted (marked 'interrupted'; the next run redoes them), "
+                  f"{summary['skipped']} already done before. Run the same command again to continue.",
+                  file=sys.stderr)
+            return 130
+        failed = [t for t in summary["trials"] if t["error"]]
+        print(f"\n{len(summary['trials'])} trial(s) run ({len(failed)} failed), {summary['skipped']} already done, "
+              f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
+        print(format_report(read_results(suite.output)))
+        return 1 if failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import format_report
     from .results import read_results
 
-    df = read_results(args.results)
+    df = read_results(args.results, current_only=not args.all)
     if args.csv:
         from .report import leaderboard
         leaderboard(df).to_csv(args.csv, index=False)
     print(format_report(df))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import reference
+
+    print(reference())
     return 0
 
 
@@ -110,15 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--restart", action="store_true", help="redo finished trials instead of skipping them")
     r.add_argument("--verbose", action="store_true", help="show the trials' own logs (always kept in their directories)")
+    r.add_argument("--wait", action="store_true", help="if another run holds this output, wait for it instead of leaving")
     r.set_defaults(func=_cmd_run)
     pl = sub.add_parser("plan", help="validate a suite and print its trial matrix (runs nothing)")
     pl.add_argument("suite")
     pl.set_defaults(func=_cmd_plan)
+    for sp in (r, pl):
+        sp.add_argument("--output-root", action="append", default=[], metavar="DIR",
+                        help="also allow the suite to write under DIR (besides the working directory and "
+                             "$KD_HARNESS_OUTPUT_ROOT); repeatable")
+    sc = sub.add_parser("schema", help="print the reference of every suite key (Markdown)")
+    sc.set_defaults(func=_cmd_schema)
     ls = sub.add_parser("ls", help="list registered methods, architectures, dataset formats and metrics")
     ls.set_defaults(func=_cmd_ls)
     rep = sub.add_parser("report", help="print the leaderboard of a results directory or Parquet file")
     rep.add_argument("results", help="e.g. results/demo")
     rep.add_argument("--csv", default=None, help="also write the leaderboard to this CSV file")
+    rep.add_argument("--all", action="store_true",
+                     help="include rows of trials that are no longer in the suite as last run (never pooled by default)")
     rep.set_defaults(func=_cmd_report)
     data = sub.add_parser("data", help="dataset utilities")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -135,12 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .runlock import Busy
     try:
         return int(args.func(args) or 0)
-    except (SuiteError, FileNotFoundError, KeyError) as exc:
+    except (SuiteError, FileNotFoundError, KeyError, Busy) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except OSError as exc:             # a full disk, a read-only store: say so, keep what is written
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'while writing results'}); finished trials' rows "
+              f"are kept and a later run continues from them", file=sys.stderr)
+        return 1
     except BrokenPipeError:            # output piped into `head` and the like
         sys.stderr.close()
         return 0

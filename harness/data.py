@@ -63,6 +63,10 @@ class DatasetFormat:
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def check(self, ds: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the file when the layout cannot be read (before
+        any trial starts); formats with annotation files override it."""
+
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
                 crop: list[int] | None = None) -> dict[str, Any]:
         """The dataset config of a split; ``crop`` is the training crop [h, w] where the
@@ -81,9 +85,18 @@ class CocoFormat(DatasetFormat):
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         """The categories of the train json, in id order."""
-        with open(Path(ds["root"]) / self.splits["train"][0]) as f:
-            cats = json.load(f)["categories"]
+        cats = _read_json(Path(ds["root"]) / self.splits["train"][0])["categories"]
         return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
+
+    def check(self, ds: dict[str, Any]) -> None:
+        for ann_file, img_dir in self.splits.values():
+            doc = _read_json(Path(ds["root"]) / ann_file)
+            missing = [k for k in ("images", "annotations", "categories") if not isinstance(doc.get(k), list)]
+            if missing:
+                raise ValueError(f"{Path(ds['root']) / ann_file}: not a COCO annotation file (no list "
+                                 f"{', '.join(map(repr, missing))})")
+            if not (Path(ds["root"]) / img_dir).is_dir():
+                raise ValueError(f"{Path(ds['root']) / img_dir}: the image folder is missing")
 
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
                 crop: list[int] | None = None) -> dict[str, Any]:
@@ -209,6 +222,20 @@ class VocSegFormat(SegFormat):
             return train
         aug = self._one(ds, "aug", "SegmentationClassAug", True, img_scale, crop)
         return dict(type="ConcatDataset", datasets=[train, aug])
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file; an error names the file (and says where it broke)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; the dataset's layout needs it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def dataset_format(ds: dict[str, Any]) -> DatasetFormat:

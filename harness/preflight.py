@@ -14,6 +14,42 @@ from .suite import Suite
 from .yamlio import SuiteError
 
 
+def registered_types() -> set[str]:
+    """Every class name registered in mmengine's, mmcv's, mmdet's and mmseg's registries
+    (each registry and its children), plain and scope-qualified (``mmdet.ResNet``)."""
+    import mmcv.ops  # noqa: F401 - registers mmcv's layers and ops
+    import mmengine.registry as root
+    from mmdet.utils import register_all_modules as det_modules
+    from mmseg.utils import register_all_modules as seg_modules
+
+    det_modules(init_default_scope=False)
+    seg_modules(init_default_scope=False)
+    names: set[str] = set()
+
+    def walk(reg: Any) -> None:
+        for key in reg.module_dict:
+            names.update((key, f"{reg.scope}.{key}"))
+        for child in reg.children.values():
+            walk(child)
+    for obj in vars(root).values():
+        if isinstance(obj, root.Registry):
+            walk(obj)
+    return names
+
+
+def check_types(suite: Suite) -> None:
+    """Every ``type:`` of the suite's config overrides names a registered class. Done
+    before any config is built: mmengine would import an unregistered dotted name."""
+    if not suite.type_refs:
+        return
+    known = registered_types()
+    for name, where, key in suite.type_refs:
+        if name not in known:
+            from .registry import suggest
+            raise SuiteError(f"{where}: {key}: '{name}' is not a class registered in mmdet / mmseg / mmengine / "
+                             f"mmcv{suggest(name, sorted(known))}")
+
+
 def preflight(suite: Suite) -> None:
     from .data import num_classes
     from .models import build_detector, detector_cfg, tapped_info

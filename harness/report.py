@@ -99,8 +99,8 @@ def format_report(df: pd.DataFrame) -> str:
     lines: list[str] = []
     if board.empty:
         lines.append("no successful trials yet")
-    for (task, dataset, teacher, student), part in board.groupby(["task", "dataset", "teacher", "student"],
-                                                                  sort=False):
+    groups = [] if board.empty else board.groupby(["task", "dataset", "teacher", "student"], sort=False)
+    for (task, dataset, teacher, student), part in groups:
         metric = part["metric"].iloc[0]
         lines.append(f"\n== {dataset} ({task}, {metric}{' x100' if _scale(metric) != 1 else ''}) "
                      f"teacher {teacher or '-'} -> student {student}")
@@ -117,10 +117,10 @@ def format_report(df: pd.DataFrame) -> str:
                          f"{f(r.images_per_s, '.1f'):>8}")
     if not board.empty and board["gain_lo"].notna().any():
         lines.append("\n* the 95% confidence interval of the gain excludes zero (paired seeds, Student's t)")
-    errors = df[df["status"] == "error"].drop_duplicates("trial_id")
+    errors = df[df["status"] != "ok"].drop_duplicates("trial_id")
     if len(errors):
-        lines.append(f"\n{len(errors)} trial(s) failed:")
+        lines.append(f"\n{len(errors)} trial(s) without a result (not in the leaderboard):")
         for r in errors.itertuples():
-            lines.append(f"  {r.trial_name} [{r.trial_id}]: {r.error}")
+            lines.append(f"  {r.trial_name} [{r.trial_id}] {r.status}: {r.error}")
     return "\n".join(lines).lstrip("\n")
 

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,7 +45,8 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "higher_is_better": (pa.bool_(), "direction of the metric"),
     "primary": (pa.bool_(), "whether this is the task's leaderboard metric"),
     "epoch": (pa.int64(), "training epoch (or iteration) of the evaluation"),
-    "status": (pa.string(), "'ok' or 'error'"),
+    "status": (pa.string(), "'ok'; 'error' (the trial raised), 'diverged' (its loss became NaN or infinite) "
+                            "or 'interrupted' (the run was stopped); only 'ok' rows reach a leaderboard"),
     "error": (pa.string(), "error message (last line and type) when status is 'error'"),
     "wall_time_s": (pa.float64(), "wall time of the whole trial, seconds"),
     "train_images_per_s": (pa.float64(), "training throughput: images per second of training"),
@@ -54,6 +56,12 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "timestamp": (pa.string(), "UTC time the row was written, ISO 8601"),
 }
 SCHEMA = pa.schema([(name, typ) for name, (typ, _) in COLUMNS.items()])
+
+# Result files are shared (a team reads one store): they get the permissions the
+# user's umask gives any new file, not mkstemp's private 0600.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
 
 
 def code_version() -> str:
@@ -81,19 +89,42 @@ def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write a Parquet file so that ``path`` is either absent, old, or complete."""
+def _atomic(path: str | os.PathLike, write: "Any") -> Path:
+    """``write(tmp)`` then rename onto ``path``: a reader sees the old file or the new
+    one, never half of one; the temporary file is removed whatever happens."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a Parquet file so that ``path`` is either absent, old, or complete."""
+    return _atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> int:
+    """Remove ``.*.tmp`` files a killed writer left behind (call with the run lock held)."""
+    n = 0
+    for tmp in Path(directory).rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 def rows_dir(output: str | os.PathLike) -> Path:
@@ -104,24 +135,63 @@ def write_trial_rows(output: str | os.PathLike, trial_id: str, rows: list[dict[s
     return write_atomic(to_table(rows), rows_dir(output) / f"{trial_id}.parquet")
 
 
-def read_results(path: str | os.PathLike) -> "Any":
-    """A pandas DataFrame of a store: a suite directory (its ``rows/``), or one Parquet file."""
+def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
+    """One row file, or None (with a warning, and the file moved to ``rows/corrupt/``)
+    when it cannot be read: one bad file must not break plan, run or report."""
+    try:
+        return pq.read_table(f, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        quarantine = f.parent / "corrupt"
+        try:
+            quarantine.mkdir(exist_ok=True)
+            os.replace(f, quarantine / f.name)
+            where = f"moved to {quarantine / f.name}"
+        except OSError:
+            where = "left in place"
+        warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); {where}; "
+                      f"its trial will be run again", stacklevel=2)
+        return None
+
+
+def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":
+    """A pandas DataFrame of a store: a suite directory (its ``rows/``), or one Parquet file.
+
+    For a suite directory, ``current_only`` keeps only the trials of the suite as it was
+    last run (``suite.json``): rows of earlier configurations stay on disk but are not
+    pooled with the current ones. ``current_only=False`` reads everything.
+    """
     import pandas as pd
     path = Path(path)
     if path.is_file():
-        return pq.read_table(path).to_pandas()
+        try:
+            return pq.read_table(path).to_pandas()
+        except (OSError, pa.ArrowException) as exc:
+            raise FileNotFoundError(f"'{path}' is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     files = sorted(rows_dir(path).glob("*.parquet")) if path.is_dir() else []
-    if not files:
+    current = current_trials(path) if current_only else None
+    if current is not None:
+        files = [f for f in files if f.stem in current]
+    tables = [t.cast(SCHEMA) for t in (_read(f) for f in files) if t is not None]
+    if not tables:
         raise FileNotFoundError(f"no results under '{path}' (expected {rows_dir(path)}/*.parquet "
                                 f"or a .parquet file); run a suite first: python -m harness run SUITE")
-    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+
+
+def current_trials(output: str | os.PathLike) -> set[str] | None:
+    """Trial ids of the suite as last run into ``output`` (None when unknown)."""
+    try:
+        return set(json.loads((Path(output) / "suite.json").read_text())["trial_ids"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def finished_trials(output: str | os.PathLike) -> set[str]:
     """Trial ids whose rows are all ``ok``: a resumed run does not redo them."""
     done = set()
     for f in rows_dir(output).glob("*.parquet"):
-        status = pq.read_table(f, columns=["status"]).column("status").to_pylist()
+        table = _read(f, columns=["status"])
+        status = table.column("status").to_pylist() if table is not None else []
         if status and all(s == "ok" for s in status):
             done.add(f.stem)
     return done
@@ -129,11 +199,11 @@ def finished_trials(output: str | os.PathLike) -> set[str]:
 
 def consolidate(output: str | os.PathLike) -> Path | None:
     """Rewrite ``results.parquet`` from ``rows/`` (atomically); None when there are no rows."""
-    files = sorted(rows_dir(output).glob("*.parquet"))
-    if not files:
+    tables = [t.cast(SCHEMA) for t in (_read(f) for f in sorted(rows_dir(output).glob("*.parquet")))
+              if t is not None]
+    if not tables:
         return None
-    table = pa.concat_tables([pq.read_table(f).cast(SCHEMA) for f in files])
-    return write_atomic(table, Path(output) / "results.parquet")
+    return write_atomic(pa.concat_tables(tables), Path(output) / "results.parquet")
 
 
 def params_json(params: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ down, and writes the trial's rows to the results store either way.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import platform
@@ -22,6 +23,10 @@ from .data import dataset_format, ensure_dataset, num_classes
 from .spec import TrialSpec, content_hash
 
 Reporter = Callable[[dict[str, Any]], None]
+
+
+class Diverged(RuntimeError):
+    """A loss became NaN or infinite: the trial stops and its rows say ``diverged``."""
 
 
 @dataclass
@@ -43,8 +48,11 @@ def save_weights(state_dict: dict[str, Any], path: str | os.PathLike, meta: dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": state_dict, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:              # a full disk must not leave half a checkpoint behind
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -99,6 +107,11 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
             clock["images"] = clock.get("images", 0) + len(data_batch["inputs"])
+            for name, value in (outputs or {}).items():     # the loss terms of this step
+                value = float(value.detach().float().mean()) if hasattr(value, "detach") else value
+                if isinstance(value, numbers.Real) and not math.isfinite(value):
+                    raise Diverged(f"{name} became {value} at iteration {runner.iter + 1} "
+                                   f"(epoch {runner.epoch + 1}); the trial was stopped there")
 
         def after_train_epoch(self, runner: Any) -> None:
             clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
@@ -290,8 +303,10 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
 
 
 # ------------------------------------------------------------------------------- rows
-def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: float) -> list[dict[str, Any]]:
-    """The trial's rows in the store's schema: one per metric, or one error row."""
+def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: float,
+                status: str = "error") -> list[dict[str, Any]]:
+    """The trial's rows in the store's schema: one per metric, or one row with
+    ``status`` (error, diverged, interrupted) and the message."""
     metric_entry = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
     base = {
         "schema_version": results.SCHEMA_VERSION, "suite": spec.suite, "trial_id": spec.trial_id,
@@ -311,7 +326,7 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
     if outcome is not None and not rows:
         error = (f"the evaluation gave none of {metric_entry.name}'s metrics "
                  f"({', '.join(metric_entry['keys'])}); it gave {sorted(outcome.metrics)}")
-    return rows or [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status="error",
+    return rows or [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status=status,
                          error=error, train_images_per_s=float("nan"), device=platform.node())]
 
 
@@ -320,7 +335,7 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None,
     """Run a trial and write its rows (ok or error) to the store; never raises for a
     failure of the trial itself, returns it instead."""
     start = time.perf_counter()
-    outcome, error, exc = None, "", None
+    outcome, error, exc, status = None, "", None, "error"
     try:
         outcome = run_trial(spec, report=report, log_level=log_level)
     except Exception as e:   # a failing trial must not take the others down
@@ -329,6 +344,7 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None,
         (spec.trial_dir).mkdir(parents=True, exist_ok=True)
         (spec.trial_dir / "error.txt").write_text(tb)
         error = f"{type(e).__name__}: {e}"
-    rows = result_rows(spec, outcome, error, time.perf_counter() - start)
+        status = "diverged" if isinstance(e, Diverged) else "error"
+    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status)
     results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

@@ -58,7 +58,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"{spec.role}-{spec.method}-s{spec.seed}-{spec.trial_id}"
 
 
-def _fit(suite: Suite, phase: str, specs: list[TrialSpec]) -> list[dict[str, Any]]:
+def _fit(suite: Suite, phase: str, specs: list[TrialSpec], multi_node: bool) -> list[dict[str, Any]]:
     from ray import tune
 
     res = suite.doc["resources"]
@@ -74,20 +74,33 @@ def _fit(suite: Suite, phase: str, specs: list[TrialSpec]) -> list[dict[str, Any
     )
     print(f"{phase}: {len(specs)} trial(s) on Ray Tune, {res['cpu']} CPU / {res['gpu']} GPU each", flush=True)
     grid = tuner.fit()
+    errors = {}
+    for result in grid:     # a trial that never started has no config
+        config = result.config or {}
+        if "trial" in config and result.error:
+            errors[TrialSpec.from_dict(config["trial"]).trial_id] = str(result.error)
     summary = []
-    for result in grid:
-        spec = TrialSpec.from_dict(result.config["trial"])
+    for spec in specs:
         rows_file = results.rows_dir(suite.output) / f"{spec.trial_id}.parquet"
-        error = str(result.error) if result.error else ""
+        error = errors.get(spec.trial_id, "")
         if not rows_file.exists():
-            # Trials write their rows where they run: on a multi-node cluster the output
-            # directory must be on storage every node shares, as Ray's storage_path must.
             error = error or f"the trial ended but its rows are not at {rows_file}"
-            from .trial import result_rows
-            results.write_trial_rows(suite.output, spec.trial_id, result_rows(
-                spec, None, error + " (on a multi-node cluster, put 'output' on shared storage)", 0.0))
-        summary.append({"trial": spec.name, "error": error})
+            hint = " (on a multi-node cluster, put 'output' on storage every node shares)" if multi_node else ""
+            _write_status_rows(suite, spec, "error", error + hint)
+        summary.append({"trial": spec.name, "trial_id": spec.trial_id, "error": error})
     return summary
+
+
+def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str) -> None:
+    from .trial import result_rows
+    rows = result_rows(spec, None, message, 0.0)
+    for row in rows:
+        row["status"] = status
+    results.write_trial_rows(suite.output, spec.trial_id, rows)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM."""
 
 
 def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], list[TrialSpec]]:
@@ -100,34 +113,91 @@ def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], 
     return teachers, students
 
 
+def check_resources(suite: Suite, available: list[dict[str, float]]) -> None:
+    """Refuse a per-trial request that no node of the cluster can ever satisfy (Tune
+    would wait for it forever). ``available`` holds each node's total resources."""
+    from .yamlio import SuiteError
+    res = suite.doc["resources"]
+    need = {"CPU": float(res["cpu"]), "GPU": float(res["gpu"])}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in available):
+        return
+    nodes = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in available) or "none"
+    raise SuiteError(f"{suite.where.get('resources', suite.file)}: resources: each trial asks for {res['cpu']:g} CPU and {res['gpu']:g} GPU, "
+                     f"but no node of the cluster has that much (nodes: {nodes}); lower 'resources' or add nodes")
+
+
+def local_capacity(num_cpus: int | None = None) -> list[dict[str, float]]:
+    """What a local Ray instance would have: this machine's CPUs (or ``--num-cpus``) and GPUs."""
+    import torch
+    return [{"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
               num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
 
     ``verbose`` forwards the trials' own output (mmengine logs) to this console; it is
-    always in each trial's directory.
+    always in each trial's directory. A local Ray instance listens on loopback only.
+    SIGINT and SIGTERM stop the run: the running trials are stopped, get rows with
+    status ``interrupted`` (a later run redoes them), and :class:`Interrupted` is raised
+    after the store is consolidated.
     """
+    import signal
+
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        # Ray's own single-machine mode (its default on macOS and Windows): the node's
+        # address is loopback, so every Ray process listens on 127.0.0.1 only
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = not local     # the constant is read at import; ray may be imported already
 
     out = Path(suite.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.json").write_text(json.dumps(
-        {"suite": suite.doc, "trials": [t.to_dict() for t in suite.trials]}, indent=1, default=str))
+    results.write_text_atomic(out / "suite.json", json.dumps(
+        {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
+         "trials": [t.to_dict() for t in suite.trials]}, indent=1, default=str))
     teachers, students = pending_trials(suite, resume)
     skipped = len(suite.trials) - len(teachers) - len(students)
-    summary: dict[str, Any] = {"skipped": skipped, "trials": []}
+    summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}
     if teachers or students:
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"     # Ctrl-C reaches us, not Tune's own handler
         started = not ray.is_initialized()
-        if started:
-            ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
-                     logging_level=logging.WARNING, log_to_driver=verbose)
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            raise Interrupted("SIGTERM")
+        running: list[TrialSpec] = []
         try:
+            if started:
+                # a local instance is on loopback only (above): an exposed Ray runs any code it is sent
+                ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
+                         logging_level=logging.WARNING, log_to_driver=verbose)
+            signal.signal(signal.SIGTERM, on_term)       # after ray.init, which installs its own (sys.exit)
+            check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
             for phase, specs in (("teachers", teachers), ("students", students)):
                 if specs:
-                    summary["trials"] += _fit(suite, phase, specs)
+                    running = specs
+                    summary["trials"] += _fit(suite, phase, specs, multi_node=bool(address))
+                    running = []
+        except KeyboardInterrupt as exc:
+            signal_name = exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
+            if started and ray.is_initialized():
+                ray.shutdown()               # stops the running trials before their rows are judged
+            for spec in running:
+                if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
+                    _write_status_rows(suite, spec, "interrupted",
+                                       f"interrupted by {signal_name} before it finished; the next run redoes it")
+                    summary["interrupted"].append(spec.name)
+            summary["results"] = str(results.consolidate(out) or "")
+            raise Interrupted(signal_name, summary) from None
         finally:
-            if started:
+            signal.signal(signal.SIGTERM, previous)
+            if started and ray.is_initialized():
                 ray.shutdown()
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     summary["results"] = str(results.consolidate(out) or "")
     return summary

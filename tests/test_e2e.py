@@ -83,4 +83,4 @@ def test_report_command(e2e, capsys):
     assert main(["report", str(suite.output)]) == 0
     out = capsys.readouterr().out
     assert "teacher t -> student s" in out and "student alone" in out and "fgd" in out
-    assert "3 trial(s) failed" in out
+    assert "3 trial(s) without a result (not in the leaderboard)" in out

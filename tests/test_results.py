@@ -96,7 +96,7 @@ def test_report_text_lists_methods_and_errors():
     text = format_report(_store())
     assert "teacher T -> student S" in text
     assert "student alone" in text and "fgd" in text and "+10.00" in text
-    assert "1 trial(s) failed" in text and "RuntimeError: boom" in text
+    assert "1 trial(s) without a result" in text and "RuntimeError: boom" in text
 
 
 def test_paired_gain_interval_matches_scipy_on_fixed_numbers():

@@ -96,7 +96,10 @@ def _backbone_file(tmp_path, base: int):
     from mmdet.models.backbones import ResNet
     torch.manual_seed(9)
     net = ResNet(depth=18, base_channels=base)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    # distinct from any initialisation, and a usable network: BN variances positive (a
+    # negative one gives a NaN loss, which stops the trial as diverged), small weights
+    state = {k: (torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.05)
+             if v.is_floating_point() else v for k, v in net.state_dict().items()}
     path = tmp_path / "r18-local.pth"
     torch.save({"state_dict": state}, path)
     return path, state

@@ -1,0 +1,235 @@
+"""Hardening: divergence, stale and mixed results, corrupt row files, the run lock,
+temporary files and permissions, Ctrl-C / SIGTERM, and Ray on loopback. Each test
+tries the exact situation and checks the message and that nothing finished was lost."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import results
+from harness.cli import main
+from harness.suite import load_suite
+
+from .conftest import REPO, TINY_SUITE
+
+
+# ------------------------------------------------------------------------- divergence
+def test_a_loss_that_becomes_infinite_stops_the_trial_as_diverged(write_suite, tmp_path):
+    """A real divergence (not a NaN in the suite, which the schema refuses): feature
+    imitation at weight 1e300 overflows float32 at the first step. The trial stops at
+    iteration 1 with status 'diverged', and no leaderboard averages it in."""
+    from harness.report import format_report, leaderboard
+    from harness.trial import execute_trial
+
+    from .test_runner_path import _teacher_checkpoint
+
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    text = text.replace("methods: [none, fgd]", "methods:\n  feature_mse: {params: {weight: 1.0e+300}}")
+    text = text.replace("epochs: 1,", "epochs: 3,")
+    suite = load_suite(write_suite(text))
+    spec = next(t for t in suite.trials if t.method == "feature_mse")
+    _teacher_checkpoint(spec)
+    rows, exc = execute_trial(spec, log_level="WARNING")
+    assert exc is not None and [r["status"] for r in rows] == ["diverged"]
+    assert "at iteration 1 " in rows[0]["error"] and "inf" in rows[0]["error"].lower(), rows[0]["error"]
+    df = results.read_results(tmp_path / "out", current_only=False)
+    assert leaderboard(df).empty
+    assert "diverged" in format_report(df)
+
+
+# ------------------------------------------------------------------ identity, staleness
+def _ids(suite):
+    return {(t.role, t.method, t.seed): t.trial_id for t in suite.trials}
+
+
+def test_a_students_identity_follows_its_teachers_schedule_and_seed(write_suite, tmp_path):
+    base = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    a = _ids(load_suite(write_suite(base)))
+    longer = base.replace("  t:\n    arch: retinanet", "  t:\n    schedule: {epochs: 2}\n    arch: retinanet")
+    b = _ids(load_suite(write_suite(longer)))
+    c = _ids(load_suite(write_suite(base + "teacher_seed: 3\n")))
+    for other in (b, c):
+        assert other[("teacher", "teacher", 0 if other is b else 3)] != a[("teacher", "teacher", 0)]
+        assert other[("student", "fgd", 0)] != a[("student", "fgd", 0)]       # its teacher changed
+        assert other[("student", "none", 0)] == a[("student", "none", 0)]     # no teacher: the same trial
+
+
+def test_a_given_teacher_checkpoints_content_is_part_of_the_identity(write_suite, tmp_path):
+    ckpt = tmp_path / "teacher.pth"
+    ckpt.write_bytes(b"first")
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out").replace(
+        "  t:\n    arch: retinanet", f"  t:\n    checkpoint: {ckpt}\n    arch: retinanet")
+    first = _ids(load_suite(write_suite(text)))
+    time.sleep(0.01)
+    ckpt.write_bytes(b"second")
+    second = _ids(load_suite(write_suite(text)))
+    assert first[("student", "fgd", 0)] != second[("student", "fgd", 0)]
+    assert first[("teacher", "teacher", 0)] != second[("teacher", "teacher", 0)]
+
+
+def _fake_rows(suite, value: float) -> None:
+    from harness.trial import TrialResult, result_rows
+    for spec in suite.trials:
+        outcome = TrialResult(metrics={"bbox_mAP": value}, epoch=1)
+        results.write_trial_rows(suite.output, spec.trial_id, result_rows(spec, outcome, "", 1.0))
+
+
+def test_rows_of_an_earlier_configuration_are_kept_but_never_pooled(write_suite, tmp_path, capsys):
+    """The first suite's rows (teacher trained 1 epoch) and the second's (2 epochs) are in
+    one store; the report of the suite as last run shows one seed per method, the second
+    configuration's values; --all shows both."""
+    base = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    old = load_suite(write_suite(base))
+    _fake_rows(old, 0.1)
+    new = load_suite(write_suite(base.replace("  t:\n    arch: retinanet",
+                                              "  t:\n    schedule: {epochs: 2}\n    arch: retinanet")))
+    _fake_rows(new, 0.3)
+    out = Path(new.output)
+    (out / "suite.json").write_text(json.dumps({"trial_ids": [t.trial_id for t in new.trials]}))
+    current = results.read_results(out)
+    assert set(current["trial_id"]) == {t.trial_id for t in new.trials}
+    assert current.groupby("method")["seed"].nunique().max() == 1
+    from harness.report import leaderboard
+    board = leaderboard(current).set_index("method")
+    assert board.loc["fgd", "mean"] == pytest.approx(30.0) and board.loc["fgd", "n"] == 1
+    assert board.loc["teacher", "mean"] == pytest.approx(30.0)
+    assert main(["report", str(out)]) == 0 and "10.00" not in capsys.readouterr().out
+    everything = results.read_results(out, current_only=False)
+    assert len(set(everything["trial_id"])) == len({t.trial_id for t in old.trials + new.trials})
+
+
+# ------------------------------------------------------------------------ corrupt rows
+def test_a_corrupt_row_file_is_reported_skipped_and_quarantined(write_suite, tmp_path, capsys):
+    suite = load_suite(write_suite())
+    _fake_rows(suite, 0.2)
+    bad = results.rows_dir(suite.output) / f"{suite.trials[-1].trial_id}.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.warns(UserWarning, match="unreadable result file"):
+        done = results.finished_trials(suite.output)
+    assert suite.trials[-1].trial_id not in done and len(done) == len(suite.trials) - 1
+    assert (bad.parent / "corrupt" / bad.name).exists() and not bad.exists()
+    assert main(["plan", str(suite.file)]) == 0                   # plan and report go on
+    assert main(["report", suite.output.as_posix()]) == 0
+    assert results.consolidate(suite.output) is not None
+
+
+# --------------------------------------------------------------------- lock, files, mode
+def test_a_second_run_on_the_same_output_is_told_and_runs_nothing(write_suite, capsys):
+    from harness.runlock import run_lock
+    path = write_suite()
+    suite = load_suite(path)
+    with run_lock(suite.output):
+        code = main(["run", str(path)])
+        assert sorted(p.name for p in Path(suite.output).iterdir()) == [".harness.lock"]   # nothing ran
+    err = capsys.readouterr().err
+    assert code == 2 and "another harness run is using this output" in err and f"pid {os.getpid()}" in err
+    assert not Path(suite.output).exists()          # the lock's directory goes when nothing was written
+    assert not Path(suite.trials[0].dataset["root"]).exists()                         # no data written either
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    import torch
+
+    from harness.trial import save_weights
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        save_weights({"w": torch.zeros(1), "x": Unpicklable()}, tmp_path / "student.pth", {})
+    def full_disk(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        results._atomic(tmp_path / "rows.parquet", full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_result_files_follow_the_umask(write_suite):
+    suite = load_suite(write_suite())
+    _fake_rows(suite, 0.2)
+    for f in results.rows_dir(suite.output).glob("*.parquet"):
+        assert f.stat().st_mode & 0o777 == results.FILE_MODE
+    assert results.FILE_MODE & 0o044 or results._UMASK & 0o044     # readable by others unless umask says no
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / ".abc.parquet.x1.tmp").write_text("half")
+    (tmp_path / "rows" / "abc.parquet").write_text("kept")
+    assert results.remove_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in (tmp_path / "rows").iterdir()] == ["abc.parquet"]
+
+
+# ------------------------------------------------------------- Ctrl-C, SIGTERM, loopback
+def _listening_ray_sockets() -> list[tuple[str, str]]:
+    """(process name, local address) of every TCP socket a Ray process listens on, read
+    from /proc (no extra package)."""
+    inodes: dict[str, str] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ray" not in cmd or "pytest" in cmd:
+                continue
+            name = Path(cmd.split(" ")[0]).name
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = name
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] != "0A" or parts[9] not in inodes:       # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(parts[1].split(":")[0])
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))    # per-word little endian
+            addr = ipaddress.ip_address(raw)
+            addr = getattr(addr, "ipv4_mapped", None) or addr                    # ::ffff:127.0.0.1
+            ip = str(addr)
+            found.append((inodes[parts[9]], ip))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_cleanly_and_ray_listened_on_loopback_only(tmp_path, sig):
+    """A real run in a subprocess, stopped while the teacher trains: exit code 130, a
+    summary naming the signal, the running trial marked 'interrupted' (not an error,
+    not a storage message), and every Ray socket of the run bound to loopback."""
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    text = text.replace("  t:\n    arch: retinanet", "  t:\n    schedule: {epochs: 200}\n    arch: retinanet")
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    env = dict(os.environ, KD_HARNESS_OUTPUT_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(path), "--num-cpus", "2"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    trials = tmp_path / "out" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (trials.exists() and any(trials.iterdir())):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(1)
+    time.sleep(3)
+    sockets = _listening_ray_sockets()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, (out, err)
+    name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
+    assert f"stopped by {name}" in err and "Traceback" not in err, err
+    df = results.read_results(tmp_path / "out", current_only=False)
+    assert set(df["status"]) == {"interrupted"}, df[["trial_name", "status", "error"]]
+    assert df["error"].str.contains(name).all() and not df["error"].str.contains("storage").any()
+    assert sockets, "no Ray process was listening while the run was going"
+    assert all(ip in ("127.0.0.1", "::1") for _, ip in sockets), sockets
