@@ -117,3 +117,13 @@ def test_paired_gain_interval_matches_scipy_on_fixed_numbers():
     lower = paired_gain(method, alone, higher_is_better=False)        # a lower-is-better metric flips the sign
     assert lower[0] == -2.0 and lower[1] == pytest.approx(-want[1])
     assert math.isnan(paired_gain(method[:1], alone)[1])              # one pair: no interval
+
+
+def test_a_store_with_only_failed_trials_reports_them():
+    """A run whose teacher failed has only error rows: the report says so (it used to end
+    in a KeyError, printed as 'error: task')."""
+    df = pd.DataFrame([_row(trial_id="t", role="teacher", method="teacher", status="error", metric="",
+                            value=math.nan, primary=False, error="RuntimeError: teacher broke")])
+    text = format_report(df)
+    assert text.startswith("no successful trials yet")
+    assert "1 trial(s) without a result" in text and "teacher broke" in text
