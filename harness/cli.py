@@ -80,19 +80,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         failed = [t for t in summary["trials"] if t["error"]]
         print(f"\n{len(summary['trials'])} trial(s) run ({len(failed)} failed), {summary['skipped']} already done, "
               f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
-        print(format_report(read_results(suite.output)))
+        from .html_report import write_report
+        df = read_results(suite.output)
+        md, page = write_report(df, suite.output)
+        print(format_report(df))
+        print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_report
+    from .html_report import write_report
+    from .report import format_report, leaderboard
     from .results import read_results
 
     df = read_results(args.results, current_only=not args.all)
     if args.csv:
-        from .report import leaderboard
-        leaderboard(df).to_csv(args.csv, index=False)
-    print(format_report(df))
+        leaderboard(df, args.best).to_csv(args.csv, index=False)
+    target = Path(args.results)
+    md, page = write_report(df, target if target.is_dir() else target.parent, best=args.best)
+    print(format_report(df, best=args.best))
+    print(f"\nwritten: {md}, {page}")
     return 0
 
 
@@ -158,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the leaderboard of a results directory or Parquet file")
     rep.add_argument("results", help="e.g. results/demo")
     rep.add_argument("--csv", default=None, help="also write the leaderboard to this CSV file")
+    rep.add_argument("--best", action="store_true",
+                     help="best-epoch values instead of last-epoch ones (the table's title says which)")
     rep.add_argument("--all", action="store_true",
                      help="include rows of trials that are no longer in the suite as last run (never pooled by default)")
     rep.set_defaults(func=_cmd_report)
@@ -176,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .results import NewerSchema
     from .runlock import Busy
     try:
         return int(args.func(args) or 0)
-    except (SuiteError, FileNotFoundError, KeyError, Busy) as exc:
+    except (SuiteError, FileNotFoundError, KeyError, Busy, NewerSchema) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2

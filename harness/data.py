@@ -238,6 +238,28 @@ def _read_json(path: Path) -> Any:
     return doc
 
 
+#: files whose content is hashed into a dataset's fingerprint (annotations, split lists);
+#: the other files (images) enter it by relative path and size
+_ANNOTATION_SUFFIXES = {".json", ".txt", ".csv", ".xml", ".lst"}
+
+
+def fingerprint(ds: dict[str, Any]) -> str:
+    """sha256 of a dataset as a trial sees it: the content of its annotation and list
+    files, and the relative path and size of every other file (the image list)."""
+    import hashlib
+    root = Path(ds["root"])
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = path.relative_to(root).as_posix()
+        size = path.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        if path.suffix.lower() in _ANNOTATION_SUFFIXES and size < (256 << 20):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def dataset_format(ds: dict[str, Any]) -> DatasetFormat:
     return import_target(catalog.DATASET_FORMATS.get(ds["format"]).target)()
 

@@ -1,8 +1,15 @@
-"""Leaderboards from a results store: per dataset and (teacher, student) pair, the
-teacher's own score, the student alone, and every method with its mean and spread over
-seeds, gain over the student alone (with a 95% confidence interval over the seeds both
-ran: Student's t on the paired differences, scipy), share of the teacher-student gap
-closed, and cost.
+"""Leaderboards from a results store, as a pure function of its rows.
+
+Per task, dataset and (teacher, student) pair, one row per method: mean over seeds with
+a 95% confidence interval (Student's t), the gain over the student alone with a paired
+t-test over the seeds both ran (scipy) and whether it is distinguishable from seed
+noise, the share of the teacher-student gap closed, and cost (device-hours, images per
+second, the teacher's share of the step time). Warnings flag what makes a cell
+meaningless: a teacher no better than the student, a distilled trial on another
+schedule or dataset than its baseline, a teacher that is not the checkpoint it names.
+
+The same table comes out of pandas here and of DuckDB in the README; the Markdown and
+the HTML (:mod:`harness.html_report`) are two renderings of it.
 """
 from __future__ import annotations
 
@@ -13,6 +20,11 @@ import pandas as pd
 from scipy import stats
 
 from . import catalog
+
+#: p-value under which a gain is called distinguishable from seed noise (paired t-test)
+ALPHA = 0.05
+#: fewer paired seeds than this cannot tell a gain from noise
+MIN_SEEDS = 3
 
 
 def paired_gain(method: pd.Series, alone: pd.Series, higher_is_better: bool = True) -> tuple[float, float, float, int]:
@@ -33,6 +45,36 @@ def paired_gain(method: pd.Series, alone: pd.Series, higher_is_better: bool = Tr
     return mean, float(lo), float(hi), n
 
 
+def paired_p_value(method: pd.Series, alone: pd.Series) -> float:
+    """Two-sided paired t-test (scipy.stats.ttest_rel) on the seeds both ran."""
+    both = pd.concat([method, alone], axis=1, join="inner").dropna()
+    if len(both) < 2:
+        return math.nan
+    diff = both.iloc[:, 0] - both.iloc[:, 1]
+    if float(diff.std(ddof=1)) == 0:
+        return 0.0 if float(diff.mean()) != 0 else 1.0
+    return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue)
+
+
+def mean_interval(values: pd.Series) -> tuple[float, float]:
+    """95% confidence interval of the mean over seeds (Student's t); NaN below two seeds."""
+    values = values.dropna()
+    if len(values) < 2:
+        return math.nan, math.nan
+    sem = float(stats.sem(values))
+    if sem == 0:
+        return float(values.mean()), float(values.mean())
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=float(values.mean()), scale=sem)
+    return float(lo), float(hi)
+
+
+def verdict(p: float, n: int) -> str:
+    """Whether a gain is distinguishable from noise: 'yes', 'no', or 'n<3' (too few seeds)."""
+    if n < MIN_SEEDS:
+        return f"n<{MIN_SEEDS}"
+    return "yes" if p < ALPHA else "no"
+
+
 def _scale(metric: str) -> float:
     """AP is stored in [0, 1]; leaderboards show points (x100) as papers do. The factor
     is the registered metric's ``display_scale``."""
@@ -42,49 +84,75 @@ def _scale(metric: str) -> float:
     return 1.0
 
 
-def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, teacher, student, method) on the primary metric."""
-    ok = df[(df["status"] == "ok") & (df["primary"])]
+def _value_column(df: pd.DataFrame, best: bool) -> pd.Series:
+    """Last-epoch values, or best-epoch ones (``best_value``; a v1 row has none: its last)."""
+    if best and "best_value" in df:
+        return df["best_value"].where(df["best_value"].notna(), df["value"])
+    return df["value"]
+
+
+def _first(series: pd.Series) -> Any:
+    series = series.dropna()
+    return series.iloc[0] if len(series) else None
+
+
+def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
+    """One row per (task, dataset, teacher, student, method) on the primary metric."""
+    ok = df[(df["status"] == "ok") & (df["primary"])].copy()
+    ok["v"] = _value_column(ok, best)
+    for col in ("device_hours", "teacher_time_share", "train_images_per_s"):
+        if col not in ok:
+            ok[col] = math.nan
     rows: list[dict[str, Any]] = []
     for (task, dataset), part in ok.groupby(["task", "dataset"], sort=True):
         metric = part["metric"].iloc[0]
         scale = _scale(metric)
         higher = bool(part["higher_is_better"].iloc[0])
-        teachers = part[part["role"] == "teacher"].groupby("teacher")["value"].mean() * scale
-        alone = part[part["method"] == "none"].groupby("student")["value"]
-        alone_mean = alone.mean() * scale
-        alone_seeds = part[part["method"] == "none"].groupby(["student", "seed"])["value"].mean() * scale
+        sign = 1.0 if higher else -1.0
+        teachers = part[part["role"] == "teacher"].groupby("teacher")["v"].mean() * scale
+        alone_rows = part[part["method"] == "none"]
+        alone_seeds = alone_rows.groupby(["student", "seed"])["v"].mean() * scale
         students = part[part["role"] == "student"]
         pairs = list(students[students["teacher"] != ""][["teacher", "student"]]
                      .drop_duplicates().itertuples(index=False, name=None))
         paired = {s for _, s in pairs} | {t for t, _ in pairs}
-        pairs += [("", s) for s in alone_mean.index if s not in paired]     # only the student alone ran
-        pairs += [(t, "") for t in teachers.index if t not in paired]       # only the teacher ran
+        pairs += [("", s) for s in alone_rows["student"].unique() if s not in paired]   # only the student ran
+        pairs += [(t, "") for t in teachers.index if t not in paired]                   # only the teacher ran
         for teacher, student in pairs:
             t_score = teachers.get(teacher, math.nan)
-            base = alone_mean.get(student, math.nan)
+            base_seeds = (alone_seeds[student] if student in alone_seeds.index.get_level_values(0)
+                          else pd.Series(dtype=float))
+            base = base_seeds.mean() if len(base_seeds) else math.nan
+            gap = sign * (t_score - base)
+            common = dict(task=task, dataset=dataset, teacher=teacher, student=student, metric=metric,
+                          best=best)
             if teacher:
-                rows.append(dict(task=task, dataset=dataset, teacher=teacher, student=student, method="teacher",
-                                 metric=metric, mean=t_score, std=math.nan, n=int(teacher in teachers.index),
-                                 gain=math.nan, gain_lo=math.nan, gain_hi=math.nan, gap_closed=math.nan,
-                                 wall_time_s=math.nan, images_per_s=math.nan))
+                t_rows = part[(part["role"] == "teacher") & (part["teacher"] == teacher)]
+                rows.append(dict(common, method="teacher", mean=t_score, ci_lo=math.nan, ci_hi=math.nan,
+                                 std=math.nan, n=int(teacher in teachers.index), gain=math.nan, gain_lo=math.nan,
+                                 gain_hi=math.nan, p_value=math.nan, distinguishable="", gap_closed=math.nan,
+                                 device_hours=t_rows.groupby("trial_id")["device_hours"].first().sum(),
+                                 images_per_s=t_rows["train_images_per_s"].mean(), teacher_share=math.nan))
             sel = students[(students["student"] == student)
                            & ((students["teacher"] == teacher) | (students["method"] == "none"))]
             for method, m in sel.groupby("method", sort=False):
-                values = m.groupby("seed")["value"].mean() * scale
-                mean = values.mean()
-                sign = 1.0 if higher else -1.0
-                gain = sign * (mean - base)
-                gap = sign * (t_score - base)      # only a teacher better than the student has a gap
-                base_seeds = alone_seeds[student] if student in alone_seeds.index.get_level_values(0) else pd.Series(dtype=float)
-                _, lo, hi, _ = paired_gain(values, base_seeds, higher) if method != "none" else (0, math.nan, math.nan, 0)
+                values = m.groupby("seed")["v"].mean() * scale
+                mean = float(values.mean())
+                lo, hi = mean_interval(values)
+                distilled = method != "none"
+                gain, g_lo, g_hi, n_pairs = paired_gain(values, base_seeds, higher) if distilled else (
+                    0.0, math.nan, math.nan, 0)
+                p = paired_p_value(values, base_seeds) if distilled else math.nan
+                per_trial = m.groupby("trial_id")
                 rows.append(dict(
-                    task=task, dataset=dataset, teacher=teacher, student=student, method=method, metric=metric,
-                    mean=mean, std=values.std(ddof=1) if len(values) > 1 else math.nan, n=len(values),
-                    gain=gain if method != "none" else 0.0, gain_lo=lo, gain_hi=hi,
-                    gap_closed=gain / gap if method != "none" and gap > 0 else math.nan,
-                    wall_time_s=m.groupby("trial_id")["wall_time_s"].first().mean(),
-                    images_per_s=m.groupby("trial_id")["train_images_per_s"].first().mean()))
+                    common, method=method, mean=mean, ci_lo=lo, ci_hi=hi,
+                    std=float(values.std(ddof=1)) if len(values) > 1 else math.nan, n=len(values),
+                    gain=gain if distilled else 0.0, gain_lo=g_lo, gain_hi=g_hi, p_value=p,
+                    distinguishable=verdict(p, n_pairs) if distilled else "",
+                    gap_closed=gain / gap if distilled and gap > 0 else math.nan,
+                    device_hours=per_trial["device_hours"].first().mean(),
+                    images_per_s=per_trial["train_images_per_s"].first().mean(),
+                    teacher_share=per_trial["teacher_time_share"].first().mean() if distilled else math.nan))
     board = pd.DataFrame(rows)
     if board.empty:
         return board
@@ -93,34 +161,103 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return board.sort_values(["task", "dataset", "teacher", "student", "_o", "method"]).drop(columns="_o")
 
 
-def format_report(df: pd.DataFrame) -> str:
-    """The printed report: a leaderboard block per dataset and pair, then any errors."""
-    board = leaderboard(df)
-    lines: list[str] = []
+def warnings_for(df: pd.DataFrame, board: pd.DataFrame | None = None) -> list[str]:
+    """What makes a cell meaningless or two cells incomparable, one sentence each."""
+    board = leaderboard(df) if board is None else board
+    out: list[str] = []
+    if not board.empty:
+        for (dataset, teacher, student), part in board.groupby(["dataset", "teacher", "student"], sort=False):
+            t = part[part["method"] == "teacher"]["mean"]
+            s = part[part["method"] == "none"]["mean"]
+            higher = bool(df[df["dataset"] == dataset]["higher_is_better"].iloc[0])
+            if teacher and student and len(t) and len(s) and not ((t.iloc[0] > s.iloc[0]) == higher
+                                                                  and t.iloc[0] != s.iloc[0]):
+                out.append(f"{dataset}: teacher {teacher} ({t.iloc[0]:.2f}) is not better than student {student} "
+                           f"alone ({s.iloc[0]:.2f}): its distillation cells cannot show knowledge transfer")
+    ok = df[(df["status"] == "ok") & df["primary"]]
+    for col, what in (("schedule_hash", "schedule"), ("dataset_fingerprint", "dataset")):
+        if col not in ok:
+            continue
+        base = ok[ok["method"] == "none"].groupby(["dataset", "student"])[col].agg(lambda v: set(v.dropna()))
+        for r in ok[(ok["role"] == "student") & (ok["method"] != "none")].itertuples():
+            ref = base.get((r.dataset, r.student), set())
+            value = getattr(r, col)
+            if ref and isinstance(value, str) and value and value not in ref:
+                out.append(f"{r.trial_name}: its {what} differs from its baseline's (student {r.student} alone "
+                           f"on {r.dataset}); the gain compares different {what}s")
+    if "teacher_weights_hash" in ok:
+        t_hash = ok[ok["role"] == "teacher"].groupby(["dataset", "teacher"])["teacher_weights_hash"].agg(
+            lambda v: set(v.dropna()) - {""})
+        for r in ok[(ok["role"] == "student") & (ok["teacher"] != "")].itertuples():
+            ref = t_hash.get((r.dataset, r.teacher), set())
+            if ref and r.teacher_weights_hash and r.teacher_weights_hash not in ref:
+                out.append(f"{r.trial_name}: the teacher it ran with is not the teacher {r.teacher} of this store "
+                           f"(weights hash {r.teacher_weights_hash[:12]} vs {', '.join(h[:12] for h in ref)})")
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------- Markdown
+def _f(v: Any, fmt: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def title(task: str, dataset: str, metric: str, teacher: str, student: str, best: bool) -> str:
+    scale = " x100" if _scale(metric) != 1 else ""
+    epoch = "best epoch" if best else "last epoch"
+    return f"{dataset} ({task}, {metric}{scale}, {epoch}): teacher {teacher or '-'} -> student {student or '-'}"
+
+
+HEADER = ["method", "mean", "95% CI", "n", "gain", "95% CI of gain", "p", "distinguishable", "gap closed",
+          "device-h", "img/s", "teacher share"]
+
+
+def table_rows(part: pd.DataFrame) -> list[list[str]]:
+    """The cells of one block, as strings (shared by the Markdown and the HTML)."""
+    out = []
+    for r in part.itertuples():
+        label = {"teacher": "teacher", "none": "student alone"}.get(r.method, r.method)
+        ci = "" if math.isnan(r.ci_lo) else f"[{r.ci_lo:.2f}, {r.ci_hi:.2f}]"
+        gci = "" if math.isnan(r.gain_lo) else f"[{r.gain_lo:+.2f}, {r.gain_hi:+.2f}]"
+        out.append([label, _f(r.mean, ".2f"), ci, str(r.n), _f(r.gain, "+.2f") if r.method != "teacher" else "",
+                    gci, _f(r.p_value, ".3f"), r.distinguishable, _f(r.gap_closed, ".0%"),
+                    _f(r.device_hours, ".3f"), _f(r.images_per_s, ".1f"), _f(r.teacher_share, ".0%")])
+    return out
+
+
+def failures(df: pd.DataFrame) -> list[str]:
+    errors = df[df["status"] != "ok"].drop_duplicates("trial_id")
+    return [f"{r.trial_name} [{r.trial_id}] {r.status}: {r.error}" for r in errors.itertuples()]
+
+
+def to_markdown(df: pd.DataFrame, best: bool = False) -> str:
+    """The leaderboard as Markdown: a table per dataset and pair, warnings, failures."""
+    board = leaderboard(df, best)
+    lines: list[str] = ["# Leaderboard", ""]
     if board.empty:
-        lines.append("no successful trials yet")
+        lines += ["no successful trials yet", ""]
     groups = [] if board.empty else board.groupby(["task", "dataset", "teacher", "student"], sort=False)
     for (task, dataset, teacher, student), part in groups:
-        metric = part["metric"].iloc[0]
-        lines.append(f"\n== {dataset} ({task}, {metric}{' x100' if _scale(metric) != 1 else ''}) "
-                     f"teacher {teacher or '-'} -> student {student}")
-        lines.append(f"{'method':<16}{'mean':>8}{'± std':>8}{'seeds':>6}{'gain':>8}{'95% CI of gain':>18}"
-                     f"{'gap':>7}{'time s':>9}{'img/s':>8}")
-        for r in part.itertuples():
-            def f(v: float, fmt: str) -> str:
-                return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-            label = {"teacher": "teacher", "none": "student alone"}.get(r.method, r.method)
-            ci = "" if math.isnan(r.gain_lo) else f"[{r.gain_lo:+.2f}, {r.gain_hi:+.2f}]" + (
-                " *" if r.gain_lo > 0 or r.gain_hi < 0 else "")
-            lines.append(f"{label:<16}{f(r.mean, '.2f'):>8}{f(r.std, '.2f'):>8}{r.n:>6}"
-                         f"{f(r.gain, '+.2f'):>8}{ci:>18}{f(r.gap_closed, '.0%'):>7}{f(r.wall_time_s, '.0f'):>9}"
-                         f"{f(r.images_per_s, '.1f'):>8}")
-    if not board.empty and board["gain_lo"].notna().any():
-        lines.append("\n* the 95% confidence interval of the gain excludes zero (paired seeds, Student's t)")
-    errors = df[df["status"] != "ok"].drop_duplicates("trial_id")
-    if len(errors):
-        lines.append(f"\n{len(errors)} trial(s) without a result (not in the leaderboard):")
-        for r in errors.itertuples():
-            lines.append(f"  {r.trial_name} [{r.trial_id}] {r.status}: {r.error}")
-    return "\n".join(lines).lstrip("\n")
+        lines += [f"## {title(task, dataset, part['metric'].iloc[0], teacher, student, best)}", "",
+                  "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(part)]
+        lines.append("")
+    if not board.empty:
+        lines += [f"Mean and its 95% confidence interval over seeds (Student's t); gain over the student alone "
+                  f"with its 95% interval and a paired t-test over the seeds both ran; distinguishable: p < {ALPHA} "
+                  f"with at least {MIN_SEEDS} seeds (n<{MIN_SEEDS}: too few seeds to tell); gap closed: "
+                  f"(method - student) / (teacher - student).", ""]
+        if (board["n"] < MIN_SEEDS).any() and (board["method"] != "teacher").any():
+            lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
+    warns = warnings_for(df, board)
+    if warns:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
+    fails = failures(df)
+    if fails:
+        lines += [f"## {len(fails)} trial(s) without a result (not in the leaderboard)", ""]
+        lines += [f"- {f}" for f in fails] + [""]
+    return "\n".join(lines)
 
+
+def format_report(df: pd.DataFrame, best: bool = False) -> str:
+    """What ``run`` and ``report`` print: the Markdown leaderboard."""
+    return to_markdown(df, best)

@@ -23,9 +23,12 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Parquet key-value metadata key holding the schema version of a file
+VERSION_KEY = b"kd_harness.schema_version"
 
-#: column -> (arrow type, meaning). One row per (trial, metric).
+#: column -> (arrow type, meaning). One row per (trial, metric). Version 2 added every
+#: column from ``versions`` on; a version-1 file is upgraded on read (those columns null).
 COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "schema_version": (pa.int32(), "version of this schema"),
     "suite": (pa.string(), "suite name"),
@@ -54,7 +57,28 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "code_version": (pa.string(), "harness version and git commit of the code that ran"),
     "config_hash": (pa.string(), "hash of the full trial spec, resources and paths included"),
     "timestamp": (pa.string(), "UTC time the row was written, ISO 8601"),
+    # ---- version 2: provenance, cost, best epoch, curves
+    "versions": (pa.string(), "JSON {package: version} of torch, torchvision, mmcv, mmdet, mmseg, mmengine, ray"),
+    "dataset_fingerprint": (pa.string(), "sha256 of the dataset's annotation files and image list (names, sizes)"),
+    "schedule_hash": (pa.string(), "hash of the training schedule: trials to compare must share it"),
+    "teacher_sha256": (pa.string(), "sha256 of the teacher checkpoint file the trial used (teacher rows: the one "
+                                    "it wrote or evaluated); '' for the student alone"),
+    "teacher_weights_hash": (pa.string(), "hash of the teacher's weights as held in memory during the trial: equal "
+                                          "to the teacher row's means the trial ran with that checkpoint, unchanged"),
+    "device_count": (pa.int64(), "accelerators the trial held (0 on the CPU)"),
+    "started_at": (pa.string(), "UTC start of the trial, ISO 8601"),
+    "ended_at": (pa.string(), "UTC end of the trial, ISO 8601"),
+    "device_hours": (pa.float64(), "wall hours x devices held (GPUs, or CPUs when it held no GPU)"),
+    "peak_memory_mb": (pa.float64(), "peak accelerator memory allocated (GPU) or peak resident memory (CPU), MiB"),
+    "train_images_per_s_no_teacher": (pa.float64(), "training images per second without the teacher's forward time"),
+    "teacher_time_share": (pa.float64(), "share of the training step time spent in the teacher's forward"),
+    "best_value": (pa.float64(), "best value of this metric over the trial's evaluations"),
+    "best_epoch": (pa.int64(), "epoch (or iteration) of best_value"),
+    "curve": (pa.string(), "JSON [[epoch, value], ...]: this metric at every evaluation"),
+    "search_id": (pa.string(), "id of the hyperparameter search the trial belongs to; '' for suite trials"),
 }
+#: columns a version-1 file lacks (added as nulls on read)
+V2_COLUMNS = list(COLUMNS)[list(COLUMNS).index("versions"):]
 SCHEMA = pa.schema([(name, typ) for name, (typ, _) in COLUMNS.items()])
 
 # Result files are shared (a team reads one store): they get the permissions the
@@ -86,7 +110,7 @@ def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
         if missing or extra:
             raise ValueError(f"result row does not match the schema: missing {sorted(missing)}, "
                              f"extra {sorted(extra)}")
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    return pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()}))
 
 
 def _atomic(path: str | os.PathLike, write: "Any") -> Path:
@@ -135,11 +159,38 @@ def write_trial_rows(output: str | os.PathLike, trial_id: str, rows: list[dict[s
     return write_atomic(to_table(rows), rows_dir(output) / f"{trial_id}.parquet")
 
 
+class NewerSchema(ValueError):
+    """A file written by a newer harness than this one."""
+
+
+def file_version(table: pa.Table) -> int:
+    meta = table.schema.metadata or {}
+    if VERSION_KEY in meta:
+        return int(meta[VERSION_KEY])
+    if "schema_version" in table.column_names and table.num_rows:
+        return int(max(table.column("schema_version").to_pylist()))
+    return 1
+
+
+def upgrade(table: pa.Table, source: str | os.PathLike = "<table>") -> pa.Table:
+    """A table of any known schema version as the current :data:`SCHEMA`: version-1 rows
+    get the version-2 columns as nulls; a newer version is an error that says so."""
+    version = file_version(table)
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(f"{source}: written with results schema v{version}, but this harness reads up to "
+                          f"v{SCHEMA_VERSION}; upgrade kd-harness to read it")
+    for name in COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, COLUMNS[name][0]))
+    return table.select(list(COLUMNS)).cast(SCHEMA)
+
+
 def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """One row file, or None (with a warning, and the file moved to ``rows/corrupt/``)
-    when it cannot be read: one bad file must not break plan, run or report."""
+    """One row file (upgraded to the current schema), or None (with a warning, and the file
+    moved to ``rows/corrupt/``) when it cannot be read: one bad file must not break plan,
+    run or report. A file from a newer harness is an error, never quarantined."""
     try:
-        return pq.read_table(f, columns=columns)
+        table = pq.read_table(f)
     except (OSError, pa.ArrowException) as exc:
         quarantine = f.parent / "corrupt"
         try:
@@ -151,6 +202,8 @@ def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
         warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); {where}; "
                       f"its trial will be run again", stacklevel=2)
         return None
+    table = upgrade(table, f)
+    return table.select(columns) if columns else table
 
 
 def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":
@@ -164,14 +217,15 @@ def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":
     path = Path(path)
     if path.is_file():
         try:
-            return pq.read_table(path).to_pandas()
+            table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
             raise FileNotFoundError(f"'{path}' is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        return upgrade(table, path).to_pandas()
     files = sorted(rows_dir(path).glob("*.parquet")) if path.is_dir() else []
     current = current_trials(path) if current_only else None
     if current is not None:
         files = [f for f in files if f.stem in current]
-    tables = [t.cast(SCHEMA) for t in (_read(f) for f in files) if t is not None]
+    tables = [t for t in (_read(f) for f in files) if t is not None]
     if not tables:
         raise FileNotFoundError(f"no results under '{path}' (expected {rows_dir(path)}/*.parquet "
                                 f"or a .parquet file); run a suite first: python -m harness run SUITE")
@@ -199,11 +253,23 @@ def finished_trials(output: str | os.PathLike) -> set[str]:
 
 def consolidate(output: str | os.PathLike) -> Path | None:
     """Rewrite ``results.parquet`` from ``rows/`` (atomically); None when there are no rows."""
-    tables = [t.cast(SCHEMA) for t in (_read(f) for f in sorted(rows_dir(output).glob("*.parquet")))
-              if t is not None]
+    tables = [t for t in (_read(f) for f in sorted(rows_dir(output).glob("*.parquet"))) if t is not None]
     if not tables:
         return None
-    return write_atomic(pa.concat_tables(tables), Path(output) / "results.parquet")
+    table = pa.concat_tables(tables).replace_schema_metadata({VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    return write_atomic(table, Path(output) / "results.parquet")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on (not imported: read from metadata)."""
+    from importlib import metadata
+    out = {}
+    for name in ("torch", "torchvision", "mmcv", "mmdet", "mmsegmentation", "mmengine", "ray"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = ""
+    return out
 
 
 def params_json(params: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import time
+
 import torch
 from mmengine.model import BaseModel
 from torch import nn
@@ -23,10 +25,36 @@ class TeacherStudentModel(BaseModel):
         if distiller is not None and teacher is None:
             raise ValueError("a distiller needs a teacher")
         self.student, self.teacher, self.distiller = student, teacher, distiller
+        #: seconds spent in the teacher's forward while training (for the cost columns)
+        self.teacher_seconds = 0.0
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
+            self._time_teacher(teacher)
+
+    def _time_teacher(self, teacher: nn.Module) -> None:
+        """Time every call into the teacher's parts (backbone, neck, heads: whichever way a
+        distiller calls the teacher, it goes through them) while training."""
+        started: list[float] = []
+
+        def sync(module: nn.Module) -> None:
+            if torch.cuda.is_available() and next(module.parameters(), torch.empty(0)).is_cuda:
+                torch.cuda.synchronize()
+
+        def before(module: nn.Module, args: Any) -> None:
+            if self.training:
+                sync(module)
+                started.append(time.perf_counter())
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            if self.training and started:
+                sync(module)
+                self.teacher_seconds += time.perf_counter() - started.pop()
+        parts = list(teacher.children()) or [teacher]
+        for part in parts:
+            part.register_forward_pre_hook(before)
+            part.register_forward_hook(after)
 
     def train(self, mode: bool = True) -> "TeacherStudentModel":
         super().train(mode)

@@ -39,6 +39,36 @@ class TrialResult:
     train_images_per_s: float = float("nan")
     device: str = "cpu"
     checkpoint: str | None = None
+    #: provenance and cost (results schema v2)
+    device_count: int = 0
+    peak_memory_mb: float = float("nan")
+    train_images_per_s_no_teacher: float = float("nan")
+    teacher_time_share: float = float("nan")
+    teacher_sha256: str = ""
+    teacher_weights_hash: str = ""
+    dataset_fingerprint: str = ""
+
+
+def weights_hash(state: dict[str, Any]) -> str:
+    """sha256 over a state dict's names and tensor bytes (order-independent of devices)."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())   # numpy has no bfloat16
+    return h.hexdigest()
+
+
+def _peak_memory_mb(device: str) -> float:
+    import resource
+
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -293,22 +323,50 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     else:
         ckpt = str(save_weights(model.student_state_dict(), work_dir / "student.pth", meta))
     device = str(next(model.student.parameters()).device)
+    peak = _peak_memory_mb(device)
     if device.startswith("cuda"):
         device += f" ({torch.cuda.get_device_name()})"
     images, seconds = clock.get("images", 0), clock.get("seconds", 0.0)
+    teacher_s = float(getattr(model, "teacher_seconds", 0.0))
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    from .spec import file_sha256
+    if spec.role == "teacher":      # the weights it wrote (or evaluated), as a student will load them
+        t_sha, t_hash = file_sha256(ckpt), weights_hash(model.student_state_dict())
+    elif getattr(model, "teacher", None) is not None:
+        t_sha, t_hash = file_sha256(spec.teacher_checkpoint), weights_hash(model.teacher.state_dict())
+    else:
+        t_sha, t_hash = "", ""
+    from .data import fingerprint
     return TrialResult(metrics=final, epoch=int(history[-1]["epoch"]), history=history,
                        train_images_per_s=images / seconds if seconds > 0 else float("nan"),
-                       device=device, checkpoint=ckpt)
+                       device=device, checkpoint=ckpt, device_count=torch.cuda.device_count() if "cuda" in device else 0,
+                       peak_memory_mb=peak,
+                       train_images_per_s_no_teacher=images / (seconds - teacher_s) if seconds > teacher_s else float("nan"),
+                       teacher_time_share=teacher_s / seconds if seconds > 0 else float("nan"),
+                       teacher_sha256=t_sha, teacher_weights_hash=t_hash, dataset_fingerprint=fingerprint(spec.dataset))
 
 
 # ------------------------------------------------------------------------------- rows
 def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: float,
-                status: str = "error") -> list[dict[str, Any]]:
+                status: str = "error", started: datetime | None = None,
+                search_id: str = "") -> list[dict[str, Any]]:
     """The trial's rows in the store's schema: one per metric, or one row with
     ``status`` (error, diverged, interrupted) and the message."""
+    import json
     metric_entry = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
+    now = datetime.now(timezone.utc)
+    started = started or now
+    res = spec.resources
+    devices = float(res.get("gpu") or 0) or float(res.get("cpu") or 1)
+    o = outcome or TrialResult(metrics={}, epoch=-1)
     base = {
+        "versions": json.dumps(results.package_versions(), sort_keys=True),
+        "dataset_fingerprint": o.dataset_fingerprint, "schedule_hash": content_hash(spec.schedule),
+        "teacher_sha256": o.teacher_sha256, "teacher_weights_hash": o.teacher_weights_hash,
+        "device_count": o.device_count, "started_at": started.isoformat(timespec="seconds"),
+        "ended_at": now.isoformat(timespec="seconds"), "device_hours": wall / 3600 * devices,
+        "peak_memory_mb": o.peak_memory_mb, "train_images_per_s_no_teacher": o.train_images_per_s_no_teacher,
+        "teacher_time_share": o.teacher_time_share, "search_id": search_id,
         "schema_version": results.SCHEMA_VERSION, "suite": spec.suite, "trial_id": spec.trial_id,
         "trial_name": spec.name, "task": spec.task, "dataset": spec.dataset["name"], "role": spec.role,
         "teacher": spec.model["name"] if spec.role == "teacher" else (spec.teacher or {}).get("name", ""),
@@ -319,22 +377,30 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
         "config_hash": content_hash(spec.to_dict()),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    def best(name: str) -> tuple[float, int, str]:
+        curve = [(int(p["epoch"]), float(p[name])) for p in outcome.history if name in p]
+        pick = max if metric_entry["higher_is_better"] else min
+        b_epoch, b_value = pick(curve, key=lambda c: c[1]) if curve else (-1, float("nan"))
+        return b_value, b_epoch, json.dumps(curve)
+
     rows = [] if outcome is None else [
         dict(base, metric=name, value=value, primary=name == metric_entry["primary"], epoch=outcome.epoch,
-             status="ok", error="", train_images_per_s=outcome.train_images_per_s, device=outcome.device)
+             status="ok", error="", train_images_per_s=outcome.train_images_per_s, device=outcome.device,
+             **dict(zip(("best_value", "best_epoch", "curve"), best(name))))
         for name, value in outcome.metrics.items() if name in metric_entry["keys"]]
     if outcome is not None and not rows:
         error = (f"the evaluation gave none of {metric_entry.name}'s metrics "
                  f"({', '.join(metric_entry['keys'])}); it gave {sorted(outcome.metrics)}")
     return rows or [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status=status,
-                         error=error, train_images_per_s=float("nan"), device=platform.node())]
+                         error=error, train_images_per_s=float("nan"), device=platform.node(),
+                         best_value=float("nan"), best_epoch=-1, curve="[]")]
 
 
 def execute_trial(spec: TrialSpec, report: Reporter | None = None,
                   log_level: str | None = None) -> tuple[list[dict[str, Any]], BaseException | None]:
     """Run a trial and write its rows (ok or error) to the store; never raises for a
     failure of the trial itself, returns it instead."""
-    start = time.perf_counter()
+    start, started = time.perf_counter(), datetime.now(timezone.utc)
     outcome, error, exc, status = None, "", None, "error"
     try:
         outcome = run_trial(spec, report=report, log_level=log_level)
@@ -345,6 +411,6 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None,
         (spec.trial_dir / "error.txt").write_text(tb)
         error = f"{type(e).__name__}: {e}"
         status = "diverged" if isinstance(e, Diverged) else "error"
-    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status)
+    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started)
     results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

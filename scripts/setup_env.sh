@@ -82,6 +82,19 @@ target="$root"
 "$py" -c 'import mmcv.ops, mmdet, mmseg, ray, pyarrow, pycocotools' \
     || { log "import check failed"; exit 1; }
 
+if [[ "$extras" == *test* ]] && ! command -v chromium >/dev/null 2>&1; then
+    # the HTML report's browser test drives the system's headless Chromium through
+    # Playwright; Debian's package, where this machine may install packages
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+        log "Chromium for the browser test (Debian package)"
+        apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+            || log "could not install chromium: the browser test will be skipped, saying why"
+    else
+        log "no chromium and no way to install it here: the browser test will be skipped, saying why"
+    fi
+fi
+
 { grep -s -- "^$hash-" "$stamp" || true; echo "$stamp_key"; echo "$hash-base"; } | sort -u > "$stamp.new"
 mv "$stamp.new" "$stamp"
 log "environment ready: $venv"

@@ -1,0 +1,161 @@
+"""``report.html``: the leaderboard of :mod:`harness.report` as one self-contained page.
+
+Tables, warnings and three kinds of plots (matplotlib, inlined as SVG so the page needs
+no network and no other file): the gain of each method with its 95% interval, the
+metric against device-hours, and the validation curves of every cell (mean over seeds).
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from . import report
+
+
+def _svg(fig: "object") -> str:
+    import matplotlib.pyplot as plt
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]                  # drop the XML prolog: it is inlined
+
+
+def _blocks(board: pd.DataFrame) -> list[tuple[tuple[str, str, str, str], pd.DataFrame]]:
+    return [] if board.empty else list(board.groupby(["task", "dataset", "teacher", "student"], sort=False))
+
+
+def gain_plot(board: pd.DataFrame) -> str:
+    """Gain over the student alone per method, with its 95% interval, one panel per cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    blocks = [(k, p[~p["method"].isin(["teacher", "none"])]) for k, p in _blocks(board)]
+    blocks = [(k, p) for k, p in blocks if len(p)]
+    if not blocks:
+        return ""
+    fig, axes = plt.subplots(len(blocks), 1, figsize=(7, 1.2 + 0.45 * max(len(p) for _, p in blocks) * len(blocks)),
+                             squeeze=False)
+    for ax, ((task, dataset, teacher, student), part) in zip(axes[:, 0], blocks):
+        y = range(len(part))
+        err = [[g - lo if not math.isnan(lo) else 0 for g, lo in zip(part["gain"], part["gain_lo"])],
+               [hi - g if not math.isnan(hi) else 0 for g, hi in zip(part["gain"], part["gain_hi"])]]
+        colors = ["tab:green" if d == "yes" else "tab:gray" for d in part["distinguishable"]]
+        ax.barh(list(y), part["gain"], xerr=err, color=colors, capsize=3)
+        ax.set_yticks(list(y), part["method"])
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{dataset}: {teacher} -> {student}", fontsize=9)
+        ax.set_xlabel(f"gain over the student alone ({part['metric'].iloc[0]}), 95% CI")
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def cost_plot(board: pd.DataFrame) -> str:
+    """Each method's mean metric against its device-hours per trial."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    blocks = [(k, p.dropna(subset=["device_hours", "mean"])) for k, p in _blocks(board)]
+    blocks = [(k, p) for k, p in blocks if len(p)]
+    if not blocks:
+        return ""
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 3.4), squeeze=False)
+    for ax, ((task, dataset, teacher, student), part) in zip(axes[0], blocks):
+        ax.scatter(part["device_hours"], part["mean"])
+        for r in part.itertuples():
+            ax.annotate(r.method, (r.device_hours, r.mean), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("device-hours per trial")
+        ax.set_ylabel(part["metric"].iloc[0])
+        ax.set_title(f"{dataset}: {teacher or '-'} -> {student or '-'}", fontsize=9)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def curves_plot(df: pd.DataFrame, board: pd.DataFrame) -> str:
+    """Validation curves (primary metric, mean over seeds) of every method of every cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if "curve" not in df:
+        return ""
+    ok = df[(df["status"] == "ok") & df["primary"] & df["curve"].notna()]
+    blocks = _blocks(board)
+    if ok.empty or not blocks:
+        return ""
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks), 3.4), squeeze=False)
+    drawn = False
+    for ax, ((task, dataset, teacher, student), part) in zip(axes[0], blocks):
+        for method in part["method"]:
+            sel = ok[(ok["dataset"] == dataset) & (ok["method"] == method)]
+            sel = sel[(sel["teacher"] == teacher) & (sel["role"] == "teacher")] if method == "teacher" else \
+                sel[(sel["student"] == student) & ((sel["teacher"] == teacher) | (sel["method"] == "none"))]
+            points = [(e, v) for c in sel["curve"] for e, v in json.loads(c or "[]")]
+            if not points:
+                continue
+            mean = pd.DataFrame(points, columns=["epoch", "value"]).groupby("epoch")["value"].mean()
+            ax.plot(mean.index, mean.values * report._scale(part["metric"].iloc[0]), marker="o", markersize=3,
+                    label={"none": "student alone"}.get(method, method))
+            drawn = True
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(part["metric"].iloc[0])
+        ax.set_title(f"{dataset}: {teacher or '-'} -> {student or '-'}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _svg(fig) if drawn else ""
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.yes td { background: #eaf6ea; }
+.warn { color: #8a4b00; }
+figure { margin: 1em 0; }
+"""
+
+
+def to_html(df: pd.DataFrame, best: bool = False) -> str:
+    """The whole report page (one string, no external resource)."""
+    board = report.leaderboard(df, best)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
+             f"<style>{CSS}</style></head><body><h1>Leaderboard</h1>"]
+    if board.empty:
+        parts.append("<p>no successful trials yet</p>")
+    for (task, dataset, teacher, student), part in _blocks(board):
+        parts.append(f"<h2>{html.escape(report.title(task, dataset, part['metric'].iloc[0], teacher, student, best))}"
+                     f"</h2><table class='leaderboard'><thead><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in report.HEADER) + "</tr></thead><tbody>")
+        for cells in report.table_rows(part):
+            parts.append(f"<tr class='{html.escape(cells[7])}'>"
+                         + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        parts.append("</tbody></table>")
+    warns = report.warnings_for(df, board)
+    if warns:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)
+                     + "</ul>")
+    for name, svg in (("Gain over the student alone (95% CI)", gain_plot(board)),
+                      ("Metric against device-hours", cost_plot(board)),
+                      ("Validation curves", curves_plot(df, board))):
+        if svg:
+            parts.append(f"<h2>{name}</h2><figure class='plot'>{svg}</figure>")
+    fails = report.failures(df)
+    if fails:
+        parts.append(f"<h2>{len(fails)} trial(s) without a result</h2><ul>"
+                     + "".join(f"<li>{html.escape(f)}</li>" for f in fails) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False) -> tuple[Path, Path]:
+    """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths."""
+    from .results import write_text_atomic
+    directory = Path(directory)
+    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best))
+    page = write_text_atomic(directory / "report.html", to_html(df, best))
+    return md, page
