@@ -103,6 +103,37 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .suite import load_suite
+
+    suite = load_suite(args.suite, args.output_root)
+    if not suite.doc.get("search"):
+        raise SuiteError(f"{suite.file}: no 'search' block; harness tune needs one (see docs/suite-schema.md, Search)")
+    from .preflight import check_types
+    check_types(suite)
+    from .runlock import run_lock
+
+    with run_lock(suite.output, wait=args.wait):
+        from .data import ensure_dataset
+        from .preflight import preflight
+        for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
+            ensure_dataset(ds)
+        preflight(suite)
+        from .tune import run_search
+        summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
+    print(f"\nsearch {summary['search_id']}:")
+    for cell in summary["cells"]:
+        if cell.get("error"):
+            print(f"  {cell['cell']}: {cell['error']}")
+            continue
+        best = cell["best"]
+        shown = "none finished" if best is None else f"best {best['config']} scored {best['score']:.4f}"
+        print(f"  {cell['cell']}: {cell['trials']} configuration(s), {cell['pruned']} stopped early; {shown}")
+        if cell["suite_file"]:
+            print(f"    re-evaluate on fresh seeds: python -m harness run {cell['suite_file']}")
+    return 0 if all(c.get("suite_file") for c in summary["cells"]) else 1
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from .schema import reference
 
@@ -154,7 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="validate a suite and print its trial matrix (runs nothing)")
     pl.add_argument("suite")
     pl.set_defaults(func=_cmd_plan)
-    for sp in (r, pl):
+    tu = sub.add_parser("tune", help="run the suite's hyperparameter search ('search:' block) on Ray Tune")
+    tu.add_argument("suite")
+    tu.add_argument("--address", default=None, help="address of an existing Ray cluster")
+    tu.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    tu.add_argument("--verbose", action="store_true", help="show the trials' own logs")
+    tu.add_argument("--wait", action="store_true", help="wait for another run holding this output")
+    tu.set_defaults(func=_cmd_tune)
+    for sp in (r, pl, tu):
         sp.add_argument("--output-root", action="append", default=[], metavar="DIR",
                         help="also allow the suite to write under DIR (besides the working directory and "
                              "$KD_HARNESS_OUTPUT_ROOT); repeatable")

@@ -144,7 +144,15 @@ def to_html(df: pd.DataFrame, best: bool = False) -> str:
                       ("Validation curves", curves_plot(df, board))):
         if svg:
             parts.append(f"<h2>{name}</h2><figure class='plot'>{svg}</figure>")
-    fails = report.failures(df)
+    for sr in report.searches(df):
+        best_text = f"{sr['best']['params']} ({sr['best']['score']:.2f})" if sr["best"] else "none finished"
+        parts.append(f"<h2>Search {html.escape(sr['search_id'])} ({html.escape(sr['cell'])})</h2>"
+                     f"<p>Best: <code>{html.escape(best_text)}</code></p><table class='search'><thead><tr>"
+                     "<th>params</th><th>status</th><th>seeds</th><th>score</th></tr></thead><tbody>"
+                     + "".join(f"<tr><td><code>{html.escape(t['params'])}</code></td><td>{html.escape(t['status'])}</td>"
+                               f"<td>{t['seeds']}</td><td>{report._f(t['score'], '.2f')}</td></tr>" for t in sr["trials"])
+                     + "</tbody></table>")
+    fails = report.failures(df[df["search_id"].fillna("") == ""] if "search_id" in df else df)
     if fails:
         parts.append(f"<h2>{len(fails)} trial(s) without a result</h2><ul>"
                      + "".join(f"<li>{html.escape(f)}</li>" for f in fails) + "</ul>")

@@ -99,6 +99,8 @@ def _first(series: pd.Series) -> Any:
 def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
     """One row per (task, dataset, teacher, student, method) on the primary metric."""
     ok = df[(df["status"] == "ok") & (df["primary"])].copy()
+    if "search_id" in ok:       # search trials have their own section
+        ok = ok[ok["search_id"].fillna("") == ""]
     ok["v"] = _value_column(ok, best)
     for col in ("device_hours", "teacher_time_share", "train_images_per_s"):
         if col not in ok:
@@ -251,11 +253,46 @@ def to_markdown(df: pd.DataFrame, best: bool = False) -> str:
     warns = warnings_for(df, board)
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
-    fails = failures(df)
+    lines += _search_markdown(df)
+    fails = failures(df[df["search_id"].fillna("") == ""] if "search_id" in df else df)
     if fails:
         lines += [f"## {len(fails)} trial(s) without a result (not in the leaderboard)", ""]
         lines += [f"- {f}" for f in fails] + [""]
     return "\n".join(lines)
+
+
+def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per search: its trials (configuration, score, status) and the best configuration."""
+    if "search_id" not in df:
+        return []
+    out = []
+    for sid, part in df[df["search_id"].fillna("") != ""].groupby("search_id", sort=True):
+        trials = []
+        for (params, status), p in part.groupby(["params", "status"], sort=False):
+            prim = p[p["primary"]] if status == "ok" else p
+            trials.append({"params": params, "status": status, "seeds": int(p["seed"].nunique()),
+                           "score": float(prim["value"].mean()) * _scale(str(prim["metric"].iloc[0]))
+                           if status == "ok" and len(prim) else math.nan})
+        ok = [t for t in trials if t["status"] == "ok"]
+        higher = bool(part["higher_is_better"].iloc[0])
+        best = (max if higher else min)(ok, key=lambda t: t["score"]) if ok else None
+        cell = part.iloc[0]
+        out.append({"search_id": sid, "cell": f"{cell['dataset']}: {cell['teacher']} -> {cell['student']}, "
+                                              f"{cell['method']}", "trials": trials, "best": best})
+    return out
+
+
+def _search_markdown(df: pd.DataFrame) -> list[str]:
+    lines = []
+    for s in searches(df):
+        lines += [f"## Search {s['search_id']} ({s['cell']})", "",
+                  f"{len(s['trials'])} configuration(s), {sum(t['status'] == 'pruned' for t in s['trials'])} "
+                  f"stopped early by ASHA. Best: "
+                  + (f"`{s['best']['params']}` ({s['best']['score']:.2f})" if s["best"] else "none finished"), "",
+                  "| params | status | seeds | score |", "|---|---|---|---|"]
+        lines += [f"| `{t['params']}` | {t['status']} | {t['seeds']} | {_f(t['score'], '.2f')} |" for t in s["trials"]]
+        lines.append("")
+    return lines
 
 
 def format_report(df: pd.DataFrame, best: bool = False) -> str:

@@ -223,9 +223,10 @@ def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":
         return upgrade(table, path).to_pandas()
     files = sorted(rows_dir(path).glob("*.parquet")) if path.is_dir() else []
     current = current_trials(path) if current_only else None
-    if current is not None:
-        files = [f for f in files if f.stem in current]
-    tables = [t for t in (_read(f) for f in files) if t is not None]
+    read = [(f, _read(f)) for f in files]
+    # the suite as last run, and every search's trials (a report shows them in their own section)
+    tables = [t for f, t in read if t is not None
+              and (current is None or f.stem in current or any(t.column("search_id").to_pylist()))]
     if not tables:
         raise FileNotFoundError(f"no results under '{path}' (expected {rows_dir(path)}/*.parquet "
                                 f"or a .parquet file); run a suite first: python -m harness run SUITE")

@@ -22,7 +22,7 @@ from typing import Any
 from . import catalog
 from .pretrained import is_uri
 from .registry import suggest
-from .schema import Resources, Schedule, SuiteDoc, check_name, validate
+from .schema import Resources, Schedule, Search, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError, deep_merge, load_yaml
 
@@ -357,6 +357,39 @@ def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
     return out
 
 
+SEARCHABLE_SCHEDULE = ("lr", "momentum", "weight_decay", "grad_clip", "warmup_iters", "batch_size")
+
+
+def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
+    """The ``search`` block: its method is a label of the suite, every dimension of its
+    space a numeric (or choice) hyperparameter of that method or a schedule key."""
+    node = doc["search"]
+    label = node["method"]
+    if label not in methods or label == "none":
+        raise _err(node, "method", f"search.method: '{label}' is not a method label of the suite"
+                                   f"{suggest(str(label), list(methods))}; valid: {', '.join(m for m in methods if m != 'none')}")
+    name = methods[label][0]
+    entry = catalog.METHODS.get(name)
+    space = node["space"]
+    for key, dim in space.items():
+        if key.startswith("schedule."):
+            if key.split(".", 1)[1] not in SEARCHABLE_SCHEDULE:
+                raise _err(space, key, f"search.space.{key}: searchable schedule keys are "
+                                       f"{', '.join('schedule.' + k for k in SEARCHABLE_SCHEDULE)}")
+            continue
+        if key not in entry["params"]:
+            raise _err(space, key, f"search.space: '{key}' is not a parameter of {name}{suggest(key, list(entry['params']))}; "
+                                   f"valid: {', '.join(entry['params'])} or schedule.KEY")
+        values = dim.get("choice") or [v for k in ("uniform", "loguniform", "randint") for v in (dim.get(k) or [])]
+        for v in values:                 # every value it can take must be a valid value of the parameter
+            probe = Node({key: v})
+            probe.file, probe.line, probe.key_lines = getattr(space, "file", ""), 0, {key: space.key_lines.get(key, 0)
+                                                                                     if isinstance(space, Node) else 0}
+            _check_param(f"{label} (search.space)", name, entry, probe, key, v)
+    full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
+    return full | {"method_name": name}
+
+
 def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
                  pairs: list[tuple[str, str, list[str] | None]], methods: dict[str, Any]) -> None:
     """Pairs and methods apply to the datasets of their task; one that matches no dataset
@@ -432,9 +465,11 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                                                              or Path(output).parent / "_teachers"), "teacher_cache"))
     _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
     teacher_seed = int(doc.get("teacher_seed", 0))
+    search = _search(doc, methods) if doc.get("search") is not None else None
 
     merged = dict(doc)
-    merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources)
+    merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources,
+                  search=search)
     suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
                   where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
     common = dict(suite=name, resources=resources, output_dir=output)

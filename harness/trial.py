@@ -396,8 +396,8 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
                          best_value=float("nan"), best_epoch=-1, curve="[]")]
 
 
-def execute_trial(spec: TrialSpec, report: Reporter | None = None,
-                  log_level: str | None = None) -> tuple[list[dict[str, Any]], BaseException | None]:
+def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None,
+                  search_id: str = "") -> tuple[list[dict[str, Any]], BaseException | None]:
     """Run a trial and write its rows (ok or error) to the store; never raises for a
     failure of the trial itself, returns it instead."""
     start, started = time.perf_counter(), datetime.now(timezone.utc)
@@ -411,6 +411,6 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None,
         (spec.trial_dir / "error.txt").write_text(tb)
         error = f"{type(e).__name__}: {e}"
         status = "diverged" if isinstance(e, Diverged) else "error"
-    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started)
+    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id)
     results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import results
+from . import catalog, results
 from .spec import TrialSpec
 from .suite import Suite
 
@@ -201,3 +201,205 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     summary["results"] = str(results.consolidate(out) or "")
     return summary
+
+
+# --------------------------------------------------------------------------- searches
+def _search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from ray import tune
+    out = {}
+    for key, dim in space.items():
+        if dim.get("choice") is not None:
+            out[key] = tune.choice(dim["choice"])
+        elif dim.get("uniform") is not None:
+            out[key] = tune.uniform(*dim["uniform"])
+        elif dim.get("loguniform") is not None:
+            out[key] = tune.loguniform(*dim["loguniform"])
+        else:
+            out[key] = tune.randint(*dim["randint"])
+    return out
+
+
+def _configured(base: TrialSpec, config: dict[str, Any], seed: int) -> TrialSpec:
+    """The base trial with a sampled configuration (method parameters and schedule keys)."""
+    params = dict(base.params)
+    schedule = dict(base.schedule)
+    for key, value in config.items():
+        if key.startswith("schedule."):
+            schedule[key.split(".", 1)[1]] = value
+        else:
+            params[key] = value
+    return TrialSpec.from_dict({**base.to_dict(), "params": params, "schedule": schedule, "seed": seed})
+
+
+def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[int], sid: str) -> None:
+    """One configuration, trained on each of the search's seeds in turn, reporting every
+    evaluation (ASHA compares configurations at the same seed and evaluation)."""
+    from ray import tune
+
+    from .trial import execute_trial
+
+    spec = TrialSpec.from_dict(base)
+    for seed in seeds:
+        rows, exc = execute_trial(_configured(spec, config, seed), report=tune.report, search_id=sid)
+        if exc is not None:
+            raise exc
+
+
+def search_id(suite: Suite) -> str:
+    from .spec import content_hash
+    base = [t.trial_id for t in suite.student_trials() if t.method == suite.doc["search"]["method"]]
+    return content_hash([suite.doc["search"], base], n=10)
+
+
+def _best_suite(suite: Suite, base: TrialSpec, params: dict[str, Any], sid: str) -> dict[str, Any]:
+    """A ready-to-run suite re-evaluating the best configuration (and the student alone)
+    on the search's fresh seeds, with the suite's teachers."""
+    doc = suite.doc
+    search = doc["search"]
+    plain = json.loads(json.dumps({k: doc[k] for k in ("datasets", "teachers", "students")}, default=str))
+    ds = base.dataset["name"]
+    teacher, student = base.teacher["name"], base.model["name"]
+    dataset = plain["datasets"][ds]
+    dataset["root"] = base.dataset["root"]                       # absolute, as the search used it
+    s_entry = plain["students"][student]
+    schedule_over = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("schedule.")}
+    if schedule_over:
+        s_entry["schedule"] = {**(s_entry.get("schedule") or {}), **schedule_over}
+    method_params = {k: v for k, v in params.items() if not k.startswith("schedule.")}
+    label = f"{search['method']}-best"
+    out = {
+        "name": f"{suite.name}-{search['method']}-best-{sid}",
+        "description": f"best configuration of search {sid} of suite {suite.name} ({search['method']} on {ds}, "
+                       f"{teacher} -> {student}), re-evaluated on fresh seeds",
+        "datasets": {ds: dataset},
+        "teachers": {teacher: plain["teachers"][teacher]},
+        "students": {student: s_entry},
+        "pairs": [{"teacher": teacher, "student": student}],
+        "methods": {label: {"method": search["method_name"], "params": method_params}},
+        "seeds": list(search["final_seeds"]),
+        "schedule": {k: v for k, v in doc["schedule"].items()},
+        "resources": dict(doc["resources"]),
+        "output": doc["output"],
+        "teacher_cache": doc["teacher_cache"],
+        "teacher_seed": int(doc.get("teacher_seed", 0)),
+    }
+    if "pretrained" in doc:
+        out["pretrained"] = doc["pretrained"]
+    return out
+
+
+def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = None,
+               verbose: bool = False) -> dict[str, Any]:
+    """``harness tune``: the suite's teachers (trained once, or reused), then per (dataset,
+    pair) of the searched method a Ray Tune search (Optuna or random, ASHA early stopping
+    on the validation metric); every search trial's rows go to the store with the search's
+    id; the best configuration per cell is written as a suite file."""
+    import yaml
+
+    search = suite.doc["search"]
+    sid = search_id(suite)
+    teachers, _ = pending_trials(suite)
+    bases = {}
+    for t in suite.student_trials():                 # one base trial per (dataset, pair)
+        if t.method == search["method"]:
+            bases.setdefault((t.dataset["name"], t.teacher["name"], t.model["name"]), t)
+    needed = {b.teacher_id for b in bases.values()}
+    teachers = [t for t in teachers if t.trial_id in needed]
+    summary: dict[str, Any] = {"search_id": sid, "cells": []}
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, not local
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
+                 logging_level=logging.WARNING, log_to_driver=verbose)
+    try:
+        check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if teachers:
+            _fit(suite, "teachers", teachers, multi_node=bool(address))
+        res = suite.doc["resources"]
+        for (ds, teacher, student), base in bases.items():
+            if not Path(base.teacher_checkpoint or "").is_file():
+                summary["cells"].append({"cell": f"{ds}/{teacher}->{student}", "error": "the teacher failed"})
+                continue
+            metric_entry = catalog.METRICS.get(catalog.task_metric(base.dataset["format"]))
+            metric, mode = metric_entry["primary"], "max" if metric_entry["higher_is_better"] else "min"
+            evals = max(1, int(base.schedule["epochs"]) // int(base.schedule["val_interval"])) \
+                if not base.schedule.get("iters") else max(1, int(base.schedule["iters"]) // int(base.schedule["val_interval"]))
+            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=search["grace_period"],
+                                      reduction_factor=search["reduction_factor"],
+                                      # past the last evaluation: ASHA stops a trial that reaches
+                                      # max_t, which would cut it before it writes its rows
+                                      max_t=evals * len(search["seeds"]) + 1) if search["scheduler"] == "asha" else None
+            searcher = None
+            if search["searcher"] == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+                searcher = OptunaSearch(seed=0)
+            trainable = tune.with_parameters(_search_trainable, base=base.to_dict(), seeds=list(search["seeds"]),
+                                             sid=sid)
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, {"cpu": float(res["cpu"]), "gpu": float(res["gpu"])}),
+                param_space=_search_space(search["space"]),
+                tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                            num_samples=search["budget"],
+                                            max_concurrent_trials=search["concurrency"], reuse_actors=False),
+                run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
+                                          storage_path=str((Path(suite.output) / "ray").resolve()),
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+                                          callbacks=[_progress_callback()]))
+            print(f"search {sid}: {search['method']} on {ds}, {teacher} -> {student}: {search['budget']} "
+                  f"configuration(s), {search['searcher']}, scheduler {search['scheduler']}", flush=True)
+            grid = tuner.fit()
+            trials = []
+            for result in grid:
+                config = dict(result.config or {})
+                if not config:
+                    continue
+                scores, pruned = [], False
+                for seed in search["seeds"]:
+                    spec = _configured(base, config, seed)
+                    rows_file = results.rows_dir(suite.output) / f"{spec.trial_id}.parquet"
+                    if not rows_file.exists():      # stopped by ASHA (or never reached this seed)
+                        pruned = True
+                        last = (result.metrics or {}).get(metric)
+                        _write_search_rows(suite, spec, sid, "pruned" if result.error is None else "error",
+                                           f"stopped by ASHA after {result.metrics.get('training_iteration', '?')} "
+                                           f"evaluation(s), last {metric} {last}" if result.error is None
+                                           else str(result.error))
+                        continue
+                    table = results._read(rows_file)
+                    ok = [r for r in table.to_pylist() if r["status"] == "ok" and r["primary"]]
+                    scores += [r["value"] for r in ok]
+                    pruned |= not ok
+                trials.append({"config": config, "score": sum(scores) / len(scores) if scores and not pruned else None,
+                               "pruned": pruned})
+            finished = [t for t in trials if t["score"] is not None]
+            cell = {"cell": f"{ds}/{teacher}->{student}", "trials": len(trials),
+                    "pruned": sum(t["pruned"] for t in trials), "best": None, "suite_file": None}
+            if finished:
+                best = (max if mode == "max" else min)(finished, key=lambda t: t["score"])
+                path = Path(suite.output) / "searches" / sid / f"best-{ds}-{teacher}-{student}.yaml"
+                results.write_text_atomic(path, yaml.safe_dump(_best_suite(suite, base, best["config"], sid),
+                                                               sort_keys=False))
+                cell.update(best=best, suite_file=str(path))
+            summary["cells"].append(cell)
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    summary["results"] = str(results.consolidate(suite.output) or "")
+    return summary
+
+
+def _write_search_rows(suite: Suite, spec: TrialSpec, sid: str, status: str, message: str) -> None:
+    from .trial import result_rows
+    rows = result_rows(spec, None, message, 0.0, status=status, search_id=sid)
+    results.write_trial_rows(suite.output, spec.trial_id, rows)
