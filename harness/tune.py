@@ -132,6 +132,24 @@ def local_capacity(num_cpus: int | None = None) -> list[dict[str, float]]:
     return [{"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
 
 
+def _loopback_ray(local: bool) -> tuple[Any, bool]:
+    """Import Ray; a local instance (no address) runs in Ray's own single-machine mode (its
+    default on macOS and Windows): the node's address is loopback, so every Ray process
+    listens on 127.0.0.1 only. Returns (ray, the previous mode) for :func:`_restore`."""
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+    previous = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = not local     # read at import; ray may be imported already
+    return ray, previous
+
+
+def _restore(previous: bool) -> None:
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = previous
+
+
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
               num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
@@ -144,15 +162,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     """
     import signal
 
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:
-        # Ray's own single-machine mode (its default on macOS and Windows): the node's
-        # address is loopback, so every Ray process listens on 127.0.0.1 only
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = not local     # the constant is read at import; ray may be imported already
+    ray, cluster_mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
 
     out = Path(suite.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +208,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             signal.signal(signal.SIGTERM, previous)
             if started and ray.is_initialized():
                 ray.shutdown()
-            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+            _restore(cluster_mode)
     summary["results"] = str(results.consolidate(out) or "")
     return summary
 
@@ -307,15 +317,9 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     teachers = [t for t in teachers if t.trial_id in needed]
     summary: dict[str, Any] = {"search_id": sid, "cells": []}
 
-    import ray
+    ray, cluster_mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, not local
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     started = not ray.is_initialized()
     if started:
@@ -394,7 +398,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+        _restore(cluster_mode)
     summary["results"] = str(results.consolidate(suite.output) or "")
     return summary
 
