@@ -133,7 +133,7 @@ def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
                 rows.append(dict(common, method="teacher", mean=t_score, ci_lo=math.nan, ci_hi=math.nan,
                                  std=math.nan, n=int(teacher in teachers.index), gain=math.nan, gain_lo=math.nan,
                                  gain_hi=math.nan, p_value=math.nan, distinguishable="", gap_closed=math.nan,
-                                 device_hours=t_rows.groupby("trial_id")["device_hours"].first().sum(),
+                                 device_hours=t_rows.groupby("trial_id")["device_hours"].first().sum(min_count=1),
                                  images_per_s=t_rows["train_images_per_s"].mean(), teacher_share=math.nan))
             sel = students[(students["student"] == student)
                            & ((students["teacher"] == teacher) | (students["method"] == "none"))]
@@ -248,7 +248,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False) -> str:
                   f"with its 95% interval and a paired t-test over the seeds both ran; distinguishable: p < {ALPHA} "
                   f"with at least {MIN_SEEDS} seeds (n<{MIN_SEEDS}: too few seeds to tell); gap closed: "
                   f"(method - student) / (teacher - student).", ""]
-        if (board["n"] < MIN_SEEDS).any() and (board["method"] != "teacher").any():
+        if ((board["n"] < MIN_SEEDS) & (board["method"] != "teacher")).any():
             lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
     warns = warnings_for(df, board)
     if warns:
