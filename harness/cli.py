@@ -37,7 +37,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _checked_suite(args: argparse.Namespace) -> "object":
+    """The suite of ``run`` and ``tune``, with every check that needs no lock: the schema,
+    the ``type:`` names against the registries, and (locally) the per-trial resources."""
     from .suite import load_suite
 
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
@@ -46,20 +48,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         from .tune import check_resources, local_capacity
         check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
+    return suite
+
+
+def _prepare_data_and_models(suite: "object") -> None:
+    """With the run lock held: datasets written (synthetic) and readable, every model built."""
+    from .data import dataset_format, ensure_dataset
+    from .preflight import preflight
+
+    for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
+        ensure_dataset(ds)
+        try:
+            dataset_format(ds).check(ds)
+        except ValueError as exc:
+            raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
+    preflight(suite)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    suite = _checked_suite(args)
     from .runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
-        from .data import ensure_dataset
-        from .preflight import preflight
-
-        from .data import dataset_format
-        for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
-            ensure_dataset(ds)
-            try:
-                dataset_format(ds).check(ds)
-            except ValueError as exc:
-                raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
-        preflight(suite)
+        _prepare_data_and_models(suite)
         from .report import format_report
         from .results import read_results, remove_stale_temporaries
         from .tune import Interrupted, run_suite
@@ -104,21 +115,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .suite import load_suite
-
-    suite = load_suite(args.suite, args.output_root)
+    suite = _checked_suite(args)
     if not suite.doc.get("search"):
         raise SuiteError(f"{suite.file}: no 'search' block; harness tune needs one (see docs/suite-schema.md, Search)")
-    from .preflight import check_types
-    check_types(suite)
     from .runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
-        from .data import ensure_dataset
-        from .preflight import preflight
-        for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
-            ensure_dataset(ds)
-        preflight(suite)
+        _prepare_data_and_models(suite)
         from .tune import run_search
         summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     print(f"\nsearch {summary['search_id']}:")

@@ -152,7 +152,7 @@ def to_html(df: pd.DataFrame, best: bool = False) -> str:
                      + "".join(f"<tr><td><code>{html.escape(t['params'])}</code></td><td>{html.escape(t['status'])}</td>"
                                f"<td>{t['seeds']}</td><td>{report._f(t['score'], '.2f')}</td></tr>" for t in sr["trials"])
                      + "</tbody></table>")
-    fails = report.failures(df[df["search_id"].fillna("") == ""] if "search_id" in df else df)
+    fails = report.failures(df)
     if fails:
         parts.append(f"<h2>{len(fails)} trial(s) without a result</h2><ul>"
                      + "".join(f"<li>{html.escape(f)}</li>" for f in fails) + "</ul>")

@@ -96,11 +96,15 @@ def _first(series: pd.Series) -> Any:
     return series.iloc[0] if len(series) else None
 
 
+def suite_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of suite trials; a search's trials have their own section (:func:`searches`)."""
+    return df[df["search_id"].fillna("") == ""] if "search_id" in df else df
+
+
 def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
     """One row per (task, dataset, teacher, student, method) on the primary metric."""
-    ok = df[(df["status"] == "ok") & (df["primary"])].copy()
-    if "search_id" in ok:       # search trials have their own section
-        ok = ok[ok["search_id"].fillna("") == ""]
+    ok = suite_rows(df)
+    ok = ok[(ok["status"] == "ok") & (ok["primary"])].copy()
     ok["v"] = _value_column(ok, best)
     for col in ("device_hours", "teacher_time_share", "train_images_per_s"):
         if col not in ok:
@@ -227,6 +231,8 @@ def table_rows(part: pd.DataFrame) -> list[list[str]]:
 
 
 def failures(df: pd.DataFrame) -> list[str]:
+    """Suite trials without a result (a search's pruned trials are in its own section)."""
+    df = suite_rows(df)
     errors = df[df["status"] != "ok"].drop_duplicates("trial_id")
     return [f"{r.trial_name} [{r.trial_id}] {r.status}: {r.error}" for r in errors.itertuples()]
 
@@ -254,7 +260,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False) -> str:
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
     lines += _search_markdown(df)
-    fails = failures(df[df["search_id"].fillna("") == ""] if "search_id" in df else df)
+    fails = failures(df)
     if fails:
         lines += [f"## {len(fails)} trial(s) without a result (not in the leaderboard)", ""]
         lines += [f"- {f}" for f in fails] + [""]

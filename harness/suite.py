@@ -382,10 +382,7 @@ def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
                                    f"valid: {', '.join(entry['params'])} or schedule.KEY")
         values = dim.get("choice") or [v for k in ("uniform", "loguniform", "randint") for v in (dim.get(k) or [])]
         for v in values:                 # every value it can take must be a valid value of the parameter
-            probe = Node({key: v})
-            probe.file, probe.line, probe.key_lines = getattr(space, "file", ""), 0, {key: space.key_lines.get(key, 0)
-                                                                                     if isinstance(space, Node) else 0}
-            _check_param(f"{label} (search.space)", name, entry, probe, key, v)
+            _check_param(f"{label} (search.space)", name, entry, space, key, v)
     full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
     return full | {"method_name": name}
 

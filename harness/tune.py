@@ -91,11 +91,10 @@ def _fit(suite: Suite, phase: str, specs: list[TrialSpec], multi_node: bool) -> 
     return summary
 
 
-def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str) -> None:
+def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str, search_id: str = "") -> None:
+    """The one row of a trial that ended without a result (error, interrupted, pruned)."""
     from .trial import result_rows
-    rows = result_rows(spec, None, message, 0.0)
-    for row in rows:
-        row["status"] = status
+    rows = result_rows(spec, None, message, 0.0, status=status, search_id=search_id)
     results.write_trial_rows(suite.output, spec.trial_id, rows)
 
 
@@ -374,10 +373,10 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                     if not rows_file.exists():      # stopped by ASHA (or never reached this seed)
                         pruned = True
                         last = (result.metrics or {}).get(metric)
-                        _write_search_rows(suite, spec, sid, "pruned" if result.error is None else "error",
+                        _write_status_rows(suite, spec, "pruned" if result.error is None else "error",
                                            f"stopped by ASHA after {result.metrics.get('training_iteration', '?')} "
                                            f"evaluation(s), last {metric} {last}" if result.error is None
-                                           else str(result.error))
+                                           else str(result.error), search_id=sid)
                         continue
                     table = results._read(rows_file)
                     ok = [r for r in table.to_pylist() if r["status"] == "ok" and r["primary"]]
@@ -402,8 +401,3 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     summary["results"] = str(results.consolidate(suite.output) or "")
     return summary
 
-
-def _write_search_rows(suite: Suite, spec: TrialSpec, sid: str, status: str, message: str) -> None:
-    from .trial import result_rows
-    rows = result_rows(spec, None, message, 0.0, status=status, search_id=sid)
-    results.write_trial_rows(suite.output, spec.trial_id, rows)
