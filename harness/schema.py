@@ -178,7 +178,10 @@ class Search(Strict):
     scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on the validation metric")
     grace_period: StrictInt = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
     reduction_factor: StrictInt = Field(2, ge=2, description="ASHA: keep the best 1/N at each rung")
-    budget: StrictInt = Field(8, ge=1, le=10_000, description="configurations to try")
+    start_from: list[dict[str, Any]] = Field(
+        default_factory=list, description="configurations tried first, in this order (e.g. the released defaults): "
+                                          "each maps some or all keys of the space to a value inside its range")
+    budget: StrictInt = Field(8, ge=1, le=10_000, description="configurations to try (start_from included)")
     concurrency: StrictInt = Field(1, ge=1, le=1024, description="configurations trained at once")
     seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field([0], min_length=1, description="seeds each configuration "
                                                                                       "is scored on (mean)")

@@ -384,6 +384,27 @@ def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
         for v in values:                 # every value it can take must be a valid value of the parameter
             _check_param(f"{label} (search.space)", name, entry, space, key, v)
     full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
+    for i, point in enumerate(node.get("start_from") or []):
+        for key, value in point.items():
+            where = f"search.start_from[{i}].{key}"
+            dim = full["space"].get(key)
+            if dim is None:
+                raise _err(point, key, f"{where}: '{key}' is not a key of search.space{suggest(str(key), list(space))}; "
+                                       f"valid: {', '.join(space)}")
+            if dim["choice"] is not None:
+                ok, valid = value in dim["choice"], f"one of {dim['choice']}"
+            else:
+                form = next(k for k in ("uniform", "loguniform", "randint") if dim[k] is not None)
+                low, high = dim[form]
+                number = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and (form != "randint" or isinstance(value, int))
+                ok = number and (low <= value < high if form == "randint" else low <= value <= high)
+                valid = f"{'an integer' if form == 'randint' else 'a number'} in {form} {[low, high]}"
+            if not ok:
+                raise _err(point, key, f"{where}: {value!r} is outside the space; valid: {valid}")
+    if len(full["start_from"]) > full["budget"]:
+        raise _err(node, "start_from", f"search.start_from: {len(full['start_from'])} configurations but a "
+                                       f"budget of {full['budget']}; raise search.budget")
     return full | {"method_name": name}
 
 

@@ -143,12 +143,15 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                     raise Diverged(f"{name} became {value} at iteration {runner.iter + 1} "
                                    f"(epoch {runner.epoch + 1}); the trial was stopped there")
 
+        def _stop_clock(self) -> None:
+            if "start" in clock:   # iteration-based loops validate mid-"epoch", then end the "epoch"
+                clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+
         def after_train_epoch(self, runner: Any) -> None:
-            clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+            self._stop_clock()
 
         def before_val_epoch(self, runner: Any) -> None:
-            if "start" in clock:   # iteration-based loops validate mid-"epoch"
-                clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+            self._stop_clock()
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
             rename, scale = metric.get("rename", {}), float(metric.get("value_scale", 1.0))

@@ -342,10 +342,13 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                       # past the last evaluation: ASHA stops a trial that reaches
                                       # max_t, which would cut it before it writes its rows
                                       max_t=evals * len(search["seeds"]) + 1) if search["scheduler"] == "asha" else None
-            searcher = None
+            points = [dict(p) for p in search["start_from"]] or None
             if search["searcher"] == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
-                searcher = OptunaSearch(seed=0)
+                searcher = OptunaSearch(seed=0, points_to_evaluate=points)
+            else:
+                from ray.tune.search import BasicVariantGenerator
+                searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=0)
             trainable = tune.with_parameters(_search_trainable, base=base.to_dict(), seeds=list(search["seeds"]),
                                              sid=sid)
             tuner = tune.Tuner(

@@ -105,6 +105,14 @@ CASES: dict[str, tuple] = {
     "pretrained-missing-file": (_sub("pretrained: false", "pretrained: /nonexistent/backbone.pth"), "pretrained"),
     "checkpoint-missing": (_sub("  t:\n    arch: retinanet", "  t:\n    checkpoint: /nonexistent/t.pth\n"
                                                              "    arch: retinanet"), "checkpoint"),
+    # --- a search block
+    "search-space-typo": (_append("search: {method: fgd, space: {alpah: {uniform: [0.1, 0.2]}}}\n"), "alpah"),
+    "search-start-from-unknown-key": (_append("search: {method: fgd, space: {temp: {uniform: [0.3, 1.0]}}, "
+                                              "start_from: [{tmp: 0.5}]}\n"), "start_from[0].tmp"),
+    "search-start-from-outside": (_append("search: {method: fgd, space: {temp: {uniform: [0.3, 1.0]}}, "
+                                          "start_from: [{temp: 2.0}]}\n"), "uniform [0.3, 1.0]"),
+    "search-start-from-over-budget": (_append("search: {method: fgd, space: {temp: {choice: [0.5, 1.0]}}, budget: 1, "
+                                              "start_from: [{temp: 0.5}, {temp: 1.0}]}\n"), "budget"),
     # --- paths
     "output-dotdot": (None, "output"),          # built in the test: needs the relative depth
     "output-absolute-elsewhere": ("output: /etc/kd-harness-x", "output"),

@@ -12,21 +12,50 @@ from harness.cli import main
 from .conftest import TINY_SUITE
 
 
-def test_a_tiny_fgd_search_writes_rows_and_a_runnable_best_suite(tmp_path, capsys):
-    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
-    text = text.replace("epochs: 1, val_interval: 1", "epochs: 3, val_interval: 1")
-    text += ("search:\n  method: fgd\n  space:\n    alpha: {loguniform: [1.0e-5, 1.0e-2]}\n"
-             "    temp: {uniform: [0.3, 1.0]}\n  budget: 3\n  concurrency: 1\n  seeds: [0]\n  final_seeds: [7, 8, 9]\n")
+# A teacher trained long enough that a student starting from it (FGD inherits its neck and
+# head) scores above zero at its first evaluation: ASHA can only cut configurations whose
+# metric differs. Iteration-based schedules, evaluated three times per student.
+SEARCH_SUITE = TINY_SUITE.replace(
+    "synth: {{train_images: 8, val_images: 4, image_size: 64, max_objects: 3, seed: 1}}",
+    "synth: {{train_images: 16, val_images: 8, image_size: 64, max_objects: 2, seed: 1}}",
+).replace(
+    "    head: {{feat_channels: 16, stacked_convs: 1}}\nstudents:",
+    "    head: {{feat_channels: 16, stacked_convs: 1}}\n    schedule: {{iters: 400, val_interval: 100}}\nstudents:",
+).replace("epochs: 1, val_interval: 1,", "iters: 120, val_interval: 40,")
+
+SEARCH = """search:
+  method: fgd
+  space:
+    alpha: {loguniform: [1.0e-5, 1.0e-1]}
+    temp: {uniform: [0.3, 1.0]}
+  start_from:              # the released defaults, then a distillation weight 100x theirs
+    - {alpha: 1.0e-3, temp: 0.5}
+    - {alpha: 1.0e-1, temp: 1.0}
+  budget: 4
+  concurrency: 1
+  seeds: [0]
+  final_seeds: [7, 8, 9]
+"""
+
+
+def test_a_tiny_fgd_search_prunes_writes_rows_and_a_runnable_best_suite(tmp_path, capsys):
+    assert "iters: 400" in SEARCH_SUITE and "iters: 120" in SEARCH_SUITE and "train_images: 16" in SEARCH_SUITE
+    text = SEARCH_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out") + SEARCH
     path = tmp_path / "suite.yaml"
     path.write_text(text)
     assert main(["tune", str(path), "--num-cpus", "1"]) == 0
     out = capsys.readouterr().out
     df = results.read_results(tmp_path / "out", current_only=False)
     search = df[df["search_id"] != ""]
-    assert search["search_id"].nunique() == 1 and search["params"].nunique() == 3
+    assert search["search_id"].nunique() == 1 and search["params"].nunique() == 4
     assert set(search["status"]) <= {"ok", "pruned"}
-    alphas = {yaml.safe_load(p)["alpha"] for p in search["params"]}
-    assert all(1e-5 <= a <= 1e-2 for a in alphas)
+    configs = [yaml.safe_load(p) for p in search.drop_duplicates("trial_id")["params"]]
+    assert any(c["alpha"] == 1e-3 and c["temp"] == 0.5 for c in configs)      # start_from was tried
+    assert any(c["alpha"] == 1e-1 and c["temp"] == 1.0 for c in configs)
+    assert all(1e-5 <= c["alpha"] <= 1e-1 and 0.3 <= c["temp"] <= 1.0 for c in configs)
+    pruned = search[search["status"] == "pruned"].drop_duplicates("trial_id")
+    assert len(pruned) >= 1, search[["params", "status", "value", "curve"]].to_string()
+    assert all("stopped by ASHA after" in e for e in pruned["error"])
     assert (df["role"] == "teacher").sum() >= 1 and df[df["role"] == "teacher"]["trial_id"].nunique() == 1
     best_file = next((tmp_path / "out" / "searches").rglob("best-*.yaml"))
     assert f"python -m harness run {best_file}" in out
