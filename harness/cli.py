@@ -79,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
-                                verbose=args.verbose)
+                                verbose=args.verbose, dry_run=args.dry_run)
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
             done = sum(not t["error"] for t in summary["trials"])
@@ -89,8 +89,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 130
         failed = [t for t in summary["trials"] if t["error"]]
-        print(f"\n{len(summary['trials'])} trial(s) run ({len(failed)} failed), {summary['skipped']} already done, "
+        retried = sum(t.get("retries", 0) > 0 for t in summary["trials"])
+        print(f"\n{len(summary['trials'])} trial(s) run: {len(summary['trials']) - len(failed)} finished, "
+              f"{len(failed)} failed, {retried} retried, {summary['skipped']} skipped (already done); "
               f"{time.perf_counter() - start:.0f} s; results: {summary['results']}\n")
+        if args.dry_run:
+            print("dry run: every trial was a no-op through Ray; its rows say status 'dry_run' and no "
+                  "leaderboard counts them; a real run redoes them")
+            return 1 if failed else 0
         from .html_report import write_report
         df = read_results(suite.output)
         md, page = write_report(df, suite.output)
@@ -184,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true", help="redo finished trials instead of skipping them")
     r.add_argument("--verbose", action="store_true", help="show the trials' own logs (always kept in their directories)")
     r.add_argument("--wait", action="store_true", help="if another run holds this output, wait for it instead of leaving")
+    r.add_argument("--dry-run", action="store_true", help="run every trial as an instant no-op through the same Ray "
+                                                          "path (scheduling, placement, rows marked 'dry_run')")
     r.set_defaults(func=_cmd_run)
     pl = sub.add_parser("plan", help="validate a suite and print its trial matrix (runs nothing)")
     pl.add_argument("suite")

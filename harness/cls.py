@@ -133,13 +133,20 @@ class TopKAccuracy(BaseMetric):
 
 
 # ------------------------------------------------------------------------------- trials
-def _loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, train: bool) -> Any:
+def _loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, train: bool,
+            pin_memory: bool = False) -> Any:
     from mmengine.dataset import pseudo_collate
     # training drops an incomplete last batch (a batch of one breaks BatchNorm, e.g. in
     # MobileNetV3's squeeze-excite blocks), unless that would leave no batch at all
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
-                                       collate_fn=pseudo_collate, drop_last=train and len(dataset) > batch_size,
-                                       persistent_workers=workers > 0)
+    drop_last = train and len(dataset) > batch_size
+    sampler = None
+    if train and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # data-parallel workers (Ray Train): each trains on its shard; mmengine's
+        # DistSamplerSeedHook reshuffles it every epoch
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                                       sampler=sampler, num_workers=workers, collate_fn=pseudo_collate,
+                                       drop_last=drop_last, persistent_workers=workers > 0, pin_memory=pin_memory)
 
 
 @torch.no_grad()
@@ -190,10 +197,10 @@ def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
     val = ImageFolder(ds["root"], "val", classes, size, train=False)
     out = {"model": ClassifierModel(student, teacher, distiller), "model_cfg": {"arch": spec.model["arch"],
            "model": spec.model.get("model", {}), "num_classes": len(classes), "classes": list(classes)},
-           "train_loader": _loader(train, sched["batch_size"], sched["num_workers"], True),
-           "val_loader": _loader(val, sched["batch_size"], sched["num_workers"], False),
+           "train_loader": _loader(train, sched["batch_size"], sched["num_workers"], True, sched.get("pin_memory", False)),
+           "val_loader": _loader(val, sched["batch_size"], sched["num_workers"], False, sched.get("pin_memory", False)),
            "evaluator": Evaluator([TopKAccuracy()]), "finetune_loader": None}
     if distilled and p.get("finetune_epochs"):
         labelled = ImageFolder(ds["root"], "train", classes, size, train=True)
-        out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True)
+        out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True, sched.get("pin_memory", False))
     return out

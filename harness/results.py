@@ -23,12 +23,13 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Parquet key-value metadata key holding the schema version of a file
 VERSION_KEY = b"kd_harness.schema_version"
 
 #: column -> (arrow type, meaning). One row per (trial, metric). Version 2 added every
-#: column from ``versions`` on; a version-1 file is upgraded on read (those columns null).
+#: column from ``versions`` on, version 3 every column from ``node`` on; an older file is
+#: upgraded on read (the columns it lacks are null).
 COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "schema_version": (pa.int32(), "version of this schema"),
     "suite": (pa.string(), "suite name"),
@@ -48,8 +49,10 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "higher_is_better": (pa.bool_(), "direction of the metric"),
     "primary": (pa.bool_(), "whether this is the task's leaderboard metric"),
     "epoch": (pa.int64(), "training epoch (or iteration) of the evaluation"),
-    "status": (pa.string(), "'ok'; 'error' (the trial raised), 'diverged' (its loss became NaN or infinite) "
-                            "or 'interrupted' (the run was stopped); only 'ok' rows reach a leaderboard"),
+    "status": (pa.string(), "'ok'; 'error' (the trial raised, or its worker died more often than max_failures "
+                            "allows), 'diverged' (its loss became NaN or infinite), 'interrupted' (the run was "
+                            "stopped), 'pruned' (a search stopped it early) or 'dry_run' (run --dry-run: nothing "
+                            "was trained); only 'ok' rows reach a leaderboard"),
     "error": (pa.string(), "error message (last line and type) when status is 'error'"),
     "wall_time_s": (pa.float64(), "wall time of the whole trial, seconds"),
     "train_images_per_s": (pa.float64(), "training throughput: images per second of training"),
@@ -76,9 +79,18 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "best_epoch": (pa.int64(), "epoch (or iteration) of best_value"),
     "curve": (pa.string(), "JSON [[epoch, value], ...]: this metric at every evaluation"),
     "search_id": (pa.string(), "id of the hyperparameter search the trial belongs to; '' for suite trials"),
+    # ---- version 3: placement, workers, resumption, retries
+    "node": (pa.string(), "Ray node id of the node the trial ran on (its first worker's); '' outside Ray"),
+    "node_ip": (pa.string(), "IP address of that node"),
+    "accelerator_ids": (pa.string(), "JSON list of the GPU ids Ray gave the trial (its first worker's)"),
+    "workers": (pa.int64(), "data-parallel workers the trial trained on (Ray Train); 1 for a single process"),
+    "resumed_from": (pa.int64(), "epoch (or iteration) of the checkpoint the trial resumed from; 0 from scratch"),
+    "attempts": (pa.int64(), "times the trial was started: 1, plus one per retry after its worker or node died"),
 }
 #: columns a version-1 file lacks (added as nulls on read)
 V2_COLUMNS = list(COLUMNS)[list(COLUMNS).index("versions"):]
+#: columns a version-2 file lacks
+V3_COLUMNS = list(COLUMNS)[list(COLUMNS).index("node"):]
 SCHEMA = pa.schema([(name, typ) for name, (typ, _) in COLUMNS.items()])
 
 # Result files are shared (a team reads one store): they get the permissions the

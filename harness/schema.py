@@ -53,6 +53,13 @@ class Schedule(Strict):
     img_scale: list[StrictInt] = Field([1333, 800], min_length=2, max_length=2,
                                        description="[w, h] the images are resized to (keeping the ratio for detection)")
     num_workers: StrictInt = Field(0, ge=0, le=64, description="data loader worker processes")
+    pin_memory: bool = Field(False, description="data loader: page-locked host memory (faster copies to a GPU)")
+    amp: bool = Field(False, description="mixed precision (mmengine's AmpOptimWrapper); the teacher's forward "
+                                         "runs in the same precision")
+    amp_dtype: Literal["float16", "bfloat16"] = Field("float16", description="the autocast dtype when amp is on")
+    checkpoint_interval: StrictInt | None = Field(
+        None, ge=1, description="save the training state every N epochs (or iterations) for resumption; "
+                                "default: every epoch, or every val_interval iterations")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
     policy: Literal["step", "cosine", "poly"] = Field(
         "step", description="lr policy: steps at 2/3 and 11/12, cosine to zero, or DeepLab's poly 0.9")
@@ -70,8 +77,13 @@ class Schedule(Strict):
 class Resources(Strict):
     """What one trial asks of the cluster."""
 
-    cpu: float = Field(1, allow_inf_nan=False, gt=0, le=4096, description="CPUs per trial (fractions allowed)")
-    gpu: float = Field(0, allow_inf_nan=False, ge=0, le=64, description="GPUs per trial (fractions allowed: 0.5 puts two trials on one GPU)")
+    cpu: float = Field(1, allow_inf_nan=False, gt=0, le=4096, description="CPUs per trial, or per worker when "
+                                                                          "workers > 1 (fractions allowed)")
+    gpu: float = Field(0, allow_inf_nan=False, ge=0, le=64, description="GPUs per trial, or per worker when "
+                                                                        "workers > 1 (fractions allowed: 0.5 puts two "
+                                                                        "trials on one GPU)")
+    workers: StrictInt = Field(1, ge=1, le=4096, description="data-parallel Ray Train workers per trial, each with "
+                                                             "cpu and gpu as above and its own batch_size images")
 
 
 class Synth(Strict):
@@ -209,6 +221,9 @@ class SuiteDoc(Strict):
     teacher_cache: str | None = Field(None, min_length=1, description="where harness-trained teachers are kept "
                                                                      "(default <output>/../_teachers)")
     teacher_seed: StrictInt = Field(0, ge=0, description="seed of harness-trained teachers")
+    max_failures: StrictInt = Field(0, ge=0, le=100, description="retries of a trial whose worker or node died "
+                                                                 "(not of one that raised or diverged); it resumes "
+                                                                 "from its last checkpoint")
     pretrained: Any = Field(True, description="default for every model: true, false, or a file / URI")
     search: Search | None = Field(None, description="hyperparameter search run by `harness tune` (see Search)")
 

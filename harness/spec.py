@@ -54,6 +54,16 @@ class TrialSpec:
         if self.teacher is not None:
             ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "name"}
         ident["model"] = {k: v for k, v in self.model.items() if k != "name"}
+        # how often the state is saved and how batches reach the device do not change the
+        # result; mixed precision does, when it is on (off keeps earlier trial ids)
+        sched = {k: v for k, v in self.schedule.items() if k not in ("checkpoint_interval", "pin_memory")}
+        if not sched.get("amp"):
+            sched.pop("amp", None)
+            sched.pop("amp_dtype", None)
+        ident["schedule"] = sched
+        workers = int(self.resources.get("workers", 1))
+        if workers > 1:              # the global batch is workers x batch_size
+            ident["workers"] = workers
         return ident
 
     @property

@@ -483,6 +483,13 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                                                              or Path(output).parent / "_teachers"), "teacher_cache"))
     _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
     teacher_seed = int(doc.get("teacher_seed", 0))
+    for key, models in (("teachers", teachers), ("students", students)):
+        for m_name, m in models.items():
+            if m["schedule"].get("amp") and not float(resources["gpu"]):
+                where = (key, m_name, "schedule") if "schedule" in (doc[key][m_name] or {}) else ("schedule",)
+                raise _err(doc, where[0], f"{'.'.join(where)}.amp: mixed precision needs a GPU (mmengine's "
+                                          f"AmpOptimWrapper runs on CUDA) but resources.gpu is 0; set "
+                                          f"resources.gpu or amp: false")
     search = _search(doc, methods) if doc.get("search") is not None else None
 
     merged = dict(doc)

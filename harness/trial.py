@@ -47,6 +47,9 @@ class TrialResult:
     teacher_sha256: str = ""
     teacher_weights_hash: str = ""
     dataset_fingerprint: str = ""
+    #: epoch (or iteration) the trial resumed from after a crash; 0 when it started afresh
+    resumed_from: int = 0
+    workers: int = 1
 
 
 def weights_hash(state: dict[str, Any]) -> str:
@@ -112,8 +115,41 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------ hooks
+def _write_progress(work_dir: Path, history: list[dict[str, Any]], stage: str, losses: list[float]) -> None:
+    """The evaluations so far, next to the checkpoints: a resumed trial's curve starts
+    with the evaluations made before the crash. Also the training loss of every step
+    (of the global batch) since the trial (re)started, and the pid of the process."""
+    import json
+    results.write_text_atomic(work_dir / "progress.json", json.dumps(
+        {"stage": stage, "pid": os.getpid(), "history": history, "losses": losses}))
+
+
+def _read_progress(work_dir: Path) -> list[dict[str, Any]]:
+    import json
+    try:
+        return list(json.loads((work_dir / "progress.json").read_text())["history"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The training state mmengine's CheckpointHook last saved in ``work_dir`` (it names
+    it in ``last_checkpoint`` only once the file is complete), or None."""
+    try:
+        path = Path((work_dir / "last_checkpoint").read_text().strip())
+    except OSError:
+        return None
+    return path if path.is_file() else None
+
+
+#: seconds between two progress ticks of a running trial
+TICK_S = float(os.environ.get("KD_HARNESS_PROGRESS_S", "5"))
+
+
 def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
-               by_iter: bool, metric: Any) -> Any:
+               by_iter: bool, metric: Any, work_dir: Path | None = None, stage: str = "train",
+               progress: Reporter | None = None) -> Any:
+    from mmengine.dist import all_reduce, get_world_size, is_main_process
     from mmengine.hooks import Hook
 
     class TrialHook(Hook):
@@ -121,6 +157,15 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
         every evaluation (to Ray Tune when running under it)."""
 
         priority = "LOW"
+
+        def before_train(self, runner: Any) -> None:
+            # after the Runner resumed (if it did): where training starts
+            start = runner.iter if by_iter else runner.epoch
+            clock["resumed_from"] = clock.get("resumed_from", 0) or start
+            if start and work_dir is not None:
+                saved = [p for p in _read_progress(work_dir) if p["epoch"] <= clock["epoch_offset"] + start]
+                if saved:
+                    history[:] = saved
 
         def before_train_epoch(self, runner: Any) -> None:
             distiller = getattr(runner.model, "distiller", None)
@@ -136,7 +181,21 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
-            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"])
+            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * get_world_size()
+            loss = outputs.get("loss") if outputs else None
+            if loss is not None and hasattr(loss, "detach"):   # the global batch's loss (mean over workers)
+                loss = loss.detach().clone().float()
+                if get_world_size() > 1:
+                    all_reduce(loss, op="mean")
+                clock.setdefault("losses", []).append(float(loss))
+            now = time.perf_counter()
+            if progress is not None and now - clock.get("tick", 0.0) >= TICK_S and get_world_size() == 1:
+                clock["tick"] = now
+                seconds = clock.get("seconds", 0.0) + now - clock.get("start", now)
+                progress({"progress": runner.iter + 1 if by_iter else runner.epoch + 1,
+                          "of": runner.max_iters if by_iter else runner.max_epochs,
+                          "unit": "iter" if by_iter else "epoch",
+                          "images_per_s": clock.get("images", 0) / seconds if seconds > 0 else 0.0})
             for name, value in (outputs or {}).items():     # the loss terms of this step
                 value = float(value.detach().float().mean()) if hasattr(value, "detach") else value
                 if isinstance(value, numbers.Real) and not math.isfinite(value):
@@ -163,10 +222,36 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                 clean = {k: float(metric["empty_value"]) for k in metric["keys"]}
             point = {"epoch": int(clock["epoch_offset"]) + (runner.iter if by_iter else runner.epoch), **clean}
             history.append(point)
-            if report is not None:
+            if work_dir is not None and is_main_process():
+                _write_progress(work_dir, history, stage, clock.get("losses", []))
+            if report is not None:     # every worker (Ray Train's report is a barrier); Tune takes the first's
                 report(dict(point))
 
     return TrialHook()
+
+
+# ------------------------------------------------------------------------ distributed
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _remove_training_states(work_dir: Path) -> None:
+    """A finished trial keeps its exported weights and logs, not its resumable states."""
+    for stage_dir in (work_dir, work_dir / "finetune"):
+        for f in list(stage_dir.glob("epoch_*.pth")) + list(stage_dir.glob("iter_*.pth")):
+            f.unlink(missing_ok=True)
+        (stage_dir / "last_checkpoint").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ build
@@ -177,6 +262,9 @@ def _optim_cfg(schedule: dict[str, Any]) -> dict[str, Any]:
     else:
         opt = dict(type="AdamW", lr=schedule["lr"], weight_decay=schedule["weight_decay"])
     clip = dict(max_norm=schedule["grad_clip"], norm_type=2) if schedule.get("grad_clip") else None
+    if schedule.get("amp"):     # autocast covers the whole forward, the teacher's included
+        return dict(type="AmpOptimWrapper", optimizer=opt, clip_grad=clip,
+                    dtype=schedule.get("amp_dtype", "float16"))
     return dict(type="OptimWrapper", optimizer=opt, clip_grad=clip)
 
 
@@ -234,7 +322,7 @@ def _config_loaders(spec: TrialSpec) -> tuple[dict[str, Any], dict[str, Any], An
     image at a time: its val images keep their own sizes."""
     fmt, sched = dataset_format(spec.dataset), spec.schedule
     loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
-                  persistent_workers=sched["num_workers"] > 0)
+                  persistent_workers=sched["num_workers"] > 0, pin_memory=bool(sched.get("pin_memory")))
     val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
                       dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
     if spec.task == "seg":
@@ -253,8 +341,15 @@ def seed_trial(spec: TrialSpec) -> None:
     set_random_seed(spec.seed)
 
 
-def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None) -> TrialResult:
-    """Train and evaluate one trial; returns the final metrics. Raises on failure."""
+def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None,
+              resume: bool = True, progress: Reporter | None = None) -> TrialResult:
+    """Train and evaluate one trial; returns the final metrics. Raises on failure.
+
+    The training state is saved every epoch (or ``checkpoint_interval``) in the trial's
+    directory; with ``resume`` a trial whose directory holds one (a crash, a killed
+    worker) continues from it, its earlier evaluations included, instead of starting
+    afresh. Under Ray Train (a process group of several workers) it trains data-parallel,
+    one shard of every batch per worker; the first worker reports and exports."""
     import torch
     from mmengine.runner import Runner
 
@@ -268,6 +363,8 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     sched = spec.schedule
     work_dir = spec.trial_dir
     work_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _remove_training_states(work_dir)
     history: list[dict[str, Any]] = []
     clock: dict[str, float] = {"epoch_offset": 0}
     finetune_loader = None
@@ -286,26 +383,50 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         train_loader, val_loader, evaluator = _config_loaders(spec)
         scope = "mmseg" if spec.task == "seg" else "mmdet"
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
-    common = dict(
-        model=model, work_dir=str(work_dir), val_dataloader=val_loader,
-        val_evaluator=evaluator, val_cfg=dict(type="ValLoop"),
-        default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
-                           param_scheduler=dict(type="ParamSchedulerHook"),
-                           sampler_seed=dict(type="DistSamplerSeedHook"), checkpoint=None),
-        custom_hooks=[_trial_hook(report, history, clock, by_iter=bool(sched.get("iters")),
-                                  metric=catalog.METRICS.get(catalog.task_metric(spec.dataset["format"])))],
-        randomness=dict(seed=spec.seed), default_scope=scope, launcher="none",
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
-        log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
-    )
+    distributed = _distributed()
+    by_iter = bool(sched.get("iters"))
+    metric = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
+
+    def common(stage_dir: Path, stage: str) -> dict[str, Any]:
+        interval = int(sched.get("checkpoint_interval") or (sched["val_interval"] if by_iter else 1))
+        return dict(
+            model=model, work_dir=str(stage_dir), val_dataloader=val_loader,
+            val_evaluator=evaluator, val_cfg=dict(type="ValLoop"),
+            default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
+                               param_scheduler=dict(type="ParamSchedulerHook"),
+                               sampler_seed=dict(type="DistSamplerSeedHook"),
+                               # the training state, for resumption after a crash (kept: the last one)
+                               checkpoint=None if evaluate_only else dict(
+                                   type="CheckpointHook", interval=interval, by_epoch=not by_iter,
+                                   max_keep_ckpts=1, save_last=True)),
+            custom_hooks=[_trial_hook(report, history, clock, by_iter=by_iter, metric=metric,
+                                      work_dir=stage_dir, stage=stage, progress=progress)],
+            randomness=dict(seed=spec.seed), default_scope=scope,
+            # under Ray Train the process group exists already: mmengine uses it (and wraps
+            # the model in its DistributedDataParallel) instead of starting its own
+            launcher="pytorch" if distributed else "none",
+            # (mmengine reads the wrapper from ``cfg``; a frozen teacher and unused branches
+            # need find_unused_parameters)
+            cfg=dict(model_wrapper_cfg=dict(type="MMDistributedDataParallel", find_unused_parameters=True,
+                                            # on the CPU, DDP takes no device ids (mmengine's default is LOCAL_RANK)
+                                            **({} if torch.cuda.is_available() else {"device_ids": None})))
+            if distributed else None,
+            env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
+            log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
+        )
+
+    def resume_args(stage_dir: Path) -> dict[str, Any]:
+        found = last_checkpoint(stage_dir)
+        return dict(resume=True, load_from=str(found)) if found else {}
+
     stamp = time.strftime("%Y%m%d_%H%M%S")
     if evaluate_only:
         load_weights(model.student, spec.teacher_checkpoint)
-        Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}").val()
+        Runner(**common(work_dir, "val"), experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
         train_cfg, param_scheduler, _ = _loop_cfgs(sched)
-        Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}", train_cfg=train_cfg,
-               param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
+        Runner(**common(work_dir, "train"), **resume_args(work_dir), experiment_name=f"{spec.trial_id}-{stamp}",
+               train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
                train_dataloader=train_loader).train()
         if finetune_loader is not None:     # SSLD's second stage: labelled data, reduced lr
             ft = dict(sched, epochs=int(spec.params["finetune_epochs"]), iters=None, warmup_iters=0,
@@ -313,18 +434,25 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                       val_interval=int(spec.params["finetune_epochs"]))
             clock["epoch_offset"] = history[-1]["epoch"] if history else 0
             ft_cfg, ft_sched, _ = _loop_cfgs(ft)
-            Runner(**common, experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg,
+            ft_dir = work_dir / "finetune"
+            Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir),
+                   experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg,
                    param_scheduler=ft_sched, optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
     if not history:
         raise RuntimeError("the trial finished without an evaluation")
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
             "method": spec.method, "dataset": spec.dataset["name"], "code_version": results.code_version()}
-    if spec.role == "teacher":
+    student_state = model.student_state_dict()
+    if not _is_main():              # one worker exports; every worker holds the same weights
+        ckpt = None
+    elif spec.role == "teacher":
         ckpt = spec.teacher_checkpoint
         if not evaluate_only:
-            save_weights(model.student_state_dict(), ckpt, meta)
+            save_weights(student_state, ckpt, meta)
     else:
-        ckpt = str(save_weights(model.student_state_dict(), work_dir / "student.pth", meta))
+        ckpt = str(save_weights(student_state, work_dir / "student.pth", meta))
+    if _is_main():
+        _remove_training_states(work_dir)
     device = str(next(model.student.parameters()).device)
     peak = _peak_memory_mb(device)
     if device.startswith("cuda"):
@@ -333,7 +461,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     teacher_s = float(getattr(model, "teacher_seconds", 0.0))
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     from .spec import file_sha256
-    if spec.role == "teacher":      # the weights it wrote (or evaluated), as a student will load them
+    if spec.role == "teacher" and ckpt:     # the weights it wrote (or evaluated), as a student will load them
         t_sha, t_hash = file_sha256(ckpt), weights_hash(model.student_state_dict())
     elif getattr(model, "teacher", None) is not None:
         t_sha, t_hash = file_sha256(spec.teacher_checkpoint), weights_hash(model.teacher.state_dict())
@@ -346,23 +474,31 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                        peak_memory_mb=peak,
                        train_images_per_s_no_teacher=images / (seconds - teacher_s) if seconds > teacher_s else float("nan"),
                        teacher_time_share=teacher_s / seconds if seconds > 0 else float("nan"),
-                       teacher_sha256=t_sha, teacher_weights_hash=t_hash, dataset_fingerprint=fingerprint(spec.dataset))
+                       teacher_sha256=t_sha, teacher_weights_hash=t_hash, dataset_fingerprint=fingerprint(spec.dataset),
+                       resumed_from=int(clock.get("resumed_from", 0)), workers=_world_size())
 
 
 # ------------------------------------------------------------------------------- rows
 def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: float,
                 status: str = "error", started: datetime | None = None,
-                search_id: str = "") -> list[dict[str, Any]]:
+                search_id: str = "", placement: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The trial's rows in the store's schema: one per metric, or one row with
-    ``status`` (error, diverged, interrupted) and the message."""
+    ``status`` (error, diverged, interrupted, pruned, dry_run) and the message.
+    ``placement``: where Ray ran it (node, node_ip, accelerator_ids, attempts)."""
     import json
     metric_entry = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
     now = datetime.now(timezone.utc)
     started = started or now
     res = spec.resources
-    devices = float(res.get("gpu") or 0) or float(res.get("cpu") or 1)
+    workers = outcome.workers if outcome is not None else int(res.get("workers", 1))
+    devices = (float(res.get("gpu") or 0) or float(res.get("cpu") or 1)) * workers
     o = outcome or TrialResult(metrics={}, epoch=-1)
+    where = {"node": "", "node_ip": "", "accelerator_ids": "[]", "attempts": 1, **(placement or {})}
     base = {
+        "node": str(where["node"]), "node_ip": str(where["node_ip"]),
+        "accelerator_ids": json.dumps([str(i) for i in where["accelerator_ids"]])
+        if not isinstance(where["accelerator_ids"], str) else where["accelerator_ids"],
+        "workers": workers, "resumed_from": o.resumed_from, "attempts": int(where["attempts"]),
         "versions": json.dumps(results.package_versions(), sort_keys=True),
         "dataset_fingerprint": o.dataset_fingerprint, "schedule_hash": content_hash(spec.schedule),
         "teacher_sha256": o.teacher_sha256, "teacher_weights_hash": o.teacher_weights_hash,
@@ -394,26 +530,35 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
     if outcome is not None and not rows:
         error = (f"the evaluation gave none of {metric_entry.name}'s metrics "
                  f"({', '.join(metric_entry['keys'])}); it gave {sorted(outcome.metrics)}")
-    return rows or [dict(base, metric="", value=float("nan"), primary=False, epoch=-1, status=status,
+    return rows or [dict(base, metric=metric_entry["primary"] if status == "dry_run" else "", value=float("nan"),
+                         primary=False, epoch=-1, status=status,
                          error=error, train_images_per_s=float("nan"), device=platform.node(),
                          best_value=float("nan"), best_epoch=-1, curve="[]")]
 
 
 def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None,
-                  search_id: str = "") -> tuple[list[dict[str, Any]], BaseException | None]:
-    """Run a trial and write its rows (ok or error) to the store; never raises for a
-    failure of the trial itself, returns it instead."""
+                  search_id: str = "", placement: dict[str, Any] | None = None, write: bool = True,
+                  resume: bool = True, dry_run: bool = False,
+                  progress: Reporter | None = None) -> tuple[list[dict[str, Any]], BaseException | None]:
+    """Run a trial and make its rows (ok or error); never raises for a failure of the
+    trial itself, returns it instead. ``write``: write the rows to the store here (without
+    Ray); under Ray the driver writes them. ``dry_run``: train nothing, return one
+    well-formed row with status ``dry_run``."""
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     outcome, error, exc, status = None, "", None, "error"
-    try:
-        outcome = run_trial(spec, report=report, log_level=log_level)
-    except Exception as e:   # a failing trial must not take the others down
-        exc = e
-        tb = traceback.format_exc()
-        (spec.trial_dir).mkdir(parents=True, exist_ok=True)
-        (spec.trial_dir / "error.txt").write_text(tb)
-        error = f"{type(e).__name__}: {e}"
-        status = "diverged" if isinstance(e, Diverged) else "error"
-    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id)
-    results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
+    if dry_run:
+        status, error = "dry_run", "run --dry-run: nothing was trained"
+    else:
+        try:
+            outcome = run_trial(spec, report=report, log_level=log_level, resume=resume, progress=progress)
+        except Exception as e:   # a failing trial must not take the others down
+            exc = e
+            tb = traceback.format_exc()
+            (spec.trial_dir).mkdir(parents=True, exist_ok=True)
+            (spec.trial_dir / "error.txt").write_text(tb)
+            error = f"{type(e).__name__}: {e}"
+            status = "diverged" if isinstance(e, Diverged) else "error"
+    rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id, placement)
+    if write:
+        results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

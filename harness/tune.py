@@ -21,36 +21,91 @@ from .suite import Suite
 log = logging.getLogger(__name__)
 
 
+def _placement() -> dict[str, Any]:
+    """Where Ray runs this process: node id and IP, and the GPU ids it was given."""
+    import ray
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "accelerator_ids": [str(i) for i in ctx.get_accelerator_ids().get("GPU", [])]}
+
+
+def _rows_message(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, default=str)
+
+
 def _trainable(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: one trial spec in, metrics reported at each evaluation."""
+    """Ray Tune function trainable: one trial spec in; metrics reported at each
+    evaluation, then the trial's rows (the driver writes them: no shared filesystem).
+    A trial with ``resources.workers > 1`` trains on that many Ray Train workers."""
     from ray import tune
 
     from .trial import execute_trial
 
     spec = TrialSpec.from_dict(config["trial"])
-    rows, exc = execute_trial(spec, report=tune.report)
-    if exc is not None:
-        raise exc
+    if int(spec.resources.get("workers", 1)) > 1 and not config.get("dry_run"):
+        from .workers import train_on_workers
+        train_on_workers(spec, resume=config.get("resume", True))      # its workers report the rows
+        return
+    rows, _ = execute_trial(spec, report=tune.report, placement=_placement(), write=False,
+                            resume=config.get("resume", True), dry_run=bool(config.get("dry_run")),
+                            progress=tune.report)
+    tune.report({ROWS_KEY: _rows_message(rows)})
 
 
-def _progress_callback() -> Any:
-    """One console line per evaluation and per finished or failed trial, instead of
-    Tune's tables of every trial's whole configuration."""
-    from ray import tune
+#: the key of the last result of a trial: its rows, as JSON
+ROWS_KEY = "kd_rows"
 
-    class Progress(tune.Callback):
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in result.items()
-                              if isinstance(v, float) and not k.startswith(("time", "timestamp", "_")))
-            print(f"  {trial.custom_trial_name or trial}: epoch {result.get('epoch', '?')}: {shown}", flush=True)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"  done   {trial.custom_trial_name or trial}", flush=True)
+class _DependencyOrder:
+    """A Ray Tune searcher that hands out the suite's trials in dependency order: every
+    teacher first, and each student as soon as its own teacher trial has ended (not when
+    every teacher has). Built lazily so that this module imports without Ray."""
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"  FAILED {trial.custom_trial_name or trial} (error row written; see its error.txt)", flush=True)
+    def __new__(cls, specs: list[TrialSpec], dry_run: bool, resume: bool) -> Any:
+        from ray.tune.search import Searcher
 
-    return Progress()
+        class DependencyOrder(Searcher):
+            def __init__(self) -> None:
+                super().__init__()
+                self.waiting = sorted(specs, key=lambda s: s.role != "teacher")
+                self.teachers = {s.trial_id for s in specs if s.role == "teacher"}
+                self.ended: set[str] = set()
+                self.tune_ids: dict[str, str] = {}
+
+            def suggest(self, trial_id: str) -> dict[str, Any] | None:
+                for i, spec in enumerate(self.waiting):
+                    if spec.role == "teacher" or spec.teacher_id not in self.teachers or \
+                            spec.teacher_id in self.ended or dry_run:
+                        self.waiting.pop(i)
+                        self.tune_ids[trial_id] = spec.trial_id
+                        return {"trial": spec.to_dict(), "dry_run": dry_run, "resume": resume}
+                return Searcher.FINISHED if not self.waiting else None     # None: ask again later
+
+            def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+                self.ended.add(self.tune_ids.get(trial_id, ""))
+
+        return DependencyOrder()
+
+
+class RunState:
+    """What the driver knows of a run, fed by Tune's callbacks: it writes each trial's
+    rows as they arrive, counts retries, and keeps each running trial's progress."""
+
+    def __init__(self, suite: Suite, specs: list[TrialSpec]) -> None:
+        self.suite, self.specs = suite, {s.trial_id: s for s in specs}
+        self.written: set[str] = set()
+        self.failed: set[str] = set()
+        self.retries: dict[str, int] = {}
+        self.running: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, str] = {}
+
+    def write_rows(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            row["attempts"] = 1 + self.retries.get(trial_id, 0)
+        results.write_trial_rows(self.suite.output, trial_id, rows)
+        self.written.add(trial_id)
+        if any(r["status"] not in ("ok", "dry_run") for r in rows):
+            self.failed.add(trial_id)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -58,37 +113,125 @@ def _trial_dirname(trial: Any) -> str:
     return f"{spec.role}-{spec.method}-s{spec.seed}-{spec.trial_id}"
 
 
-def _fit(suite: Suite, phase: str, specs: list[TrialSpec], multi_node: bool) -> list[dict[str, Any]]:
+def _callbacks(state: RunState | None, total: int) -> list[Any]:
+    """The driver's Tune callback: rows written as trials end, retries counted, and the
+    live progress view fed."""
+    from ray import tune
+
+    from .progress import Progress
+
+    class Driver(tune.Callback):
+        def __init__(self) -> None:
+            self.view = Progress(total)
+
+        @staticmethod
+        def _ids(trial: Any) -> tuple[str, str]:
+            name = trial.custom_trial_name or str(trial)
+            config = trial.config or {}
+            return name, TrialSpec.from_dict(config["trial"]).trial_id if "trial" in config else name
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.view.started(self._ids(trial)[0])
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            name, trial_id = self._ids(trial)
+            if result.get(ROWS_KEY) and state is not None:   # its last word: the rows, written here atomically
+                state.write_rows(trial_id, json.loads(result[ROWS_KEY]))
+                self.view.ended(name, failed=trial_id in state.failed)
+            else:
+                self.view.result(name, result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            if state is None:
+                self.view.ended(self._ids(trial)[0], failed=False)
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            name, trial_id = self._ids(trial)
+            if state is not None:
+                state.retries[trial_id] = state.retries.get(trial_id, 0) + 1
+            self.view.retried(name)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            name, trial_id = self._ids(trial)
+            if state is not None:
+                state.errors[trial_id] = f"its worker or node died ({trial.num_failures} time(s)); " \
+                                         f"max_failures allows {getattr(trial, 'max_failures', 0)} retries"
+            self.view.ended(name, failed=True)
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            self.view.tick(trials)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.view.close()
+
+    return [Driver()]
+
+
+def _resources(spec_resources: dict[str, Any]) -> Any:
+    """The Tune trial's resource request: the trial itself, or for Ray Train a small
+    driver (the workers ask for theirs when the Train run starts)."""
+    if int(spec_resources.get("workers", 1)) > 1:
+        from ray import tune        # no CPU: all of a node's CPUs may go to the workers
+        return tune.PlacementGroupFactory([{"memory": 64 * 2 ** 20}])
+    return {"cpu": float(spec_resources["cpu"]), "gpu": float(spec_resources["gpu"])}
+
+
+def _concurrency(spec_resources: dict[str, Any], nodes: list[dict[str, float]]) -> int | None:
+    """How many multi-worker trials fit at once (Tune cannot see what their Ray Train
+    workers will ask for; without a bound, every trial's Train run would wait for
+    workers that the others hold)."""
+    workers = int(spec_resources.get("workers", 1))
+    if workers <= 1:
+        return None
+    fits = []
+    for key, per in (("CPU", float(spec_resources["cpu"])), ("GPU", float(spec_resources["gpu"]))):
+        if per > 0:
+            fits.append(int(sum(n.get(key, 0.0) for n in nodes) // (per * workers)))
+    return max(1, min(fits)) if fits else None
+
+
+def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool = False,
+         resume: bool = True) -> tuple[list[dict[str, Any]], RunState]:
+    import ray
     from ray import tune
 
     res = suite.doc["resources"]
-    trainable = tune.with_resources(_trainable, {"cpu": float(res["cpu"]), "gpu": float(res["gpu"])})
+    state = RunState(suite, specs)
     tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search([s.to_dict() for s in specs])},
-        tune_config=tune.TuneConfig(num_samples=1, reuse_actors=False, trial_dirname_creator=_trial_dirname,
+        tune.with_resources(_trainable, _resources(res)),
+        param_space={},
+        tune_config=tune.TuneConfig(num_samples=len(specs), reuse_actors=False,
+                                    max_concurrent_trials=_concurrency(
+                                        res, [n["Resources"] for n in ray.nodes() if n.get("Alive")]),
+                                    search_alg=_DependencyOrder(specs, dry_run, resume),
+                                    trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
         run_config=tune.RunConfig(
-            name=f"{suite.name}-{phase}", storage_path=str((Path(suite.output) / "ray").resolve()),
-            failure_config=tune.FailureConfig(max_failures=0), verbose=0, callbacks=[_progress_callback()]),
+            name=f"{suite.name}-{'dry-run' if dry_run else 'run'}",
+            storage_path=str((Path(suite.output) / "ray").resolve()),
+            # a worker or node that dies is retried (the trial resumes from its last
+            # checkpoint); a trial that raises reports an error row and is not
+            failure_config=tune.FailureConfig(max_failures=int(suite.doc.get("max_failures") or 0)),
+            verbose=0, callbacks=_callbacks(state, len(specs))),
     )
-    print(f"{phase}: {len(specs)} trial(s) on Ray Tune, {res['cpu']} CPU / {res['gpu']} GPU each", flush=True)
-    grid = tuner.fit()
-    errors = {}
-    for result in grid:     # a trial that never started has no config
-        config = result.config or {}
-        if "trial" in config and result.error:
-            errors[TrialSpec.from_dict(config["trial"]).trial_id] = str(result.error)
+    workers = int(res.get("workers", 1))
+    per = f"{workers} worker(s) x {res['cpu']} CPU / {res['gpu']} GPU" if workers > 1 else \
+        f"{res['cpu']} CPU / {res['gpu']} GPU each"
+    print(f"{len(specs)} trial(s) on Ray Tune{' (dry run: no-op trials)' if dry_run else ''}, {per}", flush=True)
+    tuner.fit()
     summary = []
     for spec in specs:
-        rows_file = results.rows_dir(suite.output) / f"{spec.trial_id}.parquet"
-        error = errors.get(spec.trial_id, "")
-        if not rows_file.exists():
-            error = error or f"the trial ended but its rows are not at {rows_file}"
-            hint = " (on a multi-node cluster, put 'output' on storage every node shares)" if multi_node else ""
+        error = state.errors.get(spec.trial_id, "")
+        if spec.trial_id not in state.written:
+            error = error or "the trial ended without reporting its rows"
+            hint = " (a multi-node run: see the trial's error.txt on the node it ran on)" if multi_node else ""
             _write_status_rows(suite, spec, "error", error + hint)
-        summary.append({"trial": spec.name, "trial_id": spec.trial_id, "error": error})
-    return summary
+            state.failed.add(spec.trial_id)
+        elif spec.trial_id in state.failed:
+            error = error or "see its error row"
+        summary.append({"trial": spec.name, "trial_id": spec.trial_id, "error": error,
+                        "retries": state.retries.get(spec.trial_id, 0)})
+    return summary, state
 
 
 def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str, search_id: str = "") -> None:
@@ -150,14 +293,17 @@ def _restore(previous: bool) -> None:
 
 
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
-              num_cpus: int | None = None, verbose: bool = False) -> dict[str, Any]:
+              num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
 
-    ``verbose`` forwards the trials' own output (mmengine logs) to this console; it is
-    always in each trial's directory. A local Ray instance listens on loopback only.
-    SIGINT and SIGTERM stop the run: the running trials are stopped, get rows with
-    status ``interrupted`` (a later run redoes them), and :class:`Interrupted` is raised
-    after the store is consolidated.
+    One Tune run for the whole suite: teachers first, each student as soon as its own
+    teacher has ended. The driver writes each trial's rows as it ends. ``verbose``
+    forwards the trials' own output (mmengine logs) to this console; it is always in each
+    trial's directory. A local Ray instance listens on loopback only. SIGINT and SIGTERM
+    stop the run: the running trials are stopped, get rows with status ``interrupted`` (a
+    later run resumes them from their last checkpoint), and :class:`Interrupted` is raised
+    after the store is consolidated. ``dry_run``: every trial an instant no-op through
+    the same path, with ``dry_run`` rows.
     """
     import signal
 
@@ -171,15 +317,19 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     teachers, students = pending_trials(suite, resume)
     skipped = len(suite.trials) - len(teachers) - len(students)
     summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}
-    if teachers or students:
+    specs = teachers + students
+    if specs:
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"     # Ctrl-C reaches us, not Tune's own handler
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # the rows store is the record
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
         started = not ray.is_initialized()
         previous = signal.getsignal(signal.SIGTERM)
+        received: list[str] = []
 
         def on_term(signum: int, frame: Any) -> None:
+            received.append("SIGTERM")      # (Tune may re-raise it as a plain KeyboardInterrupt)
             raise Interrupted("SIGTERM")
-        running: list[TrialSpec] = []
         try:
             if started:
                 # a local instance is on loopback only (above): an exposed Ray runs any code it is sent
@@ -187,19 +337,18 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
                          logging_level=logging.WARNING, log_to_driver=verbose)
             signal.signal(signal.SIGTERM, on_term)       # after ray.init, which installs its own (sys.exit)
             check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
-            for phase, specs in (("teachers", teachers), ("students", students)):
-                if specs:
-                    running = specs
-                    summary["trials"] += _fit(suite, phase, specs, multi_node=bool(address))
-                    running = []
+            trials, state = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
+            summary["trials"] = trials
         except KeyboardInterrupt as exc:
-            signal_name = exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
+            signal_name = received[0] if received else \
+                exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
             if started and ray.is_initialized():
                 ray.shutdown()               # stops the running trials before their rows are judged
-            for spec in running:
+            for spec in specs:
                 if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
                     _write_status_rows(suite, spec, "interrupted",
-                                       f"interrupted by {signal_name} before it finished; the next run redoes it")
+                                       f"interrupted by {signal_name} before it finished; the next run "
+                                       f"resumes it from its last checkpoint")
                     summary["interrupted"].append(spec.name)
             summary["results"] = str(results.consolidate(out) or "")
             raise Interrupted(signal_name, summary) from None
@@ -327,7 +476,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     try:
         check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
         if teachers:
-            _fit(suite, "teachers", teachers, multi_node=bool(address))
+            _fit(suite, teachers, multi_node=bool(address))
         res = suite.doc["resources"]
         for (ds, teacher, student), base in bases.items():
             if not Path(base.teacher_checkpoint or "").is_file():
@@ -360,7 +509,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                 run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
                                           storage_path=str((Path(suite.output) / "ray").resolve()),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0,
-                                          callbacks=[_progress_callback()]))
+                                          callbacks=_callbacks(None, search["budget"])))
             print(f"search {sid}: {search['method']} on {ds}, {teacher} -> {student}: {search['budget']} "
                   f"configuration(s), {search['searcher']}, scheduler {search['scheduler']}", flush=True)
             grid = tuner.fit()

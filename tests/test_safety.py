@@ -229,7 +229,10 @@ def test_a_signal_stops_the_run_cleanly_and_ray_listened_on_loopback_only(tmp_pa
     name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
     assert f"stopped by {name}" in err and "Traceback" not in err, err
     df = results.read_results(tmp_path / "out", current_only=False)
-    assert set(df["status"]) == {"interrupted"}, df[["trial_name", "status", "error"]]
-    assert df["error"].str.contains(name).all() and not df["error"].str.contains("storage").any()
+    # the student alone needs no teacher: it may have finished while the teacher trained
+    assert set(df["status"]) <= {"interrupted", "ok"}, df[["trial_name", "status", "error"]]
+    stopped = df[df["status"] == "interrupted"]
+    assert "tiny/t/teacher" in set(stopped["trial_name"]) or "shapes/t/teacher" in set(stopped["trial_name"])
+    assert stopped["error"].str.contains(name).all() and not stopped["error"].str.contains("storage").any()
     assert sockets, "no Ray process was listening while the run was going"
     assert all(ip in ("127.0.0.1", "::1") for _, ip in sockets), sockets
