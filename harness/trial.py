@@ -89,20 +89,25 @@ def save_weights(state_dict: dict[str, Any], path: str | os.PathLike, meta: dict
     return path
 
 
+def _checkpoint_globals() -> list[Any]:
+    """The non-tensor types mmengine's training checkpoints pickle (its message hub's
+    buffers, numpy scalars): allowed one by one for ``torch.load(weights_only=True)``."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    return [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar,
+            type(np.dtype(np.float64)), type(np.dtype(np.int64)), type(np.dtype(np.float32)),
+            type(np.dtype(np.int32))]
+
+
 def load_weights(model: Any, path: str | os.PathLike) -> None:
     """Load a checkpoint's weights strictly, with ``torch.load(weights_only=True)``.
 
     mmengine training checkpoints also pickle a few numpy and mmengine objects; those
     types are allowed explicitly rather than turning the safety check off.
     """
-    import numpy as np
     import torch
-    from mmengine.logging import HistoryBuffer
-
-    allowed = [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
-               type(np.dtype(np.float64)), type(np.dtype(np.int64)), type(np.dtype(np.float32))]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(_checkpoint_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise RuntimeError(f"cannot load checkpoint '{path}': {exc}") from exc
@@ -419,15 +424,21 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         found = last_checkpoint(stage_dir)
         return dict(resume=True, load_from=str(found)) if found else {}
 
+    # resuming loads a training state with torch.load(weights_only=True): allow its types.
+    # (mmengine's state also pickles a getattr reference; allowed here only, for the
+    # states this trial wrote into its own directory, never for a checkpoint a suite names)
+    safe = torch.serialization.safe_globals(_checkpoint_globals() + [getattr])
+
     stamp = time.strftime("%Y%m%d_%H%M%S")
     if evaluate_only:
         load_weights(model.student, spec.teacher_checkpoint)
         Runner(**common(work_dir, "val"), experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
         train_cfg, param_scheduler, _ = _loop_cfgs(sched)
-        Runner(**common(work_dir, "train"), **resume_args(work_dir), experiment_name=f"{spec.trial_id}-{stamp}",
-               train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
-               train_dataloader=train_loader).train()
+        with safe:
+            Runner(**common(work_dir, "train"), **resume_args(work_dir), experiment_name=f"{spec.trial_id}-{stamp}",
+                   train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
+                   train_dataloader=train_loader).train()
         if finetune_loader is not None:     # SSLD's second stage: labelled data, reduced lr
             ft = dict(sched, epochs=int(spec.params["finetune_epochs"]), iters=None, warmup_iters=0,
                       lr=sched["lr"] * float(spec.params["finetune_lr_factor"]),
@@ -435,9 +446,10 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             clock["epoch_offset"] = history[-1]["epoch"] if history else 0
             ft_cfg, ft_sched, _ = _loop_cfgs(ft)
             ft_dir = work_dir / "finetune"
-            Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir),
-                   experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg,
-                   param_scheduler=ft_sched, optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
+            with torch.serialization.safe_globals(_checkpoint_globals() + [getattr]):
+                Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir),
+                       experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg, param_scheduler=ft_sched,
+                       optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
     if not history:
         raise RuntimeError("the trial finished without an evaluation")
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
@@ -546,7 +558,8 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
     well-formed row with status ``dry_run``."""
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     outcome, error, exc, status = None, "", None, "error"
-    if dry_run:
+    if dry_run:      # $KD_HARNESS_DRY_RUN_SECONDS: hold the trial's resources that long (to see packing)
+        time.sleep(float(os.environ.get("KD_HARNESS_DRY_RUN_SECONDS", "0")))
         status, error = "dry_run", "run --dry-run: nothing was trained"
     else:
         try:

@@ -1,0 +1,165 @@
+"""Orchestration on Ray: data-parallel trials on Ray Train workers, GPU packing (with
+declared GPUs and no-op trials), a two-node cluster, resumption after the driver is
+killed, and retries of a trial whose worker died."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import results
+from harness.cli import main
+
+from .conftest import REPO, TINY_SUITE
+
+GN = "{depth: 18, base_channels: 8, norm_cfg: {type: GN, num_groups: 4}}"
+
+
+def _suite(tmp_path: Path, name: str = "suite.yaml", output: str = "out", **replace: str) -> Path:
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / output)
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _losses(output: Path, trial_id: str) -> list[float]:
+    return json.loads((output / "trials" / trial_id / "progress.json").read_text())["losses"]
+
+
+def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_path, capsys):
+    """Ray Train, two gloo workers with 2 images each, against one process with 4: the
+    same global batches (mmengine's sampler shards one permutation), the same loss at
+    every step within tolerance (GroupNorm: no per-worker batch statistics; the detector
+    normalises its loss per worker), and the exported student loads into a plain model."""
+    common = {"{{depth: 18, base_channels: 8}}    # shallower than the teacher's, same widths: FGD inherits": GN,
+              "methods: [none, fgd]": "methods: [none]",
+              "epochs: 1, val_interval: 1": "epochs: 2, val_interval: 1"}
+    common = {k.replace("{{", "{").replace("}}", "}"): v for k, v in common.items()}
+    one = _suite(tmp_path, "one.yaml", "one", **common)
+    two = _suite(tmp_path, "two.yaml", "two", **common)
+    two.write_text(two.read_text().replace("batch_size: 4", "batch_size: 2")
+                   .replace("resources: {cpu: 1, gpu: 0}", "resources: {cpu: 1, gpu: 0, workers: 2}"))
+    assert main(["run", str(one), "--num-cpus", "2"]) == 0
+    assert main(["run", str(two), "--num-cpus", "2"]) == 0
+    capsys.readouterr()
+    rows = {}
+    for out in ("one", "two"):
+        df = results.read_results(tmp_path / out)
+        rows[out] = df[(df["method"] == "none") & df["primary"]].iloc[0]
+    assert rows["one"]["workers"] == 1 and rows["two"]["workers"] == 2
+    a = _losses(tmp_path / "one", rows["one"]["trial_id"])
+    b = _losses(tmp_path / "two", rows["two"]["trial_id"])
+    assert len(a) == len(b) == 4                 # 8 images, a global batch of 4, two epochs
+    assert a[0] == pytest.approx(b[0], rel=0.05), (a, b)
+    assert a == pytest.approx(b, rel=0.15), (a, b)
+
+    from harness.models import build_detector
+    from harness.trial import load_weights
+    path = tmp_path / "two" / "trials" / rows["two"]["trial_id"] / "student.pth"
+    meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+    plain = build_detector(meta["model_cfg"])
+    load_weights(plain, path)                    # strict: no DDP 'module.' prefixes, nothing missing
+
+
+def test_gpu_packing_with_declared_gpus_and_no_op_trials(tmp_path, capsys, monkeypatch):
+    """Ray started with one declared (fake) GPU, trials asking for half a GPU: two run at
+    once, never more, and each records the GPU id it was given. No-op trials (dry run)
+    hold their resources for two seconds so that the packing shows."""
+    import ray
+
+    from harness.suite import load_suite
+    from harness.tune import _loopback_ray, _restore, run_suite
+    path = _suite(tmp_path, **{"resources: {cpu: 1, gpu: 0}": "resources: {cpu: 0.25, gpu: 0.5}",
+                               "seeds: [0]": "seeds: [0, 1, 2]"})
+    monkeypatch.setenv("KD_HARNESS_DRY_RUN_SECONDS", "2")
+    suite = load_suite(path)
+    _, previous = _loopback_ray(local=True)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        summary = run_suite(suite, dry_run=True)
+    finally:
+        ray.shutdown()
+        _restore(previous)
+    assert len(summary["trials"]) == 7 and not any(t["error"] for t in summary["trials"])
+    df = results.read_results(tmp_path / "out")
+    assert set(df["status"]) == {"dry_run"} and df["value"].isna().all()
+    assert set(df["accelerator_ids"]) == {'["0"]'} and (df["node"].str.len() > 0).all()
+    spans = [(pd_ts(r.started_at), pd_ts(r.ended_at)) for r in df.itertuples()]
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 2, spans                      # two trials on one GPU at a time, never three
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert "no successful trials yet" in capsys.readouterr().out     # dry-run rows are never results
+
+
+def pd_ts(text: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_of_the_driver_then_run_again_resumes_without_loss_or_repetition(tmp_path):
+    """The driver is killed with SIGKILL while a student trains (its teacher done); the
+    same command again: finished trials are not rerun, the interrupted one resumes from
+    its last checkpoint (past epoch 0), and the store has exactly one row set per trial."""
+    path = _suite(tmp_path, **{"epochs: 1, val_interval: 1": "epochs: 1, val_interval: 1",
+                               "methods: [none, fgd]": "methods: [none, fgd]"})
+    path.write_text(path.read_text().replace(
+        "students:\n  s:\n    arch: retinanet",
+        "students:\n  s:\n    schedule: {epochs: 40, val_interval: 1}\n    arch: retinanet"))
+    env = dict(os.environ, KD_HARNESS_OUTPUT_ROOT=str(tmp_path), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "harness", "run", str(path), "--num-cpus", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    out = tmp_path / "out"
+
+    def a_student_has_a_checkpoint() -> bool:
+        return any(p.parent.name != "finetune" and int(json.loads(p.read_text())["history"][-1]["epoch"]) >= 2
+                   for p in (out / "trials").glob("*/progress.json")) if (out / "trials").exists() else False
+    _wait_for(a_student_has_a_checkpoint, proc)
+    time.sleep(1)
+    os.kill(proc.pid, signal.SIGKILL)            # the driver only: no handler runs, nothing is written
+    proc.communicate()
+    time.sleep(3)                                # Ray's own processes notice their driver is gone
+    os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
+    before = {f.stem for f in results.rows_dir(out).glob("*.parquet")}
+    assert any(True for _ in before)             # the teacher's rows (at least) were written
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    df = results.read_results(out)
+    assert set(df["status"]) == {"ok"}
+    assert df.groupby("trial_id")["metric"].apply(lambda m: m.is_unique).all()    # one row set per trial
+    assert df["trial_id"].nunique() == 3
+    skipped = f"{len(before)} skipped (already done)"
+    assert skipped in again.stdout, again.stdout[-2000:]
+    resumed = df[df["resumed_from"] > 0]
+    assert len(resumed) and set(resumed["trial_id"]).isdisjoint(before), df[["trial_name", "resumed_from"]]
+    curve = json.loads(resumed[resumed["primary"]].iloc[0]["curve"])
+    assert [e for e, _ in curve] == list(range(1, 41))         # the evaluations before the crash kept
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
