@@ -163,3 +163,57 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys):
+    """Ray's own two-node cluster on this machine (each node one CPU and its own custom
+    resource); the suite runs with --address and its rows show both nodes."""
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
+    try:
+        cluster.add_node(num_cpus=1, resources={"second_node": 1})
+        cluster.wait_for_nodes()
+        path = _suite(tmp_path, **{"seeds: [0]": "seeds: [0, 1, 2]"})
+        assert main(["run", str(path), "--address", cluster.address]) == 0
+    finally:
+        cluster.shutdown()
+    capsys.readouterr()
+    df = results.read_results(tmp_path / "out")
+    assert set(df["status"]) == {"ok"} and df["trial_id"].nunique() == 7
+    assert df["node"].nunique() == 2, df[["trial_name", "node"]].drop_duplicates()
+
+
+def test_a_trial_whose_worker_dies_is_retried_and_resumes(tmp_path, capsys):
+    """max_failures: 1. The student's worker process is killed (SIGKILL) after its second
+    evaluation; Tune restarts the trial, which resumes from its checkpoint; the run's
+    summary counts the retry and the rows say two attempts."""
+    import threading
+    path = _suite(tmp_path, **{"methods: [none, fgd]": "methods: [none]"})
+    path.write_text(path.read_text().replace(
+        "students:\n  s:\n    arch: retinanet",
+        "students:\n  s:\n    schedule: {epochs: 30, val_interval: 1}\n    arch: retinanet") + "max_failures: 1\n")
+    out, killed = tmp_path / "out", []
+
+    def kill_the_student_once() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for p in (out / "trials").glob("*/progress.json") if (out / "trials").exists() else []:
+                try:
+                    state = json.loads(p.read_text())
+                except (OSError, ValueError):
+                    continue
+                if len(state["history"]) >= 2 and state["history"][-1]["epoch"] < 30 and \
+                        (p.parent / "last_checkpoint").exists():
+                    os.kill(state["pid"], signal.SIGKILL)
+                    killed.append(p.parent.name)
+                    return
+            time.sleep(0.3)
+    watcher = threading.Thread(target=kill_the_student_once, daemon=True)
+    watcher.start()
+    assert main(["run", str(path), "--num-cpus", "1"]) == 0
+    watcher.join()
+    printed = capsys.readouterr().out
+    assert killed and "1 retried" in printed and "RETRY" in printed, printed[-2000:]
+    df = results.read_results(out)
+    row = df[(df["trial_id"] == killed[0]) & df["primary"]].iloc[0]
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["resumed_from"] >= 2
