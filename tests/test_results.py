@@ -241,3 +241,14 @@ def test_duckdb_gives_the_same_means_as_pandas(tmp_path):
     for method in ("fgd", "none"):
         assert via_sql.loc[method, "mean"] == pytest.approx(board.loc[method, "mean"])
         assert via_sql.loc[method, "n"] == board.loc[method, "n"]
+
+
+def test_a_version_2_file_is_upgraded_with_the_placement_columns_empty(tmp_path):
+    import pyarrow as pa
+    v2_columns = list(results.COLUMNS)[:list(results.COLUMNS).index("node")]
+    row = {k: v for k, v in _row(schema_version=2).items() if k in v2_columns}
+    v2 = pa.Table.from_pylist([row], schema=pa.schema([(c, results.COLUMNS[c][0]) for c in v2_columns]))
+    pq.write_table(v2.replace_schema_metadata({results.VERSION_KEY: b"2"}), tmp_path / "v2.parquet")
+    df = results.read_results(tmp_path / "v2.parquet")
+    assert list(df.columns) == list(results.COLUMNS) and df["node"].isna().all() and df["attempts"].isna().all()
+    assert df["curve"].iloc[0] == "[[1, 0.3]]"
