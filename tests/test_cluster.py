@@ -165,10 +165,13 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys):
+def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys, monkeypatch):
     """Ray's own two-node cluster on this machine (each node one CPU and its own custom
     resource); the suite runs with --address and its rows show both nodes."""
     from ray.cluster_utils import Cluster
+    # a local run earlier in this process put Ray in single-machine mode through the
+    # environment, which the cluster's node processes would inherit
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
     try:
         cluster.add_node(num_cpus=1, resources={"second_node": 1})
