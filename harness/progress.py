@@ -45,14 +45,16 @@ class Progress:
         return {**self.__dict__, "_stream": None}
 
     # ------------------------------------------------------------------ events
+    @staticmethod
+    def _fresh() -> dict[str, Any]:
+        return {"since": time.monotonic(), "pos": None, "of": None, "unit": "", "metric": "", "ips": None}
+
     def started(self, name: str) -> None:
-        self.running[name] = {"since": time.monotonic(), "pos": None, "of": None, "unit": "", "metric": "",
-                              "ips": None}
+        self.running[name] = self._fresh()
         self._event(f"  start  {name}")
 
     def result(self, name: str, result: dict[str, Any]) -> None:
-        info = self.running.setdefault(name, {"since": time.monotonic(), "pos": None, "of": None, "unit": "",
-                                              "metric": "", "ips": None})
+        info = self.running.setdefault(name, self._fresh())
         if "progress" in result:           # a tick: where training is
             info.update(pos=result["progress"], of=result.get("of"), unit=result.get("unit", ""),
                         ips=result.get("images_per_s"))

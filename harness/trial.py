@@ -235,22 +235,7 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
     return TrialHook()
 
 
-# ------------------------------------------------------------------------ distributed
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-    return not _distributed() or dist.get_rank() == 0
-
-
+# ------------------------------------------------------------------------ resumption
 def _remove_training_states(work_dir: Path) -> None:
     """A finished trial keeps its exported weights and logs, not its resumable states."""
     for stage_dir in (work_dir, work_dir / "finetune"):
@@ -356,6 +341,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     afresh. Under Ray Train (a process group of several workers) it trains data-parallel,
     one shard of every batch per worker; the first worker reports and exports."""
     import torch
+    from mmengine.dist import get_world_size, is_main_process
     from mmengine.runner import Runner
 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
@@ -388,7 +374,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         train_loader, val_loader, evaluator = _config_loaders(spec)
         scope = "mmseg" if spec.task == "seg" else "mmdet"
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
-    distributed = _distributed()
+    distributed = get_world_size() > 1          # under Ray Train: its workers' process group
     by_iter = bool(sched.get("iters"))
     metric = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
 
@@ -427,7 +413,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     # resuming loads a training state with torch.load(weights_only=True): allow its types.
     # (mmengine's state also pickles a getattr reference; allowed here only, for the
     # states this trial wrote into its own directory, never for a checkpoint a suite names)
-    safe = torch.serialization.safe_globals(_checkpoint_globals() + [getattr])
+    resumable = _checkpoint_globals() + [getattr]
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     if evaluate_only:
@@ -435,7 +421,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         Runner(**common(work_dir, "val"), experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
         train_cfg, param_scheduler, _ = _loop_cfgs(sched)
-        with safe:
+        with torch.serialization.safe_globals(resumable):
             Runner(**common(work_dir, "train"), **resume_args(work_dir), experiment_name=f"{spec.trial_id}-{stamp}",
                    train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
                    train_dataloader=train_loader).train()
@@ -446,7 +432,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             clock["epoch_offset"] = history[-1]["epoch"] if history else 0
             ft_cfg, ft_sched, _ = _loop_cfgs(ft)
             ft_dir = work_dir / "finetune"
-            with torch.serialization.safe_globals(_checkpoint_globals() + [getattr]):
+            with torch.serialization.safe_globals(resumable):
                 Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir),
                        experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg, param_scheduler=ft_sched,
                        optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
@@ -455,7 +441,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
             "method": spec.method, "dataset": spec.dataset["name"], "code_version": results.code_version()}
     student_state = model.student_state_dict()
-    if not _is_main():              # one worker exports; every worker holds the same weights
+    if not is_main_process():       # one worker exports; every worker holds the same weights
         ckpt = None
     elif spec.role == "teacher":
         ckpt = spec.teacher_checkpoint
@@ -463,7 +449,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             save_weights(student_state, ckpt, meta)
     else:
         ckpt = str(save_weights(student_state, work_dir / "student.pth", meta))
-    if _is_main():
+    if is_main_process():
         _remove_training_states(work_dir)
     device = str(next(model.student.parameters()).device)
     peak = _peak_memory_mb(device)
@@ -487,7 +473,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                        train_images_per_s_no_teacher=images / (seconds - teacher_s) if seconds > teacher_s else float("nan"),
                        teacher_time_share=teacher_s / seconds if seconds > 0 else float("nan"),
                        teacher_sha256=t_sha, teacher_weights_hash=t_hash, dataset_fingerprint=fingerprint(spec.dataset),
-                       resumed_from=int(clock.get("resumed_from", 0)), workers=_world_size())
+                       resumed_from=int(clock.get("resumed_from", 0)), workers=get_world_size())
 
 
 # ------------------------------------------------------------------------------- rows
@@ -505,11 +491,10 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
     workers = outcome.workers if outcome is not None else int(res.get("workers", 1))
     devices = (float(res.get("gpu") or 0) or float(res.get("cpu") or 1)) * workers
     o = outcome or TrialResult(metrics={}, epoch=-1)
-    where = {"node": "", "node_ip": "", "accelerator_ids": "[]", "attempts": 1, **(placement or {})}
+    where = {"node": "", "node_ip": "", "accelerator_ids": [], "attempts": 1, **(placement or {})}
     base = {
         "node": str(where["node"]), "node_ip": str(where["node_ip"]),
-        "accelerator_ids": json.dumps([str(i) for i in where["accelerator_ids"]])
-        if not isinstance(where["accelerator_ids"], str) else where["accelerator_ids"],
+        "accelerator_ids": json.dumps([str(i) for i in where["accelerator_ids"]]),
         "workers": workers, "resumed_from": o.resumed_from, "attempts": int(where["attempts"]),
         "versions": json.dumps(results.package_versions(), sort_keys=True),
         "dataset_fingerprint": o.dataset_fingerprint, "schedule_hash": content_hash(spec.schedule),

@@ -16,19 +16,17 @@ from .spec import TrialSpec
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    import json
-
     import ray.train
 
     from .trial import execute_trial
-    from .tune import ROWS_KEY, _placement
+    from .tune import ROWS_KEY, _placement, _rows_message
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
     rows, _ = execute_trial(spec, report=lambda point: ray.train.report(point), placement=_placement(),
                             write=False, resume=config.get("resume", True))
     # the first worker's rows are the trial's; the others report too (a barrier)
-    ray.train.report({ROWS_KEY: json.dumps(rows, default=str) if ctx.get_world_rank() == 0 else ""})
+    ray.train.report({ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
 
 
 def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
