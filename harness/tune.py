@@ -89,14 +89,13 @@ class _DependencyOrder:
 
 class RunState:
     """What the driver knows of a run, fed by Tune's callbacks: it writes each trial's
-    rows as they arrive, counts retries, and keeps each running trial's progress."""
+    rows as they arrive and counts retries and failures."""
 
-    def __init__(self, suite: Suite, specs: list[TrialSpec]) -> None:
-        self.suite, self.specs = suite, {s.trial_id: s for s in specs}
+    def __init__(self, suite: Suite) -> None:
+        self.suite = suite
         self.written: set[str] = set()
         self.failed: set[str] = set()
         self.retries: dict[str, int] = {}
-        self.running: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
 
     def write_rows(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
@@ -191,18 +190,16 @@ def _concurrency(spec_resources: dict[str, Any], nodes: list[dict[str, float]]) 
 
 
 def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool = False,
-         resume: bool = True) -> tuple[list[dict[str, Any]], RunState]:
-    import ray
+         resume: bool = True) -> list[dict[str, Any]]:
     from ray import tune
 
     res = suite.doc["resources"]
-    state = RunState(suite, specs)
+    state = RunState(suite)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, _resources(res)),
         param_space={},
         tune_config=tune.TuneConfig(num_samples=len(specs), reuse_actors=False,
-                                    max_concurrent_trials=_concurrency(
-                                        res, [n["Resources"] for n in ray.nodes() if n.get("Alive")]),
+                                    max_concurrent_trials=_concurrency(res, _alive_nodes()),
                                     search_alg=_DependencyOrder(specs, dry_run, resume),
                                     trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
@@ -231,7 +228,7 @@ def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool =
             error = error or "see its error row"
         summary.append({"trial": spec.name, "trial_id": spec.trial_id, "error": error,
                         "retries": state.retries.get(spec.trial_id, 0)})
-    return summary, state
+    return summary
 
 
 def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str, search_id: str = "") -> None:
@@ -268,28 +265,43 @@ def check_resources(suite: Suite, available: list[dict[str, float]]) -> None:
                      f"but no node of the cluster has that much (nodes: {nodes}); lower 'resources' or add nodes")
 
 
+def _alive_nodes() -> list[dict[str, float]]:
+    """Each live node's total resources, of the Ray instance this process is connected to."""
+    import ray
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def local_capacity(num_cpus: int | None = None) -> list[dict[str, float]]:
     """What a local Ray instance would have: this machine's CPUs (or ``--num-cpus``) and GPUs."""
     import torch
     return [{"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
 
 
-def _loopback_ray(local: bool) -> tuple[Any, bool]:
+_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_ray(local: bool) -> tuple[Any, tuple[bool, str | None]]:
     """Import Ray; a local instance (no address) runs in Ray's own single-machine mode (its
     default on macOS and Windows): the node's address is loopback, so every Ray process
     listens on 127.0.0.1 only. Returns (ray, the previous mode) for :func:`_restore`."""
+    env = os.environ.get(_MODE_ENV)
     if local:
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ[_MODE_ENV] = "0"       # for the processes this one starts
     import ray
     from ray._private import ray_constants
     previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = not local     # read at import; ray may be imported already
-    return ray, previous
+    return ray, (previous, env)
 
 
-def _restore(previous: bool) -> None:
+def _restore(previous: tuple[bool, str | None]) -> None:
+    """Undo :func:`_loopback_ray`: the mode, and the environment later processes inherit."""
     from ray._private import ray_constants
-    ray_constants.ENABLE_RAY_CLUSTER = previous
+    ray_constants.ENABLE_RAY_CLUSTER, env = previous
+    if env is None:
+        os.environ.pop(_MODE_ENV, None)
+    else:
+        os.environ[_MODE_ENV] = env
 
 
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
@@ -336,9 +348,8 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
                 ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
                          logging_level=logging.WARNING, log_to_driver=verbose)
             signal.signal(signal.SIGTERM, on_term)       # after ray.init, which installs its own (sys.exit)
-            check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
-            trials, state = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
-            summary["trials"] = trials
+            check_resources(suite, _alive_nodes())
+            summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
         except KeyboardInterrupt as exc:
             signal_name = received[0] if received else \
                 exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
@@ -474,7 +485,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
         ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
                  logging_level=logging.WARNING, log_to_driver=verbose)
     try:
-        check_resources(suite, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        check_resources(suite, _alive_nodes())
         if teachers:
             _fit(suite, teachers, multi_node=bool(address))
         res = suite.doc["resources"]
