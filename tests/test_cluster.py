@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,22 +166,52 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path, capsys, monkeypatch):
-    """Ray's own two-node cluster on this machine (each node one CPU and its own custom
-    resource); the suite runs with --address and its rows show both nodes."""
-    from ray.cluster_utils import Cluster
-    # a local run earlier in this process put Ray in single-machine mode through the
-    # environment, which the cluster's node processes would inherit
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head_node": 1}})
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _kill_processes_mentioning(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker`` (this cluster's temp dir)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    """A real two-node Ray cluster on this machine: `ray start --head` on loopback and a
+    second `ray start` joining it, each node with one CPU and its own custom resource. The
+    suite runs with --address (in its own process, as a user would run it) and its rows
+    show trials on both nodes; the test stops the cluster's processes itself."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    import secrets
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNE_"))}
+    # Ray's token authentication, with a token of this cluster's own for all its processes
+    env.update(KD_HARNESS_OUTPUT_ROOT=str(tmp_path), PYTHONPATH=str(REPO), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    import tempfile
+    temp = Path(tempfile.mkdtemp(prefix="kdn", dir="/tmp"))     # short: Ray's socket paths must stay < 108 bytes
+    address = f"127.0.0.1:{_free_port()}"
+    path = _suite(tmp_path, **{"seeds: [0]": "seeds: [0, 1, 2]"})
     try:
-        cluster.add_node(num_cpus=1, resources={"second_node": 1})
-        cluster.wait_for_nodes()
-        path = _suite(tmp_path, **{"seeds: [0]": "seeds: [0, 1, 2]"})
-        assert main(["run", str(path), "--address", cluster.address]) == 0
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}",
+                        "--num-cpus=1", '--resources={"head_node": 1}', "--include-dashboard=false",
+                        f"--temp-dir={temp}"], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                        '--resources={"second_node": 1}'], env=env, check=True, capture_output=True, timeout=120)
+        run = subprocess.run([sys.executable, "-m", "harness", "run", str(path), "--address", address],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
     finally:
-        cluster.shutdown()
-    capsys.readouterr()
+        _kill_processes_mentioning(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
     df = results.read_results(tmp_path / "out")
     assert set(df["status"]) == {"ok"} and df["trial_id"].nunique() == 7
     assert df["node"].nunique() == 2, df[["trial_name", "node"]].drop_duplicates()
