@@ -17,6 +17,20 @@ METHODS = Registry("method")
 ARCHS = Registry("architecture")
 DATASET_FORMATS = Registry("dataset format")
 METRICS = Registry("metric")
+TASKS = Registry("task")
+
+# ------------------------------------------------------------------------------ tasks
+# What the trial runner asks of a task: ``prepare_trial(spec, load_weights)`` -> the
+# model (teacher loaded), its config for the export, train / val loaders, the evaluator
+# and, optionally, a second-stage loader (``finetune_loader``). ``scope``: the
+# mmengine registry scope its configs name types in. A new task is one module and one
+# entry here.
+TASKS.register("det", target="harness.det:prepare_trial", scope="mmdet",
+               doc="object detection: mmdet 3.x detectors, COCO / VOC layouts")
+TASKS.register("seg", target="harness.seg:prepare_trial", scope="mmseg",
+               doc="semantic segmentation: mmseg 1.x segmentors, Cityscapes / VOC 2012 layouts")
+TASKS.register("cls", target="harness.cls:prepare_trial", scope=None,
+               doc="image classification: torchvision classifiers, image-folder layouts")
 
 # ---------------------------------------------------------------------------- metrics
 METRICS.register(

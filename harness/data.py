@@ -266,3 +266,20 @@ def dataset_format(ds: dict[str, Any]) -> DatasetFormat:
 
 def num_classes(ds: dict[str, Any]) -> int:
     return len(dataset_format(ds).classes(ds))
+
+
+def config_loaders(spec: Any, val_batch_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Train and val loader configs and the evaluator of a task whose datasets are built
+    from mmengine configs (detection, segmentation). Training samples an infinite
+    stream for iteration-based schedules, epochs otherwise."""
+    fmt, sched = dataset_format(spec.dataset), spec.schedule
+    loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
+                  persistent_workers=sched["num_workers"] > 0, pin_memory=bool(sched.get("pin_memory")))
+    val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
+                      dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
+    if val_batch_size:
+        val_loader["batch_size"] = val_batch_size
+    sampler = dict(type="InfiniteSampler" if sched.get("iters") else "DefaultSampler", shuffle=True)
+    train_loader = dict(loader, sampler=sampler,
+                        dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
+    return train_loader, val_loader, fmt.evaluator(spec.dataset)

@@ -135,3 +135,12 @@ def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationMode
     load_weights(teacher, spec.teacher_checkpoint)
     distiller = catalog.METHODS.load(spec.method_name)(spec.params, None, None)
     return SegDistillationModel(student, teacher, distiller), cfg
+
+
+def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
+    """What the trial runner needs of a segmentation trial (see ``catalog.TASKS``)."""
+    from .data import config_loaders
+    model, model_cfg = build_trial_model(spec, load_weights)
+    train_loader, val_loader, evaluator = config_loaders(spec, val_batch_size=1)   # val images keep their sizes
+    return {"model": model, "model_cfg": model_cfg, "train_loader": train_loader, "val_loader": val_loader,
+            "evaluator": evaluator}

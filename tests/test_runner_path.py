@@ -72,8 +72,9 @@ def test_fgd_inherit_survives_the_runner_and_the_teacher_stays_loaded(write_suit
     assert not torch.equal(student["backbone.conv1.weight"][:, :, :1], teacher["backbone.conv1.weight"][:, :, :1])
     assert all(torch.equal(teacher[k], saved[k]) for k in saved)          # loaded as saved, at step one
     # and after training: reload what the trial's teacher was and compare with the file
-    from harness.trial import build_trial_model
-    model, _ = build_trial_model(spec)
+    from harness.det import build_trial_model
+    from harness.trial import load_weights
+    model, _ = build_trial_model(spec, load_weights)
     assert all(torch.equal(model.teacher.state_dict()[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
