@@ -29,7 +29,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     res = suite.doc["resources"]
     print(f"suite '{suite.name}' ({suite.file}): {len(suite.trials)} trials, "
           f"{len(suite.trials) - len(todo)} already done; per trial {res['cpu']} CPU, {res['gpu']} GPU; "
-          f"results -> {suite.output}")
+          f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
     print(f"{'':2}{'trial':<56}{'id':<14}{'params'}")
     for t in suite.trials:
         mark = " " if t.trial_id in todo else "✓"
@@ -153,7 +153,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from . import catalog
 
-    for title, reg, fields in (("methods", catalog.METHODS, ("tasks",)),
+    for title, reg, fields in (("tasks", catalog.TASKS, ("scope",)),
+                               ("methods", catalog.METHODS, ("tasks",)),
                                ("architectures", catalog.ARCHS, ("task", "family")),
                                ("dataset formats", catalog.DATASET_FORMATS, ("task", "metric")),
                                ("metrics", catalog.METRICS, ("task", "primary"))):

@@ -12,6 +12,7 @@ whose row file says ``status == "ok"``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -100,6 +101,7 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
+@functools.lru_cache(maxsize=None)       # (one process: one checkout; two git calls per row otherwise)
 def code_version() -> str:
     """``<package version>+g<commit>[.dirty]``; only the version outside a git checkout."""
     from . import __version__
@@ -262,6 +264,16 @@ def finished_trials(output: str | os.PathLike) -> set[str]:
         if status and all(s == "ok" for s in status):
             done.add(f.stem)
     return done
+
+
+def teacher_sha256(output: str | os.PathLike, teacher_trial_id: str) -> str | None:
+    """The sha256 of the weights a finished teacher trial wrote (from its rows), or None."""
+    table = _read(rows_dir(output) / f"{teacher_trial_id}.parquet", columns=["status", "teacher_sha256"])
+    if table is None:
+        return None
+    shas = {sha for status, sha in zip(table.column("status").to_pylist(), table.column("teacher_sha256").to_pylist())
+            if status == "ok" and sha}
+    return shas.pop() if len(shas) == 1 else None
 
 
 def consolidate(output: str | os.PathLike) -> Path | None:

@@ -127,6 +127,8 @@ class Model(Strict):
     model: dict[str, Any] | None = Field(None, description="overrides merged into the whole model config")
     schedule: dict[str, Any] | None = Field(None, description="this model's schedule (keys of 'schedule')")
     pretrained: Any = Field(None, description="true (the config's ImageNet backbone), false, or a file / URI")
+    resources: Resources | None = Field(None, description="this model's trials' resources (keys of "
+                                                               "'resources'; keys left out are the suite's)")
 
     @field_validator("pretrained")
     @classmethod
@@ -220,6 +222,10 @@ class SuiteDoc(Strict):
                                                               "must stay under the working directory or an allowed root")
     teacher_cache: str | None = Field(None, min_length=1, description="where harness-trained teachers are kept "
                                                                      "(default <output>/../_teachers)")
+    storage: str | None = Field(None, min_length=1, description="the run's storage for teacher checkpoints and "
+                                "resumable training states, so that no shared filesystem is needed: a local "
+                                "directory or a URI pyarrow's filesystems accept (s3://bucket/prefix, gs://..., "
+                                "hdfs://..., file:///...); default: the node-local teacher_cache and output")
     teacher_seed: StrictInt = Field(0, ge=0, description="seed of harness-trained teachers")
     max_failures: StrictInt = Field(0, ge=0, le=100, description="retries of a trial whose worker or node died "
                                                                  "(not of one that raised or diverged); it resumes "

@@ -45,11 +45,16 @@ class TrialSpec:
     teacher_id: str | None = None
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     output_dir: str = "results"
+    #: the run's storage (see :mod:`harness.storage`); None: node-local paths only
+    storage: str | None = None
+    #: for a student: the sha256 its teacher trial reported for the weights it wrote
+    teacher_sha256: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What determines the result: hashed into ``trial_id``."""
         ident = {k: v for k, v in asdict(self).items()
-                 if k not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint")}
+                 if k not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint", "storage",
+                              "teacher_sha256")}
         ident["dataset"] = {k: v for k, v in self.dataset.items() if k != "name"}
         if self.teacher is not None:
             ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "name"}

@@ -234,9 +234,10 @@ def _scan_types(obj: Any, node: Any, key_path: str, refs: list[tuple[str, str, s
             _scan_types(value, node, f"{key_path}[{i}]", refs)
 
 
-def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any,
+def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any, resources: dict[str, Any],
             refs: list[tuple[str, str, str]]) -> dict[str, dict]:
-    """The suite's teachers or students; ``pretrained`` is the suite's default."""
+    """The suite's teachers or students; ``pretrained`` and ``resources`` are the suite's
+    defaults (a model's own ``resources`` keys override the suite's one by one)."""
     out = {}
     for name, m in doc[key].items():
         arch = m.get("arch")
@@ -260,6 +261,9 @@ def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any,
                                         f"scratch (SSLD and Hinton KD train their students so); a checkpoint "
                                         f"cannot be given here")
         model["schedule"] = _schedule(doc, m.get("schedule"), schedule, (key, name, "schedule"))
+        own = validate(Resources, m["resources"], doc, doc.file if isinstance(doc, Node) else "<suite>",
+                       (key, name, "resources")).model_dump(exclude_unset=True) if m.get("resources") else {}
+        model["resources"] = {**resources, **own}
         out[name] = model
     return out
 
@@ -444,6 +448,24 @@ def _check_serves(label: str, method: str, where: Any, teacher: dict, student: d
                                  f"and the student's {s_arch.name} has {list(s_arch['levels'])}")
 
 
+def _storage(doc: Any, roots: list[Path]) -> str | None:
+    """The run's storage: a URI as given, or a local directory (plain or ``file://``),
+    made absolute and confined like every other place a run writes."""
+    from . import storage
+    value = doc.get("storage")
+    if value is None:
+        return None
+    value = _expand(doc, "storage", str(value), "storage")
+    why = storage.check_location(value)
+    if why is not None:
+        raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
+    local = storage.local_path(value)
+    if local is None:
+        return value.rstrip("/")
+    _contained(local, doc, "storage", "storage", roots)
+    return local
+
+
 # ------------------------------------------------------------------------------- main
 def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ()) -> Suite:
     """Load, merge and validate a suite and expand its trial matrix. Imports no backend.
@@ -470,8 +492,8 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     datasets = _datasets(doc, roots)
     pretrained = _pretrained(doc, "pretrained", "pretrained")
     refs: list[tuple[str, str, str]] = []
-    teachers = _models(doc, "teachers", schedule, pretrained, refs)
-    students = _models(doc, "students", schedule, pretrained, refs)
+    teachers = _models(doc, "teachers", schedule, pretrained, resources, refs)
+    students = _models(doc, "students", schedule, pretrained, resources, refs)
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)
@@ -482,10 +504,11 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     cache = os.path.abspath(_expand(doc, "teacher_cache", str(doc.get("teacher_cache")
                                                              or Path(output).parent / "_teachers"), "teacher_cache"))
     _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
+    storage = _storage(doc, roots)
     teacher_seed = int(doc.get("teacher_seed", 0))
     for key, models in (("teachers", teachers), ("students", students)):
         for m_name, m in models.items():
-            if m["schedule"].get("amp") and not float(resources["gpu"]):
+            if m["schedule"].get("amp") and not float(m["resources"]["gpu"]):
                 where = (key, m_name, "schedule") if "schedule" in (doc[key][m_name] or {}) else ("schedule",)
                 raise _err(doc, where[0], f"{'.'.join(where)}.amp: mixed precision needs a GPU (mmengine's "
                                           f"AmpOptimWrapper runs on CUDA) but resources.gpu is 0; set "
@@ -494,10 +517,10 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
 
     merged = dict(doc)
     merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources,
-                  search=search)
+                  search=search, storage=storage)
     suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
                   where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
-    common = dict(suite=name, resources=resources, output_dir=output)
+    common = dict(suite=name, output_dir=output, storage=storage)
     teacher_trials: dict[tuple[str, str], TrialSpec] = {}
     for ds in datasets.values():
         ds_id = {k: v for k, v in ds.items() if k != "task"}
@@ -505,10 +528,10 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
             if catalog.ARCHS.get(teachers[t_name]["arch"])["task"] != ds["task"]:
                 continue                     # a pair serves the datasets of its own task
             teacher = teachers[t_name]
-            s_sched = students[s_name]["schedule"]
-            student = {k: v for k, v in students[s_name].items() if k != "schedule"}
-            t_sched = teacher["schedule"]
-            t_model = {k: v for k, v in teacher.items() if k != "schedule"}
+            s_sched, s_res = students[s_name]["schedule"], students[s_name]["resources"]
+            student = {k: v for k, v in students[s_name].items() if k not in ("schedule", "resources")}
+            t_sched, t_res = teacher["schedule"], teacher["resources"]
+            t_model = {k: v for k, v in teacher.items() if k not in ("schedule", "resources")}
             if (ds["name"], t_name) not in teacher_trials:
                 if teacher.get("checkpoint"):
                     t_ckpt, t_source = teacher["checkpoint"], file_sha256(teacher["checkpoint"])
@@ -517,7 +540,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                     t_ckpt, t_source = str(Path(cache) / f"{ds['name']}-{t_name}-{key}" / "teacher.pth"), None
                 spec = TrialSpec(task=ds["task"], role="teacher", dataset=ds_id, model=t_model, method="teacher",
                                  method_name="teacher", seed=teacher_seed, schedule=t_sched,
-                                 teacher_checkpoint=t_ckpt, teacher_id=t_source, **common)
+                                 teacher_checkpoint=t_ckpt, teacher_id=t_source, resources=t_res, **common)
                 teacher_trials[(ds["name"], t_name)] = spec
                 suite.trials.append(spec)
             t_spec = teacher_trials[(ds["name"], t_name)]
@@ -536,7 +559,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                         teacher_checkpoint=t_spec.teacher_checkpoint if distilled else None,
                         # the teacher's whole identity (its schedule, seed, data, checkpoint's
                         # content): a student of a changed teacher is a new trial
-                        teacher_id=t_spec.trial_id if distilled else None, **common))
+                        teacher_id=t_spec.trial_id if distilled else None, resources=s_res, **common))
     unique: dict[str, TrialSpec] = {}
     for trial in suite.trials:   # `none` is shared by every pair with the same student
         unique.setdefault(trial.trial_id, trial)

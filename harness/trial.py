@@ -13,13 +13,13 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import catalog, results
-from .data import dataset_format, ensure_dataset, num_classes
+from . import catalog, results, storage
+from .data import ensure_dataset
 from .spec import TrialSpec, content_hash
 
 Reporter = Callable[[dict[str, Any]], None]
@@ -65,13 +65,31 @@ def weights_hash(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _reset_peak_memory() -> None:
+    """Start this trial's peak-memory count afresh: a Ray worker process is reused for
+    trial after trial, and a process-lifetime peak would carry one trial's into the next."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")      # Linux: resets VmHWM, the peak resident size
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: str) -> float:
     import resource
 
     import torch
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux: KiB
+    try:            # since _reset_peak_memory (Linux)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # the process's peak (KiB on Linux)
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -171,6 +189,12 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                 saved = [p for p in _read_progress(work_dir) if p["epoch"] <= clock["epoch_offset"] + start]
                 if saved:
                     history[:] = saved
+                # the state is saved before the evaluation that follows it: a crash in
+                # between lost that evaluation, so it is made now (not skipped)
+                total = runner.max_iters if by_iter else runner.max_epochs
+                if (start % int(runner.train_loop.val_interval) == 0 or start == total) and \
+                        not any(p["epoch"] == clock["epoch_offset"] + start for p in history):
+                    runner.val_loop.run()
 
         def before_train_epoch(self, runner: Any) -> None:
             distiller = getattr(runner.model, "distiller", None)
@@ -239,9 +263,86 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
 def _remove_training_states(work_dir: Path) -> None:
     """A finished trial keeps its exported weights and logs, not its resumable states."""
     for stage_dir in (work_dir, work_dir / "finetune"):
-        for f in list(stage_dir.glob("epoch_*.pth")) + list(stage_dir.glob("iter_*.pth")):
+        for f in list(stage_dir.glob("epoch_*.pth")) + list(stage_dir.glob("iter_*.pth")) + \
+                [stage_dir / FETCHED_STATE]:
             f.unlink(missing_ok=True)
         (stage_dir / "last_checkpoint").unlink(missing_ok=True)
+
+
+#: the name a training state fetched from the run's storage gets in the trial's directory
+FETCHED_STATE = "fetched_state.pth"
+
+
+def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str) -> Any:
+    """Copies each training state the CheckpointHook saves, and the evaluations so far,
+    to the run's storage (one worker does): a trial resumed on another node, or after
+    its node's disk is gone, continues from there."""
+    from mmengine.dist import is_main_process
+    from mmengine.hooks import Hook
+
+    class StateSyncHook(Hook):
+        priority = "LOWEST"          # after the CheckpointHook (VERY_LOW) saved, and the TrialHook
+
+        def __init__(self) -> None:
+            self.sent: Path | None = None
+
+        def _send_state(self) -> None:
+            found = last_checkpoint(stage_dir)
+            if found is not None and found != self.sent and is_main_process():
+                storage.put(found, storage.state_uri(spec.storage, spec.trial_id, stage))
+                self.sent = found
+
+        def after_train_epoch(self, runner: Any) -> None:
+            self._send_state()
+
+        def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                             outputs: Any = None) -> None:
+            self._send_state()
+
+        def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+            if (stage_dir / "progress.json").is_file() and is_main_process():
+                storage.put(stage_dir / "progress.json",
+                            storage.state_uri(spec.storage, spec.trial_id, stage, "progress.json"))
+
+    return StateSyncHook()
+
+
+def fetch_state(spec: TrialSpec, stage_dir: Path, stage: str) -> Path | None:
+    """The trial's last training state from the run's storage (sha256-checked), with its
+    evaluations so far, into ``stage_dir``; None when the storage holds none."""
+    uri = storage.state_uri(spec.storage, spec.trial_id, stage)
+    if storage.stored_sha256(uri) is None:
+        return None
+    progress_uri = storage.state_uri(spec.storage, spec.trial_id, stage, "progress.json")
+    if storage.stored_sha256(progress_uri) is not None:
+        storage.fetch(progress_uri, stage_dir / "progress.json")
+    return storage.fetch(uri, stage_dir / FETCHED_STATE)
+
+
+def teacher_file(spec: TrialSpec) -> str:
+    """The local file of a student's teacher weights, checked against the sha256 its
+    teacher trial reported: the node-local checkpoint when it is that file, else fetched
+    from the run's storage (into the trial's output, checked on arrival)."""
+    from .spec import file_sha256
+    ckpt, want = spec.teacher_checkpoint, spec.teacher_sha256
+    if ckpt and Path(ckpt).is_file() and (not want or file_sha256(ckpt) == want):
+        return ckpt
+    teacher = f"the teacher trial for '{spec.teacher['name']}' on '{spec.dataset['name']}'"
+    if spec.storage:
+        local = Path(spec.output_dir) / "teachers" / f"{spec.teacher_id}.pth"
+        if local.is_file() and (not want or file_sha256(local) == want):
+            return str(local)
+        uri = storage.teacher_uri(spec.storage, str(spec.teacher_id))
+        try:
+            return str(storage.fetch(uri, local, want))
+        except storage.StorageError as exc:
+            raise FileNotFoundError(f"teacher weights: {exc}; {teacher} failed, has not run, or its "
+                                    f"storage was changed") from None
+    if ckpt and Path(ckpt).is_file():
+        raise RuntimeError(f"teacher checkpoint '{ckpt}' has sha256 {file_sha256(ckpt)[:16]}… but {teacher} "
+                           f"wrote {want[:16]}…: the file was changed since; delete it and run the suite again "
+                           f"(the teacher is retrained)")
+    raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: {teacher} failed or has not run")
 
 
 # ------------------------------------------------------------------------------ build
@@ -258,18 +359,18 @@ def _optim_cfg(schedule: dict[str, Any]) -> dict[str, Any]:
     return dict(type="OptimWrapper", optimizer=opt, clip_grad=clip)
 
 
-def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """train_cfg, param_scheduler and sampler: linear warm-up, then (policy "step") steps
+def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """train_cfg and param_scheduler: linear warm-up, then (policy "step") steps
     at 2/3 and 11/12 of training (mmdet's 1x: epochs 8 and 11 of 12; 2x: 16 and 22 of
     24), (policy "cosine") cosine annealing to zero, or (policy "poly") DeepLab's poly 0.9."""
     if schedule.get("iters"):
         total = int(schedule["iters"])
         train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=schedule["val_interval"])
-        by_epoch, sampler = False, dict(type="InfiniteSampler", shuffle=True)
+        by_epoch = False
     else:
         total = int(schedule["epochs"])
         train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=total, val_interval=schedule["val_interval"])
-        by_epoch, sampler = True, dict(type="DefaultSampler", shuffle=True)
+        by_epoch = True
     if schedule.get("policy", "step") == "cosine":
         sched = [dict(type="CosineAnnealingLR", by_epoch=by_epoch, begin=0, end=total, T_max=total, eta_min=0.0)]
     elif schedule.get("policy") == "poly":      # DeepLab's lr * (1 - t/T)^0.9
@@ -280,46 +381,7 @@ def _loop_cfgs(schedule: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str,
     if schedule.get("warmup_iters"):
         sched.insert(0, dict(type="LinearLR", start_factor=1e-3, by_epoch=False, begin=0,
                              end=int(schedule["warmup_iters"])))
-    return train_cfg, sched, sampler
-
-
-def build_trial_model(spec: TrialSpec) -> tuple[Any, dict[str, Any]]:
-    """The :class:`DistillationModel` of a trial, with the teacher loaded; and the
-    trained model's mmdet config (what the exported checkpoint loads into)."""
-    from .models import build_detector, detector_cfg, tapped_info
-    from .wrapper import DistillationModel
-
-    distilled = spec.role == "student" and spec.method_name != "none"
-    ckpt = spec.teacher_checkpoint
-    n_cls = num_classes(spec.dataset)
-    cfg = detector_cfg(spec.model, n_cls)
-    student = build_detector(cfg)
-    if not distilled:
-        return DistillationModel(student), cfg
-    t_cfg = detector_cfg(spec.teacher, n_cls)
-    teacher = build_detector(t_cfg)
-    load_weights(teacher, ckpt)
-    every = bool(catalog.METHODS.get(spec.method_name).get("all_levels", False))
-    s_info, t_info = tapped_info(spec.model, cfg, every), tapped_info(spec.teacher, t_cfg, every)
-    distiller = catalog.METHODS.load(spec.method_name)(spec.params, s_info, t_info)
-    return DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides),
-                             inherit=bool(spec.params.get("inherit"))), cfg
-
-
-def _config_loaders(spec: TrialSpec) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """Train and val loader configs and the evaluator of a task whose datasets are
-    built from mmengine configs (detection, segmentation). Segmentation evaluates one
-    image at a time: its val images keep their own sizes."""
-    fmt, sched = dataset_format(spec.dataset), spec.schedule
-    loader = dict(batch_size=sched["batch_size"], num_workers=sched["num_workers"],
-                  persistent_workers=sched["num_workers"] > 0, pin_memory=bool(sched.get("pin_memory")))
-    val_loader = dict(loader, drop_last=False, sampler=dict(type="DefaultSampler", shuffle=False),
-                      dataset=fmt.dataset(spec.dataset, "val", sched["img_scale"]))
-    if spec.task == "seg":
-        val_loader["batch_size"] = 1
-    train_loader = dict(loader, sampler=_loop_cfgs(sched)[2],
-                        dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
-    return train_loader, val_loader, fmt.evaluator(spec.dataset)
+    return train_cfg, sched
 
 
 def seed_trial(spec: TrialSpec) -> None:
@@ -345,34 +407,25 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     from mmengine.runner import Runner
 
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    _reset_peak_memory()
     seed_trial(spec)    # before any model or distiller part is initialised, not only in the Runner
-    ckpt = spec.teacher_checkpoint
-    if spec.role == "student" and spec.method_name != "none" and (not ckpt or not Path(ckpt).is_file()):
-        raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: the teacher trial for "
-                                f"'{spec.teacher['name']}' on '{spec.dataset['name']}' failed or has not run")
+    if spec.role == "student" and spec.method_name != "none":
+        spec = replace(spec, teacher_checkpoint=teacher_file(spec))
     ensure_dataset(spec.dataset)
     sched = spec.schedule
     work_dir = spec.trial_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         _remove_training_states(work_dir)
+        if spec.storage:
+            storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
     history: list[dict[str, Any]] = []
     clock: dict[str, float] = {"epoch_offset": 0}
-    finetune_loader = None
-    if spec.task == "cls":
-        from .cls import prepare_trial
-        parts = prepare_trial(spec, load_weights)
-        model, model_cfg = parts["model"], parts["model_cfg"]
-        train_loader, val_loader, evaluator = parts["train_loader"], parts["val_loader"], parts["evaluator"]
-        finetune_loader, scope = parts["finetune_loader"], None
-    else:
-        if spec.task == "seg":
-            from .seg import build_trial_model as build_seg
-            model, model_cfg = build_seg(spec, load_weights)
-        else:
-            model, model_cfg = build_trial_model(spec)
-        train_loader, val_loader, evaluator = _config_loaders(spec)
-        scope = "mmseg" if spec.task == "seg" else "mmdet"
+    # the task's module builds the model (teacher loaded), the loaders and the evaluator
+    parts = catalog.TASKS.load(spec.task)(spec, load_weights)
+    model, model_cfg = parts["model"], parts["model_cfg"]
+    train_loader, val_loader, evaluator = parts["train_loader"], parts["val_loader"], parts["evaluator"]
+    finetune_loader, scope = parts.get("finetune_loader"), catalog.TASKS.get(spec.task).get("scope")
     evaluate_only = spec.role == "teacher" and spec.teacher_checkpoint and Path(spec.teacher_checkpoint).is_file()
     distributed = get_world_size() > 1          # under Ray Train: its workers' process group
     by_iter = bool(sched.get("iters"))
@@ -391,7 +444,8 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                                    type="CheckpointHook", interval=interval, by_epoch=not by_iter,
                                    max_keep_ckpts=1, save_last=True)),
             custom_hooks=[_trial_hook(report, history, clock, by_iter=by_iter, metric=metric,
-                                      work_dir=stage_dir, stage=stage, progress=progress)],
+                                      work_dir=stage_dir, stage=stage, progress=progress)]
+            + ([_state_sync_hook(spec, stage_dir, stage)] if spec.storage and not evaluate_only else []),
             randomness=dict(seed=spec.seed), default_scope=scope,
             # under Ray Train the process group exists already: mmengine uses it (and wraps
             # the model in its DistributedDataParallel) instead of starting its own
@@ -406,8 +460,8 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
         )
 
-    def resume_args(stage_dir: Path) -> dict[str, Any]:
-        found = last_checkpoint(stage_dir)
+    def resume_args(stage_dir: Path, stage: str) -> dict[str, Any]:
+        found = last_checkpoint(stage_dir) or (fetch_state(spec, stage_dir, stage) if spec.storage and resume else None)
         return dict(resume=True, load_from=str(found)) if found else {}
 
     # resuming loads a training state with torch.load(weights_only=True): allow its types.
@@ -420,9 +474,9 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         load_weights(model.student, spec.teacher_checkpoint)
         Runner(**common(work_dir, "val"), experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
-        train_cfg, param_scheduler, _ = _loop_cfgs(sched)
+        train_cfg, param_scheduler = _loop_cfgs(sched)
         with torch.serialization.safe_globals(resumable):
-            Runner(**common(work_dir, "train"), **resume_args(work_dir), experiment_name=f"{spec.trial_id}-{stamp}",
+            Runner(**common(work_dir, "train"), **resume_args(work_dir, "train"), experiment_name=f"{spec.trial_id}-{stamp}",
                    train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
                    train_dataloader=train_loader).train()
         if finetune_loader is not None:     # SSLD's second stage: labelled data, reduced lr
@@ -430,10 +484,10 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                       lr=sched["lr"] * float(spec.params["finetune_lr_factor"]),
                       val_interval=int(spec.params["finetune_epochs"]))
             clock["epoch_offset"] = history[-1]["epoch"] if history else 0
-            ft_cfg, ft_sched, _ = _loop_cfgs(ft)
+            ft_cfg, ft_sched = _loop_cfgs(ft)
             ft_dir = work_dir / "finetune"
             with torch.serialization.safe_globals(resumable):
-                Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir),
+                Runner(**common(ft_dir, "finetune"), **resume_args(ft_dir, "finetune"),
                        experiment_name=f"{spec.trial_id}-{stamp}-finetune", train_cfg=ft_cfg, param_scheduler=ft_sched,
                        optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
     if not history:
@@ -447,10 +501,14 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         ckpt = spec.teacher_checkpoint
         if not evaluate_only:
             save_weights(student_state, ckpt, meta)
+        if spec.storage:            # where the students, on any node, fetch it from
+            storage.put(ckpt, storage.teacher_uri(spec.storage, spec.trial_id))
     else:
         ckpt = str(save_weights(student_state, work_dir / "student.pth", meta))
     if is_main_process():
         _remove_training_states(work_dir)
+        if spec.storage:
+            storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
     device = str(next(model.student.parameters()).device)
     peak = _peak_memory_mb(device)
     if device.startswith("cuda"):
@@ -533,6 +591,21 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
                          best_value=float("nan"), best_epoch=-1, curve="[]")]
 
 
+def release_runner_state(trial_id: str) -> None:
+    """Drop what mmengine keeps per Runner after a trial (its logger, with the open log
+    file, message hub, visualizer, scope; named after the trial): Ray reuses a trial's
+    process for later trials, and a long suite would otherwise pile them up."""
+    from mmengine.logging import MessageHub, MMLogger
+    from mmengine.registry import DefaultScope
+    from mmengine.visualization import Visualizer
+    for manager in (MMLogger, MessageHub, Visualizer, DefaultScope):
+        for name in [n for n in manager._instance_dict if n.startswith(trial_id)]:
+            instance = manager._instance_dict.pop(name)
+            for handler in list(getattr(instance, "handlers", [])):
+                handler.close()
+                instance.removeHandler(handler)
+
+
 def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None,
                   search_id: str = "", placement: dict[str, Any] | None = None, write: bool = True,
                   resume: bool = True, dry_run: bool = False,
@@ -556,6 +629,8 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
             (spec.trial_dir / "error.txt").write_text(tb)
             error = f"{type(e).__name__}: {e}"
             status = "diverged" if isinstance(e, Diverged) else "error"
+        finally:
+            release_runner_state(spec.trial_id)
     rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id, placement)
     if write:
         results.write_trial_rows(spec.output_dir, spec.trial_id, rows)

@@ -1,10 +1,13 @@
 """Scheduling a suite's trials on Ray Tune: the only module that imports Ray.
 
-Two phases: first the teachers (each trained once per (teacher, dataset, schedule) and
-cached, or only evaluated when the suite gives a checkpoint), then every student trial,
-all through ``Tuner`` with the trial matrix as a grid search space and the suite's
-per-trial resources. Each trial writes its own rows; a failed trial leaves an error
-row and the others go on. A re-run skips the trials whose rows say ``ok``.
+One Tune run per suite: a searcher hands out the trials in dependency order (the
+teachers first, each student as soon as its own teacher ended), each with its model's
+resources (a trial with ``workers > 1`` trains on Ray Train workers, see
+:mod:`harness.workers`). Trial processes are reused for later trials with the same
+resources. A trial reports its rows as its last result and the driver writes them (no
+shared filesystem needed for results); teacher weights and resumable states go through
+the run's storage (:mod:`harness.storage`). A failed trial leaves an error row and the
+others go on; a re-run skips the trials whose rows say ``ok``.
 """
 from __future__ import annotations
 
@@ -78,13 +81,31 @@ class _DependencyOrder:
                             spec.teacher_id in self.ended or dry_run:
                         self.waiting.pop(i)
                         self.tune_ids[trial_id] = spec.trial_id
-                        return {"trial": spec.to_dict(), "dry_run": dry_run, "resume": resume}
+                        return {"trial": with_teacher_sha(spec).to_dict(), "dry_run": dry_run, "resume": resume}
                 return Searcher.FINISHED if not self.waiting else None     # None: ask again later
 
             def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
                 self.ended.add(self.tune_ids.get(trial_id, ""))
 
         return DependencyOrder()
+
+
+def with_teacher_sha(spec: TrialSpec) -> TrialSpec:
+    """A student trial told the sha256 of the weights its teacher trial reported (from the
+    store): it checks the file it loads, local or fetched from the run's storage."""
+    if spec.role != "student" or not spec.teacher_id or spec.method_name == "none":
+        return spec
+    from dataclasses import replace
+    return replace(spec, teacher_sha256=results.teacher_sha256(spec.output_dir, spec.teacher_id))
+
+
+def teacher_available(spec: TrialSpec) -> bool:
+    """A teacher trial's weights are where students find them: in the run's storage, or
+    (without one) in the node-local cache."""
+    if spec.storage:
+        from . import storage
+        return storage.stored_sha256(storage.teacher_uri(spec.storage, spec.trial_id)) is not None
+    return Path(spec.teacher_checkpoint or "").is_file()
 
 
 class RunState:
@@ -112,9 +133,10 @@ def _trial_dirname(trial: Any) -> str:
     return f"{spec.role}-{spec.method}-s{spec.seed}-{spec.trial_id}"
 
 
-def _callbacks(state: RunState | None, total: int) -> list[Any]:
-    """The driver's Tune callback: rows written as trials end, retries counted, and the
-    live progress view fed."""
+def _callbacks(state: RunState | None, total: int, rows_end_trial: bool = True) -> list[Any]:
+    """The driver's Tune callback: rows written as they arrive, retries counted, and the
+    live progress view fed. ``rows_end_trial``: a Tune trial is one harness trial, its
+    rows its last word (a search's trial reports rows per seed, and ends on its own)."""
     from ray import tune
 
     from .progress import Progress
@@ -134,14 +156,17 @@ def _callbacks(state: RunState | None, total: int) -> list[Any]:
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             name, trial_id = self._ids(trial)
-            if result.get(ROWS_KEY) and state is not None:   # its last word: the rows, written here atomically
-                state.write_rows(trial_id, json.loads(result[ROWS_KEY]))
-                self.view.ended(name, failed=trial_id in state.failed)
-            else:
-                self.view.result(name, result)
+            if result.get(ROWS_KEY) and state is not None:   # the rows, written here atomically
+                rows = json.loads(result[ROWS_KEY])
+                trial_id = rows[0]["trial_id"] if rows else trial_id
+                state.write_rows(trial_id, rows)
+                if rows_end_trial:
+                    self.view.ended(name, failed=trial_id in state.failed)
+                return
+            self.view.result(name, result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if state is None:
+            if state is None or not rows_end_trial:
                 self.view.ended(self._ids(trial)[0], failed=False)
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -158,6 +183,8 @@ def _callbacks(state: RunState | None, total: int) -> list[Any]:
             self.view.ended(name, failed=True)
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if _STOP:          # a stop signal Tune swallowed where it landed
+                raise Interrupted(_STOP[0])
             self.view.tick(trials)
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
@@ -175,46 +202,70 @@ def _resources(spec_resources: dict[str, Any]) -> Any:
     return {"cpu": float(spec_resources["cpu"]), "gpu": float(spec_resources["gpu"])}
 
 
-def _concurrency(spec_resources: dict[str, Any], nodes: list[dict[str, float]]) -> int | None:
-    """How many multi-worker trials fit at once (Tune cannot see what their Ray Train
-    workers will ask for; without a bound, every trial's Train run would wait for
-    workers that the others hold)."""
-    workers = int(spec_resources.get("workers", 1))
-    if workers <= 1:
-        return None
-    fits = []
-    for key, per in (("CPU", float(spec_resources["cpu"])), ("GPU", float(spec_resources["gpu"]))):
-        if per > 0:
-            fits.append(int(sum(n.get(key, 0.0) for n in nodes) // (per * workers)))
-    return max(1, min(fits)) if fits else None
+def _concurrency(requests: list[dict[str, Any]], nodes: list[dict[str, float]]) -> int:
+    """How many trials may run at once: Ray Tune's concurrency limit (and with it how
+    many trials it keeps pending, one by default with a searcher of one's own: short
+    trials would then run one after the other). Single-process trials: as many as the
+    cluster's totals hold of the smallest request (Ray's scheduler packs them onto
+    nodes). Trials on Ray Train workers: as many as the largest of those requests fits;
+    Tune cannot see what their workers will ask for, and without a bound every trial's
+    Train run would wait for workers that the others hold."""
+    def fits(res: dict[str, Any], workers: int) -> int:
+        counts = [int(sum(n.get(key, 0.0) for n in nodes) // (per * workers))
+                  for key, per in (("CPU", float(res["cpu"])), ("GPU", float(res["gpu"]))) if per > 0]
+        return max(1, min(counts)) if counts else 1
+    multi = [fits(r, int(r["workers"])) for r in requests if int(r.get("workers", 1)) > 1]
+    if multi:
+        return min(multi)
+    return max([fits(r, 1) for r in requests] or [1])
+
+
+def _describe(requests: list[dict[str, Any]]) -> str:
+    kinds = []
+    for res in requests:
+        workers = int(res.get("workers", 1))
+        text = f"{workers} worker(s) x {res['cpu']:g} CPU / {res['gpu']:g} GPU" if workers > 1 else \
+            f"{res['cpu']:g} CPU / {res['gpu']:g} GPU"
+        if text not in kinds:
+            kinds.append(text)
+    return ", ".join(kinds) + (" each" if len(kinds) == 1 else " (per model)")
+
+
+def _ray_storage(suite: Suite) -> str:
+    """Ray Tune's own storage: under the run's storage when it has one, else the output."""
+    if suite.doc.get("storage"):
+        from . import storage
+        return storage.join(suite.doc["storage"], "ray")
+    return str((Path(suite.output) / "ray").resolve())
 
 
 def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool = False,
          resume: bool = True) -> list[dict[str, Any]]:
     from ray import tune
 
-    res = suite.doc["resources"]
+    requests = [s.resources for s in specs]
     state = RunState(suite)
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, _resources(res)),
+        # each trial its own model's request
+        tune.with_resources(_trainable, lambda config: _resources(config["trial"]["resources"])),
         param_space={},
-        tune_config=tune.TuneConfig(num_samples=len(specs), reuse_actors=False,
-                                    max_concurrent_trials=_concurrency(res, _alive_nodes()),
+        # a trial's process is reused for the next trial with the same resources: torch,
+        # mmengine and the models' libraries are imported once per worker, not per trial
+        tune_config=tune.TuneConfig(num_samples=len(specs), reuse_actors=True,
+                                    max_concurrent_trials=_concurrency(requests, _alive_nodes()),
                                     search_alg=_DependencyOrder(specs, dry_run, resume),
                                     trial_dirname_creator=_trial_dirname,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
         run_config=tune.RunConfig(
             name=f"{suite.name}-{'dry-run' if dry_run else 'run'}",
-            storage_path=str((Path(suite.output) / "ray").resolve()),
+            storage_path=_ray_storage(suite),
             # a worker or node that dies is retried (the trial resumes from its last
             # checkpoint); a trial that raises reports an error row and is not
             failure_config=tune.FailureConfig(max_failures=int(suite.doc.get("max_failures") or 0)),
             verbose=0, callbacks=_callbacks(state, len(specs))),
     )
-    workers = int(res.get("workers", 1))
-    per = f"{workers} worker(s) x {res['cpu']} CPU / {res['gpu']} GPU" if workers > 1 else \
-        f"{res['cpu']} CPU / {res['gpu']} GPU each"
-    print(f"{len(specs)} trial(s) on Ray Tune{' (dry run: no-op trials)' if dry_run else ''}, {per}", flush=True)
+    print(f"{len(specs)} trial(s) on Ray Tune{' (dry run: no-op trials)' if dry_run else ''}, "
+          f"{_describe(requests)}", flush=True)
     tuner.fit()
     summary = []
     for spec in specs:
@@ -242,12 +293,15 @@ class Interrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT (Ctrl-C) or SIGTERM."""
 
 
+#: the stop signals received during the running suite (see run_suite)
+_STOP: list[str] = []
+
+
 def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], list[TrialSpec]]:
     """(teacher trials, student trials) still to run; with ``resume`` finished ones are
     skipped (a teacher only while its checkpoint is still there)."""
     done = results.finished_trials(suite.output) if resume else set()
-    teachers = [t for t in suite.teacher_trials()
-                if t.trial_id not in done or not Path(t.teacher_checkpoint or "").is_file()]
+    teachers = [t for t in suite.teacher_trials() if t.trial_id not in done or not teacher_available(t)]
     students = [t for t in suite.student_trials() if t.trial_id not in done]
     return teachers, students
 
@@ -256,13 +310,17 @@ def check_resources(suite: Suite, available: list[dict[str, float]]) -> None:
     """Refuse a per-trial request that no node of the cluster can ever satisfy (Tune
     would wait for it forever). ``available`` holds each node's total resources."""
     from .yamlio import SuiteError
-    res = suite.doc["resources"]
-    need = {"CPU": float(res["cpu"]), "GPU": float(res["gpu"])}
-    if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in available):
-        return
-    nodes = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in available) or "none"
-    raise SuiteError(f"{suite.where.get('resources', suite.file)}: resources: each trial asks for {res['cpu']:g} CPU and {res['gpu']:g} GPU, "
-                     f"but no node of the cluster has that much (nodes: {nodes}); lower 'resources' or add nodes")
+    for spec in suite.trials:
+        res = spec.resources
+        need = {"CPU": float(res["cpu"]), "GPU": float(res["gpu"])}
+        if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in available):
+            continue
+        nodes = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in available) or "none"
+        per = "each of its workers" if int(res.get("workers", 1)) > 1 else "it"
+        raise SuiteError(f"{suite.where.get('resources', suite.file)}: resources: trial {spec.name}: {per} asks for "
+                         f"{res['cpu']:g} CPU and {res['gpu']:g} GPU, but no node of the cluster has that much "
+                         f"(nodes: {nodes}); lower 'resources' (of the suite or of model "
+                         f"'{spec.model['name']}') or add nodes")
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -336,18 +394,23 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # the rows store is the record
         logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
         started = not ray.is_initialized()
-        previous = signal.getsignal(signal.SIGTERM)
-        received: list[str] = []
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        received = _STOP
+        received.clear()
 
         def on_term(signum: int, frame: Any) -> None:
-            received.append("SIGTERM")      # (Tune may re-raise it as a plain KeyboardInterrupt)
-            raise Interrupted("SIGTERM")
+            # (Tune may re-raise it as a plain KeyboardInterrupt, or swallow it where it
+            # lands: the driver's callback raises it again at Tune's next step)
+            name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
+            received.append(name)
+            raise Interrupted(name)
         try:
             if started:
                 # a local instance is on loopback only (above): an exposed Ray runs any code it is sent
                 ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
                          logging_level=logging.WARNING, log_to_driver=verbose)
-            signal.signal(signal.SIGTERM, on_term)       # after ray.init, which installs its own (sys.exit)
+            for sig in previous:        # after ray.init, which installs its own (sys.exit)
+                signal.signal(sig, on_term)
             check_resources(suite, _alive_nodes())
             summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
         except KeyboardInterrupt as exc:
@@ -364,7 +427,9 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             summary["results"] = str(results.consolidate(out) or "")
             raise Interrupted(signal_name, summary) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            _STOP.clear()
             if started and ray.is_initialized():
                 ray.shutdown()
             _restore(cluster_mode)
@@ -400,16 +465,26 @@ def _configured(base: TrialSpec, config: dict[str, Any], seed: int) -> TrialSpec
     return TrialSpec.from_dict({**base.to_dict(), "params": params, "schedule": schedule, "seed": seed})
 
 
-def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[int], sid: str) -> None:
+def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[int], sid: str,
+                      metric: str) -> None:
     """One configuration, trained on each of the search's seeds in turn, reporting every
-    evaluation (ASHA compares configurations at the same seed and evaluation)."""
+    evaluation (ASHA compares configurations at the same seed and evaluation). After
+    each seed its rows, for the driver to write, with that seed's last value of the
+    searched metric (every configuration reports the same number of results, so ASHA's
+    rungs still line up)."""
     from ray import tune
 
     from .trial import execute_trial
 
     spec = TrialSpec.from_dict(base)
     for seed in seeds:
-        rows, exc = execute_trial(_configured(spec, config, seed), report=tune.report, search_id=sid)
+        last: dict[str, Any] = {}
+
+        def report(point: dict[str, Any]) -> None:
+            last.update(point)
+            tune.report(point)
+        rows, exc = execute_trial(_configured(spec, config, seed), report=report, search_id=sid, write=False)
+        tune.report({**({metric: last[metric]} if metric in last else {}), ROWS_KEY: _rows_message(rows)})
         if exc is not None:
             raise exc
 
@@ -488,9 +563,10 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
         check_resources(suite, _alive_nodes())
         if teachers:
             _fit(suite, teachers, multi_node=bool(address))
-        res = suite.doc["resources"]
         for (ds, teacher, student), base in bases.items():
-            if not Path(base.teacher_checkpoint or "").is_file():
+            res = base.resources
+            teacher_spec = next((t for t in suite.teacher_trials() if t.trial_id == base.teacher_id), None)
+            if teacher_spec is None or not teacher_available(teacher_spec):
                 summary["cells"].append({"cell": f"{ds}/{teacher}->{student}", "error": "the teacher failed"})
                 continue
             metric_entry = catalog.METRICS.get(catalog.task_metric(base.dataset["format"]))
@@ -501,7 +577,8 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                       reduction_factor=search["reduction_factor"],
                                       # past the last evaluation: ASHA stops a trial that reaches
                                       # max_t, which would cut it before it writes its rows
-                                      max_t=evals * len(search["seeds"]) + 1) if search["scheduler"] == "asha" else None
+                                      # (each seed reports its evaluations, then its rows)
+                                      max_t=(evals + 1) * len(search["seeds"]) + 1) if search["scheduler"] == "asha" else None
             points = [dict(p) for p in search["start_from"]] or None
             if search["searcher"] == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
@@ -509,8 +586,8 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
             else:
                 from ray.tune.search import BasicVariantGenerator
                 searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=0)
-            trainable = tune.with_parameters(_search_trainable, base=base.to_dict(), seeds=list(search["seeds"]),
-                                             sid=sid)
+            trainable = tune.with_parameters(_search_trainable, base=with_teacher_sha(base).to_dict(),
+                                             seeds=list(search["seeds"]), sid=sid, metric=metric)
             tuner = tune.Tuner(
                 tune.with_resources(trainable, {"cpu": float(res["cpu"]), "gpu": float(res["gpu"])}),
                 param_space=_search_space(search["space"]),
@@ -518,9 +595,10 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                             num_samples=search["budget"],
                                             max_concurrent_trials=search["concurrency"], reuse_actors=False),
                 run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
-                                          storage_path=str((Path(suite.output) / "ray").resolve()),
+                                          storage_path=_ray_storage(suite),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0,
-                                          callbacks=_callbacks(None, search["budget"])))
+                                          callbacks=_callbacks(RunState(suite), search["budget"],
+                                                               rows_end_trial=False)))
             print(f"search {sid}: {search['method']} on {ds}, {teacher} -> {student}: {search['budget']} "
                   f"configuration(s), {search['searcher']}, scheduler {search['scheduler']}", flush=True)
             grid = tuner.fit()

@@ -29,6 +29,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     ray.train.report({ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
 
 
+def _storage_path(spec: TrialSpec) -> str:
+    if spec.storage:
+        from . import storage
+        return storage.join(spec.storage, "ray", "train")
+    return str((Path(spec.output_dir) / "ray" / "train").resolve())
+
+
 def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
     """Train ``spec`` on its workers from inside a Tune trial; their reports reach Tune
     (evaluations, then the rows) through Ray's TuneReportCallback."""
@@ -45,7 +52,7 @@ def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=gpu > 0,
                                      resources_per_worker={"CPU": float(res["cpu"]), **({"GPU": gpu} if gpu else {})}),
         run_config=RunConfig(name=f"train-{spec.trial_id}",
-                             storage_path=str((Path(spec.output_dir) / "ray" / "train").resolve()),
+                             storage_path=_storage_path(spec),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()

@@ -38,7 +38,8 @@ def _losses(output: Path, trial_id: str) -> list[float]:
 
 
 def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_path, capsys):
-    """Ray Train, two gloo workers with 2 images each, against one process with 4: the
+    """Ray Train, two gloo workers with 2 images each (the student model's own
+    ``resources``), against one process with 4: the
     same global batches (mmengine's sampler shards one permutation), the same loss at
     every step within tolerance (GroupNorm: no per-worker batch statistics; the detector
     normalises its loss per worker), and the exported student loads into a plain model."""
@@ -48,8 +49,9 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
     common = {k.replace("{{", "{").replace("}}", "}"): v for k, v in common.items()}
     one = _suite(tmp_path, "one.yaml", "one", **common)
     two = _suite(tmp_path, "two.yaml", "two", **common)
+    # the student model's own resources: two workers (the teacher keeps the suite's one)
     two.write_text(two.read_text().replace("batch_size: 4", "batch_size: 2")
-                   .replace("resources: {cpu: 1, gpu: 0}", "resources: {cpu: 1, gpu: 0, workers: 2}"))
+                   .replace("students:\n  s:\n", "students:\n  s:\n    resources: {workers: 2}\n"))
     assert main(["run", str(one), "--num-cpus", "2"]) == 0
     assert main(["run", str(two), "--num-cpus", "2"]) == 0
     capsys.readouterr()
@@ -58,6 +60,8 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
         df = results.read_results(tmp_path / out)
         rows[out] = df[(df["method"] == "none") & df["primary"]].iloc[0]
     assert rows["one"]["workers"] == 1 and rows["two"]["workers"] == 2
+    df = results.read_results(tmp_path / "two")
+    assert set(df[df["role"] == "teacher"]["workers"]) == {1}
     a = _losses(tmp_path / "one", rows["one"]["trial_id"])
     b = _losses(tmp_path / "two", rows["two"]["trial_id"])
     assert len(a) == len(b) == 4                 # 8 images, a global batch of 4, two epochs

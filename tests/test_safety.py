@@ -40,6 +40,8 @@ def test_a_loss_that_becomes_infinite_stops_the_trial_as_diverged(write_suite, t
     rows, exc = execute_trial(spec, log_level="WARNING")
     assert exc is not None and [r["status"] for r in rows] == ["diverged"]
     assert "at iteration 1 " in rows[0]["error"] and "inf" in rows[0]["error"].lower(), rows[0]["error"]
+    from mmengine.logging import MessageHub, MMLogger      # released: Ray reuses the process for other trials
+    assert not [n for m in (MMLogger, MessageHub) for n in m._instance_dict if n.startswith(spec.trial_id)]
     df = results.read_results(tmp_path / "out", current_only=False)
     assert leaderboard(df).empty
     assert "diverged" in format_report(df)

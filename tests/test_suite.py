@@ -223,3 +223,20 @@ def test_the_key_reference_is_generated_from_the_schema():
     """docs/suite-schema.md is `python -m harness schema`'s output: regenerate it when a key changes."""
     from harness.schema import reference
     assert (REPO / "docs" / "suite-schema.md").read_text() == reference() + "\n"
+
+
+def test_a_model_entry_has_its_own_resources(write_suite, tmp_path):
+    """A model's ``resources`` keys override the suite's one by one, for that model's
+    trials only, and do not change what a trial is (its id)."""
+    plain = {t.name: t for t in load_suite(_variant(write_suite, tmp_path, "methods: [none, fgd]", "methods: [none, fgd]")).trials}
+    path = _variant(write_suite, tmp_path, "teachers:\n  t:\n", "teachers:\n  t:\n    resources: {cpu: 2, gpu: 0.5}\n")
+    suite = load_suite(path)
+    by_role = {t.role: t.resources for t in suite.trials}
+    assert by_role["teacher"] == {"cpu": 2, "gpu": 0.5, "workers": 1}
+    assert by_role["student"] == {"cpu": 1, "gpu": 0, "workers": 1}
+    assert {t.name: t.trial_id for t in suite.trials} == {n: t.trial_id for n, t in plain.items()}
+
+    from harness.tune import check_resources
+    with pytest.raises(SuiteError, match=r"teacher: it asks for 2 CPU and 0.5 GPU.*model 't'"):
+        check_resources(suite, [{"CPU": 4.0, "GPU": 0.0}])
+    check_resources(suite, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}])

@@ -1,0 +1,158 @@
+"""The run's storage: where teacher checkpoints and resumable training states live, so
+that a trial on any node of a cluster finds them without a shared filesystem.
+
+A suite's ``storage`` is a local directory or any URI pyarrow's filesystems accept
+(``s3://bucket/prefix``, ``gs://…``, ``hdfs://…``, ``file:///…``); pyarrow does the
+transfers. Without ``storage`` the node-local paths are the storage (one machine, or a
+shared filesystem).
+
+Layout under the storage root::
+
+    teachers/<teacher trial id>.pth            a teacher's weights (as the students load them)
+    teachers/<teacher trial id>.pth.sha256     its sha256, written once the file is complete
+    trials/<trial id>/<stage>/state.pth        the last resumable training state of a trial
+    trials/<trial id>/<stage>/progress.json    its evaluations so far
+
+Every file fetched is checked against the sha256 recorded when it was stored (and, for
+teacher weights, against the one the teacher trial reported in its rows) before use.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+#: URI schemes accepted for ``storage`` (pyarrow's filesystems; ``file`` is local)
+SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+_CHUNK = 1 << 22
+
+
+class StorageError(RuntimeError):
+    """A stored file is missing, incomplete or not the one that was stored."""
+
+
+def is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def check_location(value: str) -> str | None:
+    """Why ``value`` cannot be a storage location, or None if it can (no network used)."""
+    if not is_uri(value):
+        return None
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        return f"the scheme '{scheme}://' (valid: {', '.join(s + '://' for s in SCHEMES)}, or a local directory)"
+    if not value.split("://", 1)[1].strip("/"):
+        return "a URI without a bucket or path"
+    return None
+
+
+def local_path(value: str) -> str | None:
+    """The local directory a storage location names (a plain path or ``file://``), else None."""
+    if not is_uri(value):
+        return os.path.abspath(value)
+    if value.lower().startswith("file://"):
+        return value[len("file://"):] or "/"
+    return None
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a location."""
+    from pyarrow import fs
+    local = local_path(uri)
+    if local is not None:
+        return fs.LocalFileSystem(), local
+    return fs.FileSystem.from_uri(uri)
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    from pyarrow import fs
+    filesystem, path = _fs(uri)
+    return filesystem.get_file_info(path).type == fs.FileType.File
+
+
+def put(local: str | os.PathLike, uri: str) -> str:
+    """Copy a local file to ``uri`` (a temporary name first, then moved into place, so a
+    reader never sees half a file), then its sha256 beside it; returns the sha256."""
+    filesystem, path = _fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    digest = hashlib.sha256()
+    tmp = f"{path}.{os.getpid()}.partial"
+    with open(local, "rb") as src, filesystem.open_output_stream(tmp) as dst:
+        for block in iter(lambda: src.read(_CHUNK), b""):
+            digest.update(block)
+            dst.write(block)
+    filesystem.move(tmp, path)
+    sha = digest.hexdigest()
+    with filesystem.open_output_stream(f"{path}.sha256") as dst:     # the file is complete: say so
+        dst.write(sha.encode())
+    return sha
+
+
+def stored_sha256(uri: str) -> str | None:
+    """The sha256 recorded beside a stored file, or None when it is not (completely) stored."""
+    filesystem, path = _fs(uri)
+    try:
+        with filesystem.open_input_stream(f"{path}.sha256") as src:
+            return src.read().decode().strip() or None
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def fetch(uri: str, local: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Copy a stored file to ``local`` and check its sha256 against the one recorded when
+    it was stored and against ``sha256`` (when the caller knows which file it expects).
+    Written under a temporary name and moved into place only once it checks out."""
+    expected = stored_sha256(uri)
+    if expected is None:
+        raise StorageError(f"'{uri}' is not in the run's storage (or was never completely stored)")
+    if sha256 and sha256 != expected:
+        raise StorageError(f"'{uri}' holds a different file than expected: stored sha256 {expected[:16]}…, "
+                           f"expected {sha256[:16]}… (was it overwritten by another run?)")
+    filesystem, path = _fs(uri)
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with filesystem.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            while block := src.read(_CHUNK):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != expected:
+            raise StorageError(f"'{uri}' arrived with sha256 {digest.hexdigest()[:16]}… but was stored with "
+                               f"{expected[:16]}…: the stored file is corrupt or was changed")
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return local
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a directory of the storage and everything under it (missing is fine)."""
+    filesystem, path = _fs(uri)
+    try:
+        filesystem.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+# ----------------------------------------------------------------- the run's layout
+def teacher_uri(root: str, teacher_trial_id: str) -> str:
+    return join(root, "teachers", f"{teacher_trial_id}.pth")
+
+
+def trial_uri(root: str, trial_id: str) -> str:
+    return join(root, "trials", trial_id)
+
+
+def state_uri(root: str, trial_id: str, stage: str, name: str = "state.pth") -> str:
+    return join(trial_uri(root, trial_id), stage, name)
