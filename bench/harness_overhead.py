@@ -85,10 +85,17 @@ def main() -> None:
             shutil.rmtree(spec.trial_dir, ignore_errors=True)
             run_trial(spec)
         direct = time.perf_counter() - start
+        # what a run costs once, whatever its trials: the process, Ray's start and stop,
+        # Tune, the store, the report (a one-trial dry run)
+        once_suite = work / "once.yaml"
+        once_suite.write_text(SUITE.format(root=work / "data", seeds=[0], epochs=1, output=work / "once"))
+        once = _harness(["run", str(once_suite), "--dry-run", "--num-cpus", "1"], work)     # (two no-op trials)
         per_trial = (through - direct) / len(specs)
+        per_trial_run = max(0.0, (through - direct - once) / len(specs))
         print(f"(a) {len(specs)} trials of {args.epochs} epochs: harness {through:.1f} s, direct run_trial "
-              f"{direct:.1f} s: +{100 * (through - direct) / direct:.1f}% here; fixed cost {per_trial:.2f} s per "
-              f"trial (Ray start included) = {100 * per_trial / 60:.1f}% of a 60-second trial")
+              f"{direct:.1f} s: +{100 * (through - direct) / direct:.1f}% here; {per_trial:.2f} s per trial with "
+              f"the run's start-up ({once:.1f} s: process, Ray, Tune, store, report) spread over them, "
+              f"{per_trial_run:.2f} s per trial without it = {100 * per_trial_run / 60:.1f}% of a 60-second trial")
         # (b) no-op trials
         noop = work / "noop.yaml"
         noop.write_text(SUITE.format(root=work / "data", seeds=list(range(args.noop)), epochs=1,
