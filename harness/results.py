@@ -268,7 +268,8 @@ def finished_trials(output: str | os.PathLike) -> set[str]:
 
 def teacher_sha256(output: str | os.PathLike, teacher_trial_id: str) -> str | None:
     """The sha256 of the weights a finished teacher trial wrote (from its rows), or None."""
-    table = _read(rows_dir(output) / f"{teacher_trial_id}.parquet", columns=["status", "teacher_sha256"])
+    path = rows_dir(output) / f"{teacher_trial_id}.parquet"
+    table = _read(path, columns=["status", "teacher_sha256"]) if path.is_file() else None
     if table is None:
         return None
     shas = {sha for status, sha in zip(table.column("status").to_pylist(), table.column("teacher_sha256").to_pylist())

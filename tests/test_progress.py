@@ -38,3 +38,34 @@ def test_live_output_redraws_one_line_per_running_trial_and_an_overall_line():
     assert "epoch 3/12" in block[0] and "40.0 img/s" in block[0] and "ETA" in block[0]
     assert "bbox_mAP=0.500" in block[1]
     assert block[2].startswith("done 0/4  running 2  pending 2")
+
+
+def test_a_student_is_handed_out_when_its_own_teacher_ends_not_every_teacher(tmp_path):
+    """No global barrier: the dependency-ordered searcher gives out every teacher first,
+    a student alone at once, and a distilled student as soon as its own teacher's trial
+    has ended, while another teacher is still running."""
+    from ray.tune.search import Searcher
+
+    from harness.spec import TrialSpec
+    from harness.tune import _DependencyOrder
+
+    def spec(role, name, teacher=None, method="fgd"):
+        return TrialSpec(suite="s", task="det", role=role, dataset={"name": "d"}, model={"name": name, "arch": name},
+                         method=method, method_name=method, teacher={"name": teacher} if teacher else None,
+                         teacher_id=teacher, output_dir=str(tmp_path))
+    t_det, t_cls = spec("teacher", "big-det", method="teacher"), spec("teacher", "big-cls", method="teacher")
+    s_det = spec("student", "small-det", teacher=t_det.trial_id)
+    s_cls = spec("student", "small-cls", teacher=t_cls.trial_id, method="ssld")
+    alone = spec("student", "alone", method="none")
+    order = _DependencyOrder([s_det, s_cls, alone, t_det, t_cls], dry_run=False, resume=True)
+
+    def name(config):
+        return config and config["trial"]["model"]["name"]
+    assert [name(order.suggest(f"tune{i}")) for i in range(3)] == ["big-det", "big-cls", "alone"]
+    assert order.suggest("tune3") is None               # both teachers still running
+    order.on_trial_complete("tune1")                    # the classification teacher ends first
+    assert name(order.suggest("tune3")) == "small-cls"  # its student starts; the detection teacher still runs
+    assert order.suggest("tune4") is None
+    order.on_trial_complete("tune0")
+    assert name(order.suggest("tune4")) == "small-det"
+    assert order.suggest("tune5") == Searcher.FINISHED
