@@ -150,6 +150,12 @@ def teacher_uri(root: str, teacher_trial_id: str) -> str:
     return join(root, "teachers", f"{teacher_trial_id}.pth")
 
 
+def ray_path(root: str | None, output: str) -> str:
+    """Where Ray Tune and Ray Train keep their own state: under the run's storage when it
+    has one, else under the run's output."""
+    return join(root, "ray") if root else str((Path(output) / "ray").resolve())
+
+
 def trial_uri(root: str, trial_id: str) -> str:
     return join(root, "trials", trial_id)
 

@@ -260,23 +260,27 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
 
 
 # ------------------------------------------------------------------------ resumption
-def _remove_training_states(work_dir: Path) -> None:
-    """A finished trial keeps its exported weights and logs, not its resumable states."""
-    for stage_dir in (work_dir, work_dir / "finetune"):
+def _remove_training_states(spec: TrialSpec) -> None:
+    """A finished trial keeps its exported weights and logs, not its resumable states
+    (in its directory, and their copies in the run's storage)."""
+    for stage_dir in (spec.trial_dir, spec.trial_dir / "finetune"):
         for f in list(stage_dir.glob("epoch_*.pth")) + list(stage_dir.glob("iter_*.pth")) + \
                 [stage_dir / FETCHED_STATE]:
             f.unlink(missing_ok=True)
         (stage_dir / "last_checkpoint").unlink(missing_ok=True)
+    if spec.storage:
+        storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
 
 
 #: the name a training state fetched from the run's storage gets in the trial's directory
 FETCHED_STATE = "fetched_state.pth"
 
 
-def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str) -> Any:
-    """Copies each training state the CheckpointHook saves, and the evaluations so far,
-    to the run's storage (one worker does): a trial resumed on another node, or after
-    its node's disk is gone, continues from there."""
+def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str, by_iter: bool, interval: int) -> Any:
+    """Copies each training state the CheckpointHook saves (every ``interval`` epochs or
+    iterations, and the last), and the evaluations so far, to the run's storage (one
+    worker does): a trial resumed on another node, or after its node's disk is gone,
+    continues from there."""
     from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
@@ -293,11 +297,13 @@ def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str) -> Any:
                 self.sent = found
 
         def after_train_epoch(self, runner: Any) -> None:
-            self._send_state()
+            if not by_iter:
+                self._send_state()
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
-            self._send_state()
+            if by_iter and (self.every_n_train_iters(runner, interval) or self.is_last_train_iter(runner)):
+                self._send_state()
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
             if (stage_dir / "progress.json").is_file() and is_main_process():
@@ -416,9 +422,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     work_dir = spec.trial_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        _remove_training_states(work_dir)
-        if spec.storage:
-            storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
+        _remove_training_states(spec)
     history: list[dict[str, Any]] = []
     clock: dict[str, float] = {"epoch_offset": 0}
     # the task's module builds the model (teacher loaded), the loaders and the evaluator
@@ -445,7 +449,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                                    max_keep_ckpts=1, save_last=True)),
             custom_hooks=[_trial_hook(report, history, clock, by_iter=by_iter, metric=metric,
                                       work_dir=stage_dir, stage=stage, progress=progress)]
-            + ([_state_sync_hook(spec, stage_dir, stage)] if spec.storage and not evaluate_only else []),
+            + ([_state_sync_hook(spec, stage_dir, stage, by_iter, interval)] if spec.storage and not evaluate_only else []),
             randomness=dict(seed=spec.seed), default_scope=scope,
             # under Ray Train the process group exists already: mmengine uses it (and wraps
             # the model in its DistributedDataParallel) instead of starting its own
@@ -506,9 +510,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     else:
         ckpt = str(save_weights(student_state, work_dir / "student.pth", meta))
     if is_main_process():
-        _remove_training_states(work_dir)
-        if spec.storage:
-            storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
+        _remove_training_states(spec)
     device = str(next(model.student.parameters()).device)
     peak = _peak_memory_mb(device)
     if device.startswith("cuda"):

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import catalog, results
+from . import catalog, results, storage
 from .spec import TrialSpec
 from .suite import Suite
 
@@ -103,7 +103,6 @@ def teacher_available(spec: TrialSpec) -> bool:
     """A teacher trial's weights are where students find them: in the run's storage, or
     (without one) in the node-local cache."""
     if spec.storage:
-        from . import storage
         return storage.stored_sha256(storage.teacher_uri(spec.storage, spec.trial_id)) is not None
     return Path(spec.teacher_checkpoint or "").is_file()
 
@@ -231,14 +230,6 @@ def _describe(requests: list[dict[str, Any]]) -> str:
     return ", ".join(kinds) + (" each" if len(kinds) == 1 else " (per model)")
 
 
-def _ray_storage(suite: Suite) -> str:
-    """Ray Tune's own storage: under the run's storage when it has one, else the output."""
-    if suite.doc.get("storage"):
-        from . import storage
-        return storage.join(suite.doc["storage"], "ray")
-    return str((Path(suite.output) / "ray").resolve())
-
-
 def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool = False,
          resume: bool = True) -> list[dict[str, Any]]:
     from ray import tune
@@ -258,7 +249,7 @@ def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool =
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["trial"]).name),
         run_config=tune.RunConfig(
             name=f"{suite.name}-{'dry-run' if dry_run else 'run'}",
-            storage_path=_ray_storage(suite),
+            storage_path=storage.ray_path(suite.doc.get("storage"), suite.output),
             # a worker or node that dies is retried (the trial resumes from its last
             # checkpoint); a trial that raises reports an error row and is not
             failure_config=tune.FailureConfig(max_failures=int(suite.doc.get("max_failures") or 0)),
@@ -595,7 +586,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                             num_samples=search["budget"],
                                             max_concurrent_trials=search["concurrency"], reuse_actors=False),
                 run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
-                                          storage_path=_ray_storage(suite),
+                                          storage_path=storage.ray_path(suite.doc.get("storage"), suite.output),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                           callbacks=_callbacks(RunState(suite), search["budget"],
                                                                rows_end_trial=False)))

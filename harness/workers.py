@@ -9,9 +9,9 @@ worker's to Tune, and with it, at the end, the trial's rows.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from . import storage
 from .spec import TrialSpec
 
 
@@ -27,13 +27,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
                             write=False, resume=config.get("resume", True))
     # the first worker's rows are the trial's; the others report too (a barrier)
     ray.train.report({ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
-
-
-def _storage_path(spec: TrialSpec) -> str:
-    if spec.storage:
-        from . import storage
-        return storage.join(spec.storage, "ray", "train")
-    return str((Path(spec.output_dir) / "ray" / "train").resolve())
 
 
 def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
@@ -52,7 +45,7 @@ def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=gpu > 0,
                                      resources_per_worker={"CPU": float(res["cpu"]), **({"GPU": gpu} if gpu else {})}),
         run_config=RunConfig(name=f"train-{spec.trial_id}",
-                             storage_path=_storage_path(spec),
+                             storage_path=storage.join(storage.ray_path(spec.storage, spec.output_dir), "train"),
                              callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
