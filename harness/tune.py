@@ -11,9 +11,11 @@ others go on; a re-run skips the trials whose rows say ``ok``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +355,28 @@ def _restore(previous: tuple[bool, str | None]) -> None:
         os.environ[_MODE_ENV] = env
 
 
+@contextlib.contextmanager
+def _ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[tuple[Any, bool]]:
+    """Ray for one ``run`` or ``tune``: the cluster at ``address`` (or ``RAY_ADDRESS``), else
+    a local instance on loopback only (an exposed Ray runs any code it is sent). Yields
+    (ray, whether this call started it); what it started it shuts down, and the mode is
+    restored. Tune writes no result files of its own: the rows store is the record."""
+    ray, mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
+    started = not ray.is_initialized()
+    try:
+        if started:
+            ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
+                     logging_level=logging.WARNING, log_to_driver=verbose)
+        yield ray, started
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        _restore(mode)
+
+
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
               num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
@@ -368,8 +392,6 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     """
     import signal
 
-    ray, cluster_mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
-
     out = Path(suite.output)
     out.mkdir(parents=True, exist_ok=True)
     results.write_text_atomic(out / "suite.json", json.dumps(
@@ -380,11 +402,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}
     specs = teachers + students
     if specs:
-        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"     # Ctrl-C reaches us, not Tune's own handler
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # the rows store is the record
-        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
-        started = not ray.is_initialized()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         received = _STOP
         received.clear()
@@ -396,34 +414,29 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             received.append(name)
             raise Interrupted(name)
         try:
-            if started:
-                # a local instance is on loopback only (above): an exposed Ray runs any code it is sent
-                ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
-                         logging_level=logging.WARNING, log_to_driver=verbose)
-            for sig in previous:        # after ray.init, which installs its own (sys.exit)
-                signal.signal(sig, on_term)
-            check_resources(suite, _alive_nodes())
-            summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
-        except KeyboardInterrupt as exc:
-            signal_name = received[0] if received else \
-                exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
-            if started and ray.is_initialized():
-                ray.shutdown()               # stops the running trials before their rows are judged
-            for spec in specs:
-                if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
-                    _write_status_rows(suite, spec, "interrupted",
-                                       f"interrupted by {signal_name} before it finished; the next run "
-                                       f"resumes it from its last checkpoint")
-                    summary["interrupted"].append(spec.name)
-            summary["results"] = str(results.consolidate(out) or "")
-            raise Interrupted(signal_name, summary) from None
+            with _ray_session(address, num_cpus, verbose) as (ray, started):
+                for sig in previous:        # after ray.init, which installs its own (sys.exit)
+                    signal.signal(sig, on_term)
+                try:
+                    check_resources(suite, _alive_nodes())
+                    summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
+                except KeyboardInterrupt as exc:
+                    signal_name = received[0] if received else \
+                        exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
+                    if started and ray.is_initialized():
+                        ray.shutdown()               # stops the running trials before their rows are judged
+                    for spec in specs:
+                        if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
+                            _write_status_rows(suite, spec, "interrupted",
+                                               f"interrupted by {signal_name} before it finished; the next run "
+                                               f"resumes it from its last checkpoint")
+                            summary["interrupted"].append(spec.name)
+                    summary["results"] = str(results.consolidate(out) or "")
+                    raise Interrupted(signal_name, summary) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             _STOP.clear()
-            if started and ray.is_initialized():
-                ray.shutdown()
-            _restore(cluster_mode)
     summary["results"] = str(results.consolidate(out) or "")
     return summary
 
@@ -542,15 +555,9 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     teachers = [t for t in teachers if t.trial_id in needed]
     summary: dict[str, Any] = {"search_id": sid, "cells": []}
 
-    ray, cluster_mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
-                 logging_level=logging.WARNING, log_to_driver=verbose)
-    try:
+    with _ray_session(address, num_cpus, verbose):
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler
         check_resources(suite, _alive_nodes())
         if teachers:
             _fit(suite, teachers, multi_node=bool(address))
@@ -626,10 +633,6 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                                                sort_keys=False))
                 cell.update(best=best, suite_file=str(path))
             summary["cells"].append(cell)
-    finally:
-        if started and ray.is_initialized():
-            ray.shutdown()
-        _restore(cluster_mode)
     summary["results"] = str(results.consolidate(suite.output) or "")
     return summary
 

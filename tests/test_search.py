@@ -38,7 +38,8 @@ SEARCH = """search:
 """
 
 
-def test_a_tiny_fgd_search_prunes_writes_rows_and_a_runnable_best_suite(tmp_path, capsys):
+def test_a_tiny_fgd_search_prunes_writes_rows_and_a_runnable_best_suite(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)   # (an earlier run may have set it)
     assert "iters: 400" in SEARCH_SUITE and "iters: 120" in SEARCH_SUITE and "train_images: 16" in SEARCH_SUITE
     text = SEARCH_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out") + SEARCH
     path = tmp_path / "suite.yaml"
@@ -56,6 +57,8 @@ def test_a_tiny_fgd_search_prunes_writes_rows_and_a_runnable_best_suite(tmp_path
     pruned = search[search["status"] == "pruned"].drop_duplicates("trial_id")
     assert len(pruned) >= 1, search[["params", "status", "value", "curve"]].to_string()
     assert all("stopped by ASHA after" in e for e in pruned["error"])
+    tune_files = [p.name for p in (tmp_path / "out").rglob("*") if p.name in ("result.json", "progress.csv")]
+    assert not tune_files, tune_files                      # the rows store is the record, not Tune's loggers
     assert (df["role"] == "teacher").sum() >= 1 and df[df["role"] == "teacher"]["trial_id"].nunique() == 1
     best_file = next((tmp_path / "out" / "searches").rglob("best-*.yaml"))
     assert f"python -m harness run {best_file}" in out
