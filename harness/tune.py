@@ -64,7 +64,11 @@ ROWS_KEY = "kd_rows"
 class _DependencyOrder:
     """A Ray Tune searcher that hands out the suite's trials in dependency order: every
     teacher first, and each student as soon as its own teacher trial has ended (not when
-    every teacher has). Built lazily so that this module imports without Ray."""
+    every teacher has). Of the trials ready, teachers go first, then distilled students,
+    then students alone: a student alone needs nothing, so it fills slots that would
+    otherwise idle while teachers train, and it does not hold back a distilled student
+    whose chain (teacher, then student) is the longer one. Built lazily so that this
+    module imports without Ray."""
 
     def __new__(cls, specs: list[TrialSpec], dry_run: bool, resume: bool) -> Any:
         from ray.tune.search import Searcher
@@ -72,7 +76,7 @@ class _DependencyOrder:
         class DependencyOrder(Searcher):
             def __init__(self) -> None:
                 super().__init__()
-                self.waiting = sorted(specs, key=lambda s: s.role != "teacher")
+                self.waiting = sorted(specs, key=lambda s: (s.role != "teacher", s.method_name == "none"))
                 self.teachers = {s.trial_id for s in specs if s.role == "teacher"}
                 self.ended: set[str] = set()
                 self.tune_ids: dict[str, str] = {}

@@ -69,3 +69,27 @@ def test_a_student_is_handed_out_when_its_own_teacher_ends_not_every_teacher(tmp
     order.on_trial_complete("tune0")
     assert name(order.suggest("tune4")) == "small-det"
     assert order.suggest("tune5") == Searcher.FINISHED
+
+
+def test_a_ready_distilled_student_goes_before_a_student_alone(tmp_path):
+    """Students alone need nothing: they fill the slots while teachers train, and a
+    distilled student whose teacher has ended is handed out before them."""
+    from harness.spec import TrialSpec
+    from harness.tune import _DependencyOrder
+
+    def spec(role, name, teacher=None, method="fgd"):
+        return TrialSpec(suite="s", task="det", role=role, dataset={"name": "d"}, model={"name": name, "arch": name},
+                         method=method, method_name=method, teacher={"name": teacher} if teacher else None,
+                         teacher_id=teacher, output_dir=str(tmp_path))
+    t_det = spec("teacher", "big-det", method="teacher")
+    alone, alone2 = spec("student", "alone", method="none"), spec("student", "alone2", method="none")
+    s_det = spec("student", "small-det", teacher=t_det.trial_id)
+    earlier = spec("student", "small-cls", teacher="a-teacher-of-an-earlier-run", method="ssld")
+    order = _DependencyOrder([alone, alone2, s_det, earlier, t_det], dry_run=False, resume=True)
+
+    def name(config):
+        return config and config["trial"]["model"]["name"]
+    # the teacher, then the student whose teacher is done already, then a student alone
+    assert [name(order.suggest(f"tune{i}")) for i in range(3)] == ["big-det", "small-cls", "alone"]
+    order.on_trial_complete("tune0")
+    assert [name(order.suggest(f"tune{i}")) for i in range(3, 5)] == ["small-det", "alone2"]
