@@ -1,6 +1,8 @@
 """Shared fixtures: tiny suites written to a temporary directory."""
 from __future__ import annotations
 
+import ipaddress
+import os
 import textwrap
 from pathlib import Path
 
@@ -121,3 +123,34 @@ def train_with_frozen_teacher(model, make_losses, steps: int = 2, lr: float = 0.
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
     return losses
+
+
+def listening_ray_sockets() -> list[tuple[str, str]]:
+    """(process name, local address) of every TCP socket a Ray process listens on, read
+    from /proc (no extra package)."""
+    inodes: dict[str, str] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ray" not in cmd or "pytest" in cmd:
+                continue
+            name = Path(cmd.split(" ")[0]).name
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = name
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] != "0A" or parts[9] not in inodes:       # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(parts[1].split(":")[0])
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))    # per-word little endian
+            addr = ipaddress.ip_address(raw)
+            addr = getattr(addr, "ipv4_mapped", None) or addr                    # ::ffff:127.0.0.1
+            ip = str(addr)
+            found.append((inodes[parts[9]], ip))
+    return found

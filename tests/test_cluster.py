@@ -18,7 +18,7 @@ import torch
 from harness import results
 from harness.cli import main
 
-from .conftest import REPO, TINY_SUITE
+from .conftest import REPO, TINY_SUITE, listening_ray_sockets
 
 GN = "{depth: 18, base_channels: 8, norm_cfg: {type: GN, num_groups: 4}}"
 
@@ -53,8 +53,24 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
     two.write_text(two.read_text().replace("batch_size: 4", "batch_size: 2")
                    .replace("students:\n  s:\n", "students:\n  s:\n    resources: {workers: 2}\n"))
     assert main(["run", str(one), "--num-cpus", "2"]) == 0
-    assert main(["run", str(two), "--num-cpus", "2"]) == 0
+    import threading
+    sockets: set[tuple[str, str]] = set()
+    done = threading.Event()
+
+    def watch() -> None:                         # every socket Ray's processes listen on meanwhile
+        while not done.is_set():
+            sockets.update(listening_ray_sockets())
+            time.sleep(0.2)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert main(["run", str(two), "--num-cpus", "2"]) == 0
+    finally:
+        done.set()
+        watcher.join()
     capsys.readouterr()
+    # the workers' process group listens on loopback too, like the rest of a local Ray
+    assert sockets and all(ip in ("127.0.0.1", "::1") for _, ip in sockets), sorted(sockets)
     rows = {}
     for out in ("one", "two"):
         df = results.read_results(tmp_path / out)
@@ -177,13 +193,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _kill_processes_mentioning(marker: str) -> None:
-    """SIGKILL every process whose command line names ``marker`` (this cluster's temp dir)."""
+def _kill_processes_with(token: str) -> None:
+    """SIGKILL every process started with ``token`` in its environment (this cluster's own
+    auth token, which every Ray process of it inherits; its command line may have been
+    renamed: ``ray::RuntimeEnvAgent``), so that none outlives the test."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if marker.encode() in (proc / "cmdline").read_bytes():
+            if f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes():
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
@@ -198,8 +216,9 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     import secrets
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNE_"))}
     # Ray's token authentication, with a token of this cluster's own for all its processes
+    token = secrets.token_hex(32)
     env.update(KD_HARNESS_OUTPUT_ROOT=str(tmp_path), PYTHONPATH=str(REPO), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32))
+               RAY_AUTH_TOKEN=token)
     import tempfile
     temp = Path(tempfile.mkdtemp(prefix="kdn", dir="/tmp"))     # short: Ray's socket paths must stay < 108 bytes
     address = f"127.0.0.1:{_free_port()}"
@@ -214,8 +233,13 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     finally:
-        _kill_processes_mentioning(str(temp))
+        _kill_processes_with(token)
         shutil.rmtree(temp, ignore_errors=True)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(name.startswith(("ray::", "raylet", "gcs_server"))
+                                         for name, _ in listening_ray_sockets()):
+        time.sleep(0.5)
+    assert not listening_ray_sockets(), "the cluster's processes outlived the test"
     df = results.read_results(tmp_path / "out")
     assert set(df["status"]) == {"ok"} and df["trial_id"].nunique() == 7
     assert df["node"].nunique() == 2, df[["trial_name", "node"]].drop_duplicates()

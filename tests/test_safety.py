@@ -3,7 +3,6 @@ temporary files and permissions, Ctrl-C / SIGTERM, and Ray on loopback. Each tes
 tries the exact situation and checks the message and that nothing finished was lost."""
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from harness import results
 from harness.cli import main
 from harness.suite import load_suite
 
-from .conftest import REPO, TINY_SUITE
+from .conftest import REPO, TINY_SUITE, listening_ray_sockets
 
 
 # ------------------------------------------------------------------------- divergence
@@ -174,37 +173,6 @@ def test_stale_temporaries_are_removed(tmp_path):
 
 
 # ------------------------------------------------------------- Ctrl-C, SIGTERM, loopback
-def _listening_ray_sockets() -> list[tuple[str, str]]:
-    """(process name, local address) of every TCP socket a Ray process listens on, read
-    from /proc (no extra package)."""
-    inodes: dict[str, str] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "ray" not in cmd or "pytest" in cmd:
-                continue
-            name = Path(cmd.split(" ")[0]).name
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:["):
-                    inodes[link[8:-1]] = name
-        except OSError:
-            continue
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] != "0A" or parts[9] not in inodes:       # 0A: LISTEN
-                continue
-            raw = bytes.fromhex(parts[1].split(":")[0])
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))    # per-word little endian
-            addr = ipaddress.ip_address(raw)
-            addr = getattr(addr, "ipv4_mapped", None) or addr                    # ::ffff:127.0.0.1
-            ip = str(addr)
-            found.append((inodes[parts[9]], ip))
-    return found
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_run_cleanly_and_ray_listened_on_loopback_only(tmp_path, sig):
     """A real run in a subprocess, stopped while the teacher trains: exit code 130, a
@@ -224,7 +192,7 @@ def test_a_signal_stops_the_run_cleanly_and_ray_listened_on_loopback_only(tmp_pa
         assert proc.poll() is None, proc.communicate()
         time.sleep(1)
     time.sleep(3)
-    sockets = _listening_ray_sockets()
+    sockets = listening_ray_sockets()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, (out, err)
