@@ -418,25 +418,23 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             received.append(name)
             raise Interrupted(name)
         try:
-            with _ray_session(address, num_cpus, verbose) as (ray, started):
+            with _ray_session(address, num_cpus, verbose):
                 for sig in previous:        # after ray.init, which installs its own (sys.exit)
                     signal.signal(sig, on_term)
-                try:
-                    check_resources(suite, _alive_nodes())
-                    summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
-                except KeyboardInterrupt as exc:
-                    signal_name = received[0] if received else \
-                        exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
-                    if started and ray.is_initialized():
-                        ray.shutdown()               # stops the running trials before their rows are judged
-                    for spec in specs:
-                        if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
-                            _write_status_rows(suite, spec, "interrupted",
-                                               f"interrupted by {signal_name} before it finished; the next run "
-                                               f"resumes it from its last checkpoint")
-                            summary["interrupted"].append(spec.name)
-                    summary["results"] = str(results.consolidate(out) or "")
-                    raise Interrupted(signal_name, summary) from None
+                check_resources(suite, _alive_nodes())
+                summary["trials"] = _fit(suite, specs, multi_node=bool(address), dry_run=dry_run, resume=resume)
+        except KeyboardInterrupt as exc:
+            # (leaving the session shut Ray down: the running trials stopped before their rows are judged)
+            signal_name = received[0] if received else \
+                exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
+            for spec in specs:
+                if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
+                    _write_status_rows(suite, spec, "interrupted",
+                                       f"interrupted by {signal_name} before it finished; the next run "
+                                       f"resumes it from its last checkpoint")
+                    summary["interrupted"].append(spec.name)
+            summary["results"] = str(results.consolidate(out) or "")
+            raise Interrupted(signal_name, summary) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
