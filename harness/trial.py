@@ -155,14 +155,32 @@ def _read_progress(work_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def last_checkpoint(work_dir: Path) -> Path | None:
-    """The training state mmengine's CheckpointHook last saved in ``work_dir`` (it names
-    it in ``last_checkpoint`` only once the file is complete), or None."""
+def _complete(path: Path) -> bool:
+    """Whether a state file was written to its end: torch.save writes a zip archive whose
+    directory comes last, so one cut short by a crash is not a readable archive."""
+    import zipfile
     try:
-        path = Path((work_dir / "last_checkpoint").read_text().strip())
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete training state mmengine's CheckpointHook saved in ``work_dir``,
+    or None. The hook names it in ``last_checkpoint`` after saving, but a crash while it
+    saves the next one can leave that name on a removed file (the hook removes the state
+    past ``max_keep_ckpts`` first), a half-written name file, or a half-written state: the
+    newest complete ``epoch_*`` / ``iter_*`` file is then the one to resume from."""
+    try:
+        named = (work_dir / "last_checkpoint").read_text().strip()
     except OSError:
-        return None
-    return path if path.is_file() else None
+        named = ""
+    if named and Path(named).is_file() and _complete(Path(named)):
+        return Path(named)
+    saved = [(int(f.stem.split("_")[1]), f) for f in [*work_dir.glob("epoch_*.pth"), *work_dir.glob("iter_*.pth")]
+             if f.stem.split("_")[1].isdigit()]
+    return next((f for _, f in sorted(saved, reverse=True) if _complete(f)), None)
 
 
 #: seconds between two progress ticks of a running trial
@@ -443,10 +461,11 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             default_hooks=dict(timer=dict(type="IterTimerHook"), logger=dict(type="LoggerHook", interval=50),
                                param_scheduler=dict(type="ParamSchedulerHook"),
                                sampler_seed=dict(type="DistSamplerSeedHook"),
-                               # the training state, for resumption after a crash (kept: the last one)
+                               # the training state, for resumption after a crash (kept: the last two,
+                               # since the hook removes the older one before the new one is saved)
                                checkpoint=None if evaluate_only else dict(
                                    type="CheckpointHook", interval=interval, by_epoch=not by_iter,
-                                   max_keep_ckpts=1, save_last=True)),
+                                   max_keep_ckpts=2, save_last=True)),
             custom_hooks=[_trial_hook(report, history, clock, by_iter=by_iter, metric=metric,
                                       work_dir=stage_dir, stage=stage, progress=progress)]
             + ([_state_sync_hook(spec, stage_dir, stage, by_iter, interval)] if spec.storage and not evaluate_only else []),

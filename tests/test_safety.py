@@ -206,3 +206,28 @@ def test_a_signal_stops_the_run_cleanly_and_ray_listened_on_loopback_only(tmp_pa
     assert stopped["error"].str.contains(name).all() and not stopped["error"].str.contains("storage").any()
     assert sockets, "no Ray process was listening while the run was going"
     assert all(ip in ("127.0.0.1", "::1") for _, ip in sockets), sockets
+
+
+def test_a_crash_while_a_state_is_saved_resumes_from_the_newest_complete_one(tmp_path):
+    """mmengine's CheckpointHook removes the state past max_keep_ckpts, then saves the new
+    one, then rewrites ``last_checkpoint`` in place: a kill in between must not send the
+    trial back to epoch 0 (the worker-death retry test once resumed from 0 so)."""
+    import torch
+
+    from harness.trial import last_checkpoint
+    torch.save({"epoch": 1}, tmp_path / "epoch_1.pth")
+    torch.save({"epoch": 2}, tmp_path / "epoch_2.pth")
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_2.pth"))
+    assert last_checkpoint(tmp_path) == tmp_path / "epoch_2.pth"               # the normal case
+    whole = (tmp_path / "epoch_2.pth").read_bytes()
+    (tmp_path / "epoch_3.pth").write_bytes(whole[: len(whole) // 2])          # killed while saving epoch 3
+    assert last_checkpoint(tmp_path) == tmp_path / "epoch_2.pth"
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_3.pth"))  # named, but cut short
+    assert last_checkpoint(tmp_path) == tmp_path / "epoch_2.pth"
+    (tmp_path / "last_checkpoint").write_text("")                             # killed while rewriting the name
+    assert last_checkpoint(tmp_path) == tmp_path / "epoch_2.pth"
+    (tmp_path / "epoch_2.pth").unlink()                                       # removed before the new save
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_2.pth"))
+    assert last_checkpoint(tmp_path) == tmp_path / "epoch_1.pth"
+    (tmp_path / "epoch_1.pth").unlink()
+    assert last_checkpoint(tmp_path) is None                                  # nothing complete: from scratch
