@@ -193,16 +193,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _kill_processes_with(token: str) -> None:
-    """SIGKILL every process started with ``token`` in its environment (this cluster's own
-    auth token, which every Ray process of it inherits; its command line may have been
-    renamed: ``ray::RuntimeEnvAgent``), so that none outlives the test."""
+def _kill_cluster(token: str, temp: str) -> None:
+    """SIGKILL every process of this test's cluster, and their children: those started
+    with its own auth token in their environment or naming its temp dir on their command
+    line (Ray renames some, e.g. ``ray::RuntimeEnvAgent``, a child of the raylet), so that
+    none outlives the test."""
+    parent, ours = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes() or \
+                    temp.encode() in (proc / "cmdline").read_bytes():
+                ours.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    grown = True
+    while grown:                                  # and their descendants
+        more = {pid for pid, ppid in parent.items() if ppid in ours} - ours
+        ours |= more
+        grown = bool(more)
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
 
@@ -233,7 +247,7 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     finally:
-        _kill_processes_with(token)
+        _kill_cluster(token, str(temp))
         shutil.rmtree(temp, ignore_errors=True)
     deadline = time.time() + 10
     while time.time() < deadline and any(name.startswith(("ray::", "raylet", "gcs_server"))
