@@ -47,10 +47,10 @@ def timeline(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, float]]:
         has_teacher = row["role"] == "student" and row["teacher"] and key in teachers.index
         own_end.append(teachers.loc[key, "t_end"] if has_teacher else float("nan"))
         own_seconds.append(teachers.loc[key, "seconds"] if has_teacher else 0.0)
-    df["teacher_end"] = own_end
+    df["teacher_end"], df["teacher_seconds"] = own_end, own_seconds
     df["waited"] = df["t_start"] - df["teacher_end"]
     students = df[df["role"] == "student"]
-    chains = students["seconds"] + pd.Series(own_seconds, index=df.index)[students.index]
+    chains = students["seconds"] + students["teacher_seconds"]
     edges = sorted([(s, 1) for s in df["t_start"]] + [(e, -1) for e in df["t_end"]], key=lambda x: (x[0], x[1]))
     running = concurrency = 0
     for _, step in edges:

@@ -178,9 +178,13 @@ def last_checkpoint(work_dir: Path) -> Path | None:
         named = ""
     if named and Path(named).is_file() and _complete(Path(named)):
         return Path(named)
-    saved = [(int(f.stem.split("_")[1]), f) for f in [*work_dir.glob("epoch_*.pth"), *work_dir.glob("iter_*.pth")]
-             if f.stem.split("_")[1].isdigit()]
+    saved = [(int(f.stem.split("_")[1]), f) for f in _saved_states(work_dir) if f.stem.split("_")[1].isdigit()]
     return next((f for _, f in sorted(saved, reverse=True) if _complete(f)), None)
+
+
+def _saved_states(work_dir: Path) -> list[Path]:
+    """The training states mmengine's CheckpointHook saved in ``work_dir``."""
+    return [*work_dir.glob("epoch_*.pth"), *work_dir.glob("iter_*.pth")]
 
 
 #: seconds between two progress ticks of a running trial
@@ -282,8 +286,7 @@ def _remove_training_states(spec: TrialSpec) -> None:
     """A finished trial keeps its exported weights and logs, not its resumable states
     (in its directory, and their copies in the run's storage)."""
     for stage_dir in (spec.trial_dir, spec.trial_dir / "finetune"):
-        for f in list(stage_dir.glob("epoch_*.pth")) + list(stage_dir.glob("iter_*.pth")) + \
-                [stage_dir / FETCHED_STATE]:
+        for f in [*_saved_states(stage_dir), stage_dir / FETCHED_STATE]:
             f.unlink(missing_ok=True)
         (stage_dir / "last_checkpoint").unlink(missing_ok=True)
     if spec.storage:

@@ -360,11 +360,11 @@ def _restore(previous: tuple[bool, str | None]) -> None:
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[tuple[Any, bool]]:
+def _ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
     """Ray for one ``run`` or ``tune``: the cluster at ``address`` (or ``RAY_ADDRESS``), else
-    a local instance on loopback only (an exposed Ray runs any code it is sent). Yields
-    (ray, whether this call started it); what it started it shuts down, and the mode is
-    restored. Tune writes no result files of its own: the rows store is the record."""
+    a local instance on loopback only (an exposed Ray runs any code it is sent). What it
+    started it shuts down on leaving, and the mode is restored. Tune writes no result
+    files of its own: the rows store is the record."""
     ray, mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -374,7 +374,7 @@ def _ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> It
         if started:
             ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
                      logging_level=logging.WARNING, log_to_driver=verbose)
-        yield ray, started
+        yield
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
@@ -589,7 +589,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
             trainable = tune.with_parameters(_search_trainable, base=with_teacher_sha(base).to_dict(),
                                              seeds=list(search["seeds"]), sid=sid, metric=metric)
             tuner = tune.Tuner(
-                tune.with_resources(trainable, {"cpu": float(res["cpu"]), "gpu": float(res["gpu"])}),
+                tune.with_resources(trainable, _resources(res)),
                 param_space=_search_space(search["space"]),
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=search["budget"],
