@@ -225,7 +225,9 @@ class SuiteDoc(Strict):
     storage: str | None = Field(None, min_length=1, description="the run's storage for teacher checkpoints and "
                                 "resumable training states, so that no shared filesystem is needed: a local "
                                 "directory or a URI pyarrow's filesystems accept (s3://bucket/prefix, gs://..., "
-                                "hdfs://..., file:///...); default: the node-local teacher_cache and output")
+                                "hdfs://..., file:///...; pyarrow's options may follow as a query, e.g. "
+                                "?endpoint_override=host:9000&scheme=http; credentials come from the "
+                                "environment, never the URI); default: the node-local teacher_cache and output")
     teacher_seed: StrictInt = Field(0, ge=0, description="seed of harness-trained teachers")
     max_failures: StrictInt = Field(0, ge=0, le=100, description="retries of a trial whose worker or node died "
                                                                  "(not of one that raised or diverged); it resumes "

@@ -3,7 +3,10 @@ that a trial on any node of a cluster finds them without a shared filesystem.
 
 A suite's ``storage`` is a local directory or any URI pyarrow's filesystems accept
 (``s3://bucket/prefix``, ``gs://…``, ``hdfs://…``, ``file:///…``); pyarrow does the
-transfers. Without ``storage`` the node-local paths are the storage (one machine, or a
+transfers. A URI may carry pyarrow's options as a query (an S3-compatible store such as
+MinIO: ``s3://bucket/kd?endpoint_override=minio:9000&scheme=http``); every path under it
+keeps that query. Credentials come from the environment (``AWS_ACCESS_KEY_ID``, …, or
+``AWS_ENDPOINT_URL`` for the endpoint), never from the URI: it is printed and recorded. Without ``storage`` the node-local paths are the storage (one machine, or a
 shared filesystem).
 
 Layout under the storage root::
@@ -26,6 +29,9 @@ from typing import Any
 #: URI schemes accepted for ``storage`` (pyarrow's filesystems; ``file`` is local)
 SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 
+#: query options that are secrets: refused in a storage URI (it is printed and recorded)
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token", "sas_token", "account_key", "password")
+
 _CHUNK = 1 << 22
 
 
@@ -44,8 +50,15 @@ def check_location(value: str) -> str | None:
     scheme = value.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
         return f"the scheme '{scheme}://' (valid: {', '.join(s + '://' for s in SCHEMES)}, or a local directory)"
-    if not value.split("://", 1)[1].strip("/"):
+    path, _, query = value.split("://", 1)[1].partition("?")
+    if not path.strip("/"):
         return "a URI without a bucket or path"
+    from urllib.parse import parse_qsl
+    secrets = [k for k, _ in parse_qsl(query, keep_blank_values=True) if k.lower() in SECRET_OPTIONS]
+    if secrets:
+        return (f"it carries the credential '{secrets[0]}' (the location is printed and recorded in the "
+                f"results): give credentials through the environment (AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, GOOGLE_APPLICATION_CREDENTIALS, …) instead")
     return None
 
 
@@ -68,7 +81,9 @@ def _fs(uri: str) -> tuple[Any, str]:
 
 
 def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
+    """``root``/``parts``…, keeping the query of a URI root at the end of the result."""
+    base, sep, query = root.partition("?")
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]]) + sep + query
 
 
 def exists(uri: str) -> bool:

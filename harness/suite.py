@@ -461,7 +461,8 @@ def _storage(doc: Any, roots: list[Path]) -> str | None:
         raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
     local = storage.local_path(value)
     if local is None:
-        return value.rstrip("/")
+        base, sep, query = value.partition("?")
+        return base.rstrip("/") + sep + query
     _contained(local, doc, "storage", "storage", roots)
     return local
 

@@ -1,7 +1,8 @@
 """The run's storage (no shared filesystem needed): teacher weights and resumable training
-states go to a pyarrow filesystem location (here a ``file://`` URI, through the same
-pyarrow code an ``s3://`` one takes) and come back sha256-checked to a node that lacks
-them."""
+states go to a pyarrow filesystem location and come back sha256-checked to a node that
+lacks them. The whole-run tests go through a ``file://`` store and an S3 bucket served on
+loopback by moto (the AWS stub server), so the ``s3://`` path is the real one: pyarrow's
+S3 client, Ray Tune's storage and the trials' workers all talk to it."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,76 @@ from harness.cli import main
 from harness.suite import SuiteError, load_suite
 
 from .conftest import REPO, TINY_SUITE  # noqa: F401
+
+BUCKET = "kd-bucket"
+
+
+class Store:
+    """A storage location for a test: its URI, and the stored files read and written
+    around the harness (for S3 with boto3, not through pyarrow)."""
+
+    def __init__(self, uri: str, s3=None, local: Path | None = None):
+        self.uri, self.s3, self.local = uri, s3, local
+
+    def _key(self, rel: str) -> str:
+        return f"kd/{rel}"
+
+    def read(self, rel: str) -> bytes:
+        if self.s3 is None:
+            return (self.local / rel).read_bytes()
+        return self.s3.get_object(Bucket=BUCKET, Key=self._key(rel))["Body"].read()
+
+    def write(self, rel: str, data: bytes) -> None:
+        if self.s3 is None:
+            (self.local / rel).write_bytes(data)
+        else:
+            self.s3.put_object(Bucket=BUCKET, Key=self._key(rel), Body=data)
+
+    def files(self, under: str) -> list[str]:
+        """Every stored file under ``under`` (relative to the store)."""
+        if self.s3 is None:
+            root = self.local / under
+            return sorted(str(p.relative_to(self.local)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=self._key(under) + "/")
+        keys = (o["Key"] for page in pages for o in page.get("Contents", []))
+        return sorted(k[len("kd/"):] for k in keys if not k.endswith("/"))     # not pyarrow's directory markers
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on 127.0.0.1 (moto's server, in this process) with one empty bucket;
+    credentials and (unless the test puts it in the URI) the endpoint in the environment,
+    where pyarrow, Ray and the trial workers Ray starts find them."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)       # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    client.create_bucket(Bucket=BUCKET)
+    yield f"{host}:{port}", client
+    server.stop()
+
+
+@pytest.fixture
+def store(request, tmp_path, monkeypatch):
+    """file: a local directory as a file:// URI; s3: the bucket, its endpoint in
+    AWS_ENDPOINT_URL; s3-query: the endpoint in the URI's query (how MinIO users write it)."""
+    kind = request.param
+    if kind == "file":
+        return Store(f"file://{tmp_path}/store", local=tmp_path / "store")
+    endpoint, client = request.getfixturevalue("s3")
+    if kind == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
+        return Store(f"s3://{BUCKET}/kd", s3=client)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    return Store(f"s3://{BUCKET}/kd?endpoint_override={endpoint}&scheme=http", s3=client)
 
 
 def _suite(tmp_path: Path, extra: str, **replace: str) -> Path:
@@ -53,27 +124,40 @@ def test_storage_locations_are_checked_when_the_suite_loads(tmp_path):
         load_suite(_suite(tmp_path, "storage: ftp://host/x\n"))
     with pytest.raises(SuiteError, match=r"storage: '/etc/kd-store' is outside the places this run may write"):
         load_suite(_suite(tmp_path, "storage: file:///etc/kd-store\n"))
+    with pytest.raises(SuiteError, match=r"suite.yaml:\d+.*carries the credential 'secret_key'.*AWS_SECRET_ACCESS_KEY"):
+        load_suite(_suite(tmp_path, "storage: s3://bucket/kd?endpoint_override=h:9000&secret_key=abc\n"))
     s3 = load_suite(_suite(tmp_path, "storage: s3://bucket/kd/\n"))
     assert s3.doc["storage"] == "s3://bucket/kd" and all(t.storage == "s3://bucket/kd" for t in s3.trials)
+    minio = load_suite(_suite(tmp_path, "storage: s3://bucket/kd/?endpoint_override=h:9000&scheme=http\n"))
+    assert minio.doc["storage"] == "s3://bucket/kd?endpoint_override=h:9000&scheme=http"
     local = load_suite(_suite(tmp_path, f"storage: file://{tmp_path}/store\n"))
     assert local.doc["storage"] == f"{tmp_path}/store"
     ids = {t.trial_id for t in load_suite(_suite(tmp_path, "")).trials}
     assert {t.trial_id for t in local.trials} == ids             # where things are kept is not identity
 
 
+def test_paths_under_a_uri_keep_its_query():
+    root = "s3://bucket/kd?endpoint_override=h:9000&scheme=http"
+    assert storage.teacher_uri(root, "t1") == "s3://bucket/kd/teachers/t1.pth?endpoint_override=h:9000&scheme=http"
+    assert storage.ray_path(root, "out") == "s3://bucket/kd/ray?endpoint_override=h:9000&scheme=http"
+    assert storage.state_uri("s3://bucket/kd", "x", "train") == "s3://bucket/kd/trials/x/train/state.pth"
+
+
 # ------------------------------------------------------------------ through a whole run
-def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_path, capsys):
+@pytest.mark.parametrize("store", ["file", "s3-query"], indirect=True)
+def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_path, capsys, store):
     """The teacher trains on 'node A' and its weights go to the storage; a student on a
     node whose teacher cache is empty (no shared filesystem) fetches them, checked
     against the sha256 the teacher reported; a corrupted stored copy is refused."""
-    store = tmp_path / "store"
-    path = _suite(tmp_path, f"storage: file://{store}\nteacher_cache: {tmp_path / 'cache-a'}\n")
+    path = _suite(tmp_path, f"storage: {store.uri}\nteacher_cache: {tmp_path / 'cache-a'}\n")
     assert main(["run", str(path), "--num-cpus", "1"]) == 0
     df = results.read_results(tmp_path / "out")
     teacher = df[df["role"] == "teacher"].iloc[0]
-    stored = store / "teachers" / f"{teacher['trial_id']}.pth"
-    assert storage.stored_sha256(str(stored)) == teacher["teacher_sha256"]
-    assert not (store / "trials").exists() or not any((store / "trials").iterdir())   # states gone once done
+    stored = f"teachers/{teacher['trial_id']}.pth"
+    assert store.files("teachers") == [stored, stored + ".sha256"]
+    assert store.read(stored + ".sha256").decode() == teacher["teacher_sha256"]
+    assert store.files("trials") == []                          # states gone once done
+    assert store.files("ray")                                   # Ray Tune's own state is there too
     fgd = df[df["method"] == "fgd"].iloc[0]["trial_id"]
 
     # node B: no teacher cache, no earlier fetched copy; the fgd student runs again
@@ -84,30 +168,32 @@ def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_p
     assert main(["run", str(path), "--num-cpus", "1"]) == 0
     assert "2 skipped" in capsys.readouterr().out       # the teacher too: its weights are in the storage
     fetched = tmp_path / "out" / "teachers" / f"{teacher['trial_id']}.pth"
-    assert fetched.is_file()
+    assert fetched.read_bytes() == store.read(stored)
     again = results.read_results(tmp_path / "out")
     row = again[again["trial_id"] == fgd].iloc[0]
     assert row["status"] == "ok" and row["teacher_sha256"] == teacher["teacher_sha256"]
 
     # the stored copy is damaged and no node has a good one: the student says so
-    stored.write_bytes(stored.read_bytes()[:-10] + b"0123456789")
+    good = store.read(stored)
+    store.write(stored, good[:-10] + b"0123456789")
     fetched.unlink()
     (tmp_path / "out" / "rows" / f"{fgd}.parquet").unlink()
     assert main(["run", str(path), "--num-cpus", "1"]) == 1
     bad = results.read_results(tmp_path / "out")
     error = bad[bad["trial_id"] == fgd].iloc[0]["error"]
-    assert "corrupt or was changed" in error and str(stored) in error
+    where = storage.teacher_uri(load_suite(path).doc["storage"], teacher["trial_id"])
+    assert "corrupt or was changed" in error and where in error
 
 
-def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(tmp_path):
+@pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
+def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(tmp_path, store):
     """A trial crashes after its third epoch's state reached the storage (its third
     evaluation did not); its directory is then gone (another node). Run again, it
     fetches the state, resumes at epoch 3, makes the evaluation the crash lost, and ends
     with the whole curve; the storage holds no state afterwards."""
     from harness.trial import run_trial
-    store = tmp_path / "store"
-    path = _suite(tmp_path, f"storage: file://{store}\n", **{"methods: [none, fgd]": "methods: [none]",
-                                                              "epochs: 1,": "epochs: 4,"})
+    path = _suite(tmp_path, f"storage: {store.uri}\n", **{"methods: [none, fgd]": "methods: [none]",
+                                                           "epochs: 1,": "epochs: 4,"})
     spec = next(t for t in load_suite(path).trials if t.role == "student")
 
     def crash_at_3(point):
@@ -115,12 +201,13 @@ def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(t
             raise RuntimeError("simulated node loss")
     with pytest.raises(RuntimeError, match="simulated node loss"):
         run_trial(spec, report=crash_at_3, log_level="WARNING")
-    state = store / "trials" / spec.trial_id / "train"
-    assert storage.stored_sha256(str(state / "state.pth"))
-    assert [p["epoch"] for p in json.loads((state / "progress.json").read_text())["history"]] == [1, 2]
+    state = f"trials/{spec.trial_id}/train"
+    assert store.files(state) == [f"{state}/{n}" for n in ("progress.json", "progress.json.sha256",
+                                                           "state.pth", "state.pth.sha256")]
+    assert [p["epoch"] for p in json.loads(store.read(f"{state}/progress.json"))["history"]] == [1, 2]
     shutil.rmtree(spec.trial_dir)                   # the node it ran on is gone
 
     outcome = run_trial(spec, log_level="WARNING")
     assert outcome.resumed_from == 3
     assert [p["epoch"] for p in outcome.history] == [1, 2, 3, 4]
-    assert not (store / "trials" / spec.trial_id).exists()
+    assert store.files(f"trials/{spec.trial_id}") == []
