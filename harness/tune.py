@@ -477,19 +477,28 @@ def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[
     evaluation (ASHA compares configurations at the same seed and evaluation). After
     each seed its rows, for the driver to write, with that seed's last value of the
     searched metric (every configuration reports the same number of results, so ASHA's
-    rungs still line up)."""
+    rungs still line up). A model with ``resources.workers > 1`` trains each seed on
+    that many Ray Train workers, as in ``run``."""
     from ray import tune
 
     from .trial import execute_trial
 
     spec = TrialSpec.from_dict(base)
     for seed in seeds:
+        trial = _configured(spec, config, seed)
+        if int(trial.resources.get("workers", 1)) > 1:
+            from .workers import train_on_workers
+            rows = train_on_workers(trial, search_id=sid, metric=metric)    # its workers report the rows
+            failed = [r for r in rows if r.get("status") in ("error", "diverged")]
+            if failed or not rows:      # as a single-process trial that raised: the configuration ends here
+                raise RuntimeError(failed[0].get("error") if failed else "the workers reported no rows")
+            continue
         last: dict[str, Any] = {}
 
         def report(point: dict[str, Any]) -> None:
             last.update(point)
             tune.report(point)
-        rows, exc = execute_trial(_configured(spec, config, seed), report=report, search_id=sid, write=False)
+        rows, exc = execute_trial(trial, report=report, search_id=sid, write=False, placement=_placement())
         tune.report({**({metric: last[metric]} if metric in last else {}), ROWS_KEY: _rows_message(rows)})
         if exc is not None:
             raise exc
@@ -593,7 +602,10 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                 param_space=_search_space(search["space"]),
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=search["budget"],
-                                            max_concurrent_trials=search["concurrency"], reuse_actors=False),
+                                            # (multi-worker configurations: as many as their workers fit)
+                                            max_concurrent_trials=min(search["concurrency"],
+                                                                      _concurrency([res], _alive_nodes())),
+                                            reuse_actors=False),
                 run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
                                           storage_path=storage.ray_path(suite.doc.get("storage"), suite.output),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0,

@@ -85,15 +85,28 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
-    rows, _ = execute_trial(spec, report=lambda point: ray.train.report(point), placement=_placement(),
-                            write=False, resume=config.get("resume", True))
-    # the first worker's rows are the trial's; the others report too (a barrier)
-    ray.train.report({ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
+    last: dict[str, Any] = {}
+
+    def report(point: dict[str, Any]) -> None:
+        last.update(point)
+        ray.train.report(point)
+    rows, _ = execute_trial(spec, report=report, placement=_placement(), write=False,
+                            resume=config.get("resume", True), search_id=config.get("search_id", ""))
+    # the first worker's rows are the trial's; the others report too (a barrier). A
+    # search's scheduler reads its metric in every result: the rows carry its last value.
+    metric = config.get("metric")
+    ray.train.report({**({metric: last[metric]} if metric in last else {}),
+                      ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
 
 
-def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
+def train_on_workers(spec: TrialSpec, resume: bool = True, search_id: str = "",
+                     metric: str | None = None) -> list[dict[str, Any]]:
     """Train ``spec`` on its workers from inside a Tune trial; their reports reach Tune
-    (evaluations, then the rows) through Ray's TuneReportCallback."""
+    (evaluations, then the rows) through Ray's TuneReportCallback. Returns the rows the
+    first worker reported. ``search_id``/``metric``: a search's trial (its rows marked,
+    its last result carrying the searched metric)."""
+    import json
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -102,7 +115,7 @@ def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
     gpu = float(res.get("gpu") or 0)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"trial": spec.to_dict(), "resume": resume},
+        train_loop_config={"trial": spec.to_dict(), "resume": resume, "search_id": search_id, "metric": metric},
         torch_config=_torch_config("nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=gpu > 0,
                                      resources_per_worker={"CPU": float(res["cpu"]), **({"GPU": gpu} if gpu else {})}),
@@ -110,4 +123,5 @@ def train_on_workers(spec: TrialSpec, resume: bool = True) -> None:
                              storage_path=storage.join(storage.ray_path(spec.storage, spec.output_dir), "train"),
                              callbacks=[TuneReportCallback()]),
     )
-    trainer.fit()
+    from .tune import ROWS_KEY
+    return json.loads((trainer.fit().metrics or {}).get(ROWS_KEY) or "[]")

@@ -82,3 +82,24 @@ def test_a_search_space_names_parameters_of_its_method(write_suite, tmp_path, ca
     path = write_suite(text + "search:\n  method: fgd\n  space:\n    temp: {uniform: [0.5, 0.1]}\n")
     assert main(["tune", str(path)]) == 2
     assert "low must be below high" in capsys.readouterr().err
+
+
+def test_a_search_trains_a_multi_worker_model_on_its_workers(tmp_path, capsys):
+    """A student whose model asks for two workers: each configuration of the search trains
+    data-parallel on two Ray Train workers (as in ``run``), its rows carry the search's id
+    and two workers, and the best configuration is written."""
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    text = text.replace("students:\n  s:\n", "students:\n  s:\n    resources: {workers: 2}\n") \
+               .replace("batch_size: 4", "batch_size: 2")
+    path = tmp_path / "suite.yaml"
+    path.write_text(text + "search:\n  method: fgd\n  space:\n    temp: {uniform: [0.3, 1.0]}\n"
+                           "  searcher: random\n  scheduler: none\n  budget: 2\n  concurrency: 2\n"
+                           "  seeds: [0]\n  final_seeds: [1]\n")
+    assert main(["tune", str(path), "--num-cpus", "2"]) == 0
+    capsys.readouterr()
+    df = results.read_results(tmp_path / "out", current_only=False)
+    search = df[(df["search_id"] != "") & df["primary"]]
+    assert len(search) == 2 and set(search["status"]) == {"ok"}, search[["status", "error"]].to_string()
+    assert set(search["workers"]) == {2}
+    assert set(df[df["role"] == "teacher"]["workers"]) == {1}
+    assert len(list((tmp_path / "out" / "searches").rglob("best-*.yaml"))) == 1
