@@ -15,6 +15,7 @@ Layout under the storage root::
     teachers/<teacher trial id>.pth.sha256     its sha256, written once the file is complete
     trials/<trial id>/<stage>/state.pth        the last resumable training state of a trial
     trials/<trial id>/<stage>/progress.json    its evaluations so far
+    logs/<trial id>/…                          the trial's logs and error.txt, once it ends
 
 Every file fetched is checked against the sha256 recorded when it was stored (and, for
 teacher weights, against the one the teacher trial reported in its rows) before use.
@@ -173,6 +174,10 @@ def ray_path(root: str | None, output: str) -> str:
 
 def trial_uri(root: str, trial_id: str) -> str:
     return join(root, "trials", trial_id)
+
+
+def logs_uri(root: str, trial_id: str) -> str:
+    return join(root, "logs", trial_id)
 
 
 def state_uri(root: str, trial_id: str, stage: str, name: str = "state.pth") -> str:

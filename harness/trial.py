@@ -293,6 +293,28 @@ def _remove_training_states(spec: TrialSpec) -> None:
         storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
 
 
+def keep_logs(spec: TrialSpec) -> None:
+    """Copy the trial's logs to ``<storage>/logs/<trial id>/`` (mmengine's log and scalars,
+    the config it ran, its evaluations, ``error.txt``), so that they outlive the node it
+    ran on; weights and states are not logs. A copy that fails is a warning, not a failed
+    trial: its rows still say how it went. One worker of a data-parallel trial copies."""
+    import sys
+    if not spec.storage or not spec.trial_dir.is_dir():
+        return
+    from mmengine.dist import is_main_process
+    if not is_main_process():
+        return
+    where = storage.logs_uri(spec.storage, spec.trial_id)
+    storage.delete_dir(where)          # the trial's directory holds every attempt's logs: a stale error.txt goes
+    for f in sorted(spec.trial_dir.rglob("*")):
+        if not f.is_file() or f.suffix in (".pth", ".partial") or f.name == "last_checkpoint":
+            continue
+        try:
+            storage.put(f, storage.join(where, f.relative_to(spec.trial_dir).as_posix()))
+        except OSError as exc:
+            print(f"warning: trial {spec.trial_id}: its log {f} did not reach the storage: {exc}", file=sys.stderr)
+
+
 #: the name a training state fetched from the run's storage gets in the trial's directory
 FETCHED_STATE = "fetched_state.pth"
 
@@ -644,6 +666,7 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
         time.sleep(float(os.environ.get("KD_HARNESS_DRY_RUN_SECONDS", "0")))
         status, error = "dry_run", "run --dry-run: nothing was trained"
     else:
+        (spec.trial_dir / "error.txt").unlink(missing_ok=True)        # an earlier attempt's
         try:
             outcome = run_trial(spec, report=report, log_level=log_level, resume=resume, progress=progress)
         except Exception as e:   # a failing trial must not take the others down
@@ -656,6 +679,8 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
         finally:
             release_runner_state(spec.trial_id)
     rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id, placement)
+    if not dry_run:
+        keep_logs(spec)
     if write:
         results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

@@ -159,6 +159,9 @@ def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_p
     assert store.files("trials") == []                          # states gone once done
     assert store.files("ray")                                   # Ray Tune's own state is there too
     fgd = df[df["method"] == "fgd"].iloc[0]["trial_id"]
+    logs = store.files(f"logs/{fgd}")                   # the trial's logs outlive its node
+    assert any(f.endswith(".log") for f in logs) and f"logs/{fgd}/progress.json" in logs, logs
+    assert not [f for f in store.files("logs") if ".pth" in f]          # logs, not weights
 
     # node B: no teacher cache, no earlier fetched copy; the fgd student runs again
     shutil.rmtree(tmp_path / "cache-a")
@@ -183,6 +186,14 @@ def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_p
     error = bad[bad["trial_id"] == fgd].iloc[0]["error"]
     where = storage.teacher_uri(load_suite(path).doc["storage"], teacher["trial_id"])
     assert "corrupt or was changed" in error and where in error
+    assert b"corrupt or was changed" in store.read(f"logs/{fgd}/error.txt")     # its traceback too
+
+    # the stored copy mended, the student runs again: no stale error.txt, here or in the storage
+    store.write(stored, good)
+    (tmp_path / "out" / "rows" / f"{fgd}.parquet").unlink()
+    assert main(["run", str(path), "--num-cpus", "1"]) == 0
+    assert not (tmp_path / "out" / "trials" / fgd / "error.txt").exists()
+    assert f"logs/{fgd}/error.txt" not in store.files(f"logs/{fgd}")
 
 
 @pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
