@@ -40,13 +40,14 @@ class StorageError(RuntimeError):
     """A stored file is missing, incomplete or not the one that was stored."""
 
 
-def is_uri(value: str) -> bool:
+def has_scheme(value: str) -> bool:
+    """A URI (`scheme://…`), not a plain local path."""
     return "://" in value
 
 
 def check_location(value: str) -> str | None:
     """Why ``value`` cannot be a storage location, or None if it can (no network used)."""
-    if not is_uri(value):
+    if not has_scheme(value):
         return None
     scheme = value.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
@@ -65,7 +66,7 @@ def check_location(value: str) -> str | None:
 
 def local_path(value: str) -> str | None:
     """The local directory a storage location names (a plain path or ``file://``), else None."""
-    if not is_uri(value):
+    if not has_scheme(value):
         return os.path.abspath(value)
     if value.lower().startswith("file://"):
         return value[len("file://"):] or "/"
