@@ -6,8 +6,9 @@ A suite's ``storage`` is a local directory or any URI pyarrow's filesystems acce
 transfers. A URI may carry pyarrow's options as a query (an S3-compatible store such as
 MinIO: ``s3://bucket/kd?endpoint_override=minio:9000&scheme=http``); every path under it
 keeps that query. Credentials come from the environment (``AWS_ACCESS_KEY_ID``, …, or
-``AWS_ENDPOINT_URL`` for the endpoint), never from the URI: it is printed and recorded. Without ``storage`` the node-local paths are the storage (one machine, or a
-shared filesystem).
+``AWS_ENDPOINT_URL`` for the endpoint), never from the URI: it is printed and recorded.
+Without ``storage`` the node-local paths are the storage (one machine, or a shared
+filesystem).
 
 Layout under the storage root::
 

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,22 @@ def _trainable(config: dict[str, Any]) -> None:
 
 #: the key of the last result of a trial: its rows, as JSON
 ROWS_KEY = "kd_rows"
+
+
+class LastPoint:
+    """A trial's reporter that also remembers the latest value of every key it sent: a
+    search's scheduler reads its metric in every result, so the rows, sent last, carry
+    the metric's last value (``rows_result``)."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        self.send, self.last = send, {}
+
+    def __call__(self, point: dict[str, Any]) -> None:
+        self.last.update(point)
+        self.send(point)
+
+    def rows_result(self, rows_message: str, metric: str | None) -> dict[str, Any]:
+        return {**({metric: self.last[metric]} if metric in self.last else {}), ROWS_KEY: rows_message}
 
 
 class _DependencyOrder:
@@ -496,13 +512,9 @@ def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[
             if failed or not rows:      # as a single-process trial that raised: the configuration ends here
                 raise RuntimeError(failed[0].get("error") if failed else "the workers reported no rows")
             continue
-        last: dict[str, Any] = {}
-
-        def report(point: dict[str, Any]) -> None:
-            last.update(point)
-            tune.report(point)
+        report = LastPoint(tune.report)
         rows, exc = execute_trial(trial, report=report, search_id=sid, write=False, placement=_placement())
-        tune.report({**({metric: last[metric]} if metric in last else {}), ROWS_KEY: _rows_message(rows)})
+        tune.report(report.rows_result(_rows_message(rows), metric))
         if exc is not None:
             raise exc
 

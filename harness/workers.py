@@ -81,22 +81,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from .trial import execute_trial
-    from .tune import ROWS_KEY, _placement, _rows_message
+    from .tune import LastPoint, _placement, _rows_message
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
-    last: dict[str, Any] = {}
-
-    def report(point: dict[str, Any]) -> None:
-        last.update(point)
-        ray.train.report(point)
+    report = LastPoint(ray.train.report)
     rows, _ = execute_trial(spec, report=report, placement=_placement(), write=False,
                             resume=config.get("resume", True), search_id=config.get("search_id", ""))
-    # the first worker's rows are the trial's; the others report too (a barrier). A
-    # search's scheduler reads its metric in every result: the rows carry its last value.
-    metric = config.get("metric")
-    ray.train.report({**({metric: last[metric]} if metric in last else {}),
-                      ROWS_KEY: _rows_message(rows) if ctx.get_world_rank() == 0 else ""})
+    # the first worker's rows are the trial's; the others report too (a barrier)
+    ray.train.report(report.rows_result(_rows_message(rows) if ctx.get_world_rank() == 0 else "",
+                                        config.get("metric")))
 
 
 def train_on_workers(spec: TrialSpec, resume: bool = True, search_id: str = "",
