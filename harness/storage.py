@@ -50,10 +50,11 @@ def check_location(value: str) -> str | None:
     """Why ``value`` cannot be a storage location, or None if it can (no network used)."""
     if not has_scheme(value):
         return None
-    scheme = value.split("://", 1)[0].lower()
+    scheme, _, rest = value.partition("://")
+    scheme = scheme.lower()
     if scheme not in SCHEMES:
         return f"the scheme '{scheme}://' (valid: {', '.join(s + '://' for s in SCHEMES)}, or a local directory)"
-    path, _, query = value.split("://", 1)[1].partition("?")
+    path, _, query = rest.partition("?")
     if not path.strip("/"):
         return "a URI without a bucket or path"
     from urllib.parse import parse_qsl

@@ -461,8 +461,7 @@ def _storage(doc: Any, roots: list[Path]) -> str | None:
         raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
     local = storage.local_path(value)
     if local is None:
-        base, sep, query = value.partition("?")
-        return base.rstrip("/") + sep + query
+        return storage.join(value)          # no trailing '/', its query (pyarrow's options) kept
     _contained(local, doc, "storage", "storage", roots)
     return local
 
