@@ -48,7 +48,7 @@ class Store:
             return sorted(str(p.relative_to(self.local)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=self._key(under) + "/")
         keys = (o["Key"] for page in pages for o in page.get("Contents", []))
-        return sorted(k[len("kd/"):] for k in keys if not k.endswith("/"))     # not pyarrow's directory markers
+        return sorted(k[len(self._key("")):] for k in keys if not k.endswith("/"))     # not pyarrow's directory markers
 
 
 @pytest.fixture
