@@ -255,6 +255,15 @@ def current_trials(output: str | os.PathLike) -> set[str] | None:
         return None
 
 
+#: the statuses of a trial that failed on its own (it raised, or its loss diverged)
+FAILED = ("error", "diverged")
+
+
+def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``rows`` that say their trial failed."""
+    return [r for r in rows if r.get("status") in FAILED]
+
+
 def finished_trials(output: str | os.PathLike) -> set[str]:
     """Trial ids whose rows are all ``ok``: a resumed run does not redo them."""
     done = set()

@@ -145,7 +145,7 @@ class RunState:
             row["attempts"] = 1 + self.retries.get(trial_id, 0)
         results.write_trial_rows(self.suite.output, trial_id, rows)
         self.written.add(trial_id)
-        if any(r["status"] not in ("ok", "dry_run") for r in rows):
+        if results.failed_rows(rows):
             self.failed.add(trial_id)
 
 
@@ -508,7 +508,7 @@ def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[
         if int(trial.resources.get("workers", 1)) > 1:
             from .workers import train_on_workers
             rows = train_on_workers(trial, search_id=sid, metric=metric)    # its workers report the rows
-            failed = [r for r in rows if r.get("status") in ("error", "diverged")]
+            failed = results.failed_rows(rows)
             if failed or not rows:      # as a single-process trial that raised: the configuration ends here
                 raise RuntimeError(failed[0].get("error") if failed else "the workers reported no rows")
             continue
