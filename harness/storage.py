@@ -96,9 +96,10 @@ def exists(uri: str) -> bool:
     return filesystem.get_file_info(path).type == fs.FileType.File
 
 
-def put(local: str | os.PathLike, uri: str) -> str:
+def put(local: str | os.PathLike, uri: str, checksum: bool = True) -> str:
     """Copy a local file to ``uri`` (a temporary name first, then moved into place, so a
-    reader never sees half a file), then its sha256 beside it; returns the sha256."""
+    reader never sees half a file), then (``checksum``) its sha256 beside it, which
+    :func:`fetch` checks; returns the sha256."""
     filesystem, path = _fs(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -111,8 +112,9 @@ def put(local: str | os.PathLike, uri: str) -> str:
             dst.write(block)
     filesystem.move(tmp, path)
     sha = digest.hexdigest()
-    with filesystem.open_output_stream(f"{path}.sha256") as dst:     # the file is complete: say so
-        dst.write(sha.encode())
+    if checksum:
+        with filesystem.open_output_stream(f"{path}.sha256") as dst:     # the file is complete: say so
+            dst.write(sha.encode())
     return sha
 
 
@@ -153,6 +155,15 @@ def fetch(uri: str, local: str | os.PathLike, sha256: str | None = None) -> Path
     finally:
         tmp.unlink(missing_ok=True)
     return local
+
+
+def delete(uri: str) -> None:
+    """Remove a stored file (missing is fine)."""
+    filesystem, path = _fs(uri)
+    try:
+        filesystem.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def delete_dir(uri: str) -> None:

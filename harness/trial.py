@@ -293,26 +293,35 @@ def _remove_training_states(spec: TrialSpec) -> None:
         storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
 
 
-def keep_logs(spec: TrialSpec) -> None:
+def keep_logs(spec: TrialSpec, sent: dict[Path, tuple[int, int]] | None = None) -> None:
     """Copy the trial's logs to ``<storage>/logs/<trial id>/`` (mmengine's log and scalars,
     the config it ran, its evaluations, ``error.txt``), so that they outlive the node it
-    ran on; weights and states are not logs. A copy that fails is a warning, not a failed
-    trial: its rows still say how it went. One worker of a data-parallel trial copies."""
+    ran on; weights and states are not logs. Called with every training state saved and
+    when the trial ends; ``sent``: what an earlier call copied (file: size, mtime), not
+    copied again. Every attempt's logs stay (mmengine names them by time); an earlier
+    attempt's ``error.txt`` does not. A copy that fails is a warning, not a failed trial:
+    its rows still say how it went. One worker of a data-parallel trial copies."""
     import sys
     if not spec.storage or not spec.trial_dir.is_dir():
         return
     from mmengine.dist import is_main_process
     if not is_main_process():
         return
+    sent = {} if sent is None else sent
     where = storage.logs_uri(spec.storage, spec.trial_id)
-    storage.delete_dir(where)          # the trial's directory holds every attempt's logs: a stale error.txt goes
-    for f in sorted(spec.trial_dir.rglob("*")):
-        if not f.is_file() or f.suffix in (".pth", ".partial") or f.name == "last_checkpoint":
-            continue
-        try:
-            storage.put(f, storage.join(where, f.relative_to(spec.trial_dir).as_posix()))
-        except OSError as exc:
-            print(f"warning: trial {spec.trial_id}: its log {f} did not reach the storage: {exc}", file=sys.stderr)
+    try:
+        if not (spec.trial_dir / "error.txt").is_file():
+            storage.delete(storage.join(where, "error.txt"))
+        for f in sorted(spec.trial_dir.rglob("*")):
+            if not f.is_file() or f.suffix in (".pth", ".partial") or f.name == "last_checkpoint":
+                continue
+            stat = f.stat()
+            if sent.get(f) != (stat.st_size, stat.st_mtime_ns):
+                storage.put(f, storage.join(where, f.relative_to(spec.trial_dir).as_posix()), checksum=False)
+                sent[f] = (stat.st_size, stat.st_mtime_ns)
+    except OSError as exc:
+        print(f"warning: trial {spec.trial_id}: its logs did not all reach the storage {where}: {exc}",
+              file=sys.stderr)
 
 
 #: the name a training state fetched from the run's storage gets in the trial's directory
@@ -323,7 +332,7 @@ def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str, by_iter: bool
     """Copies each training state the CheckpointHook saves (every ``interval`` epochs or
     iterations, and the last), and the evaluations so far, to the run's storage (one
     worker does): a trial resumed on another node, or after its node's disk is gone,
-    continues from there."""
+    continues from there. The trial's logs go with each state."""
     from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
@@ -332,12 +341,14 @@ def _state_sync_hook(spec: TrialSpec, stage_dir: Path, stage: str, by_iter: bool
 
         def __init__(self) -> None:
             self.sent: Path | None = None
+            self.logs_sent: dict[Path, tuple[int, int]] = {}
 
         def _send_state(self) -> None:
             found = last_checkpoint(stage_dir)
             if found is not None and found != self.sent and is_main_process():
                 storage.put(found, storage.state_uri(spec.storage, spec.trial_id, stage))
                 self.sent = found
+                keep_logs(spec, self.logs_sent)      # a node that dies now leaves its logs so far
 
         def after_train_epoch(self, runner: Any) -> None:
             if not by_iter:

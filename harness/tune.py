@@ -285,10 +285,12 @@ def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool =
         error = state.errors.get(spec.trial_id, "")
         if spec.trial_id not in state.written:
             error = error or "the trial ended without reporting its rows"
-            hint = " (a multi-node run: see the trial's error.txt on the node it ran on)" if multi_node else ""
-            if multi_node and suite.doc.get("storage"):
-                hint = (f" (its logs, if it got as far as copying them: "
-                        f"{storage.logs_uri(suite.doc['storage'], spec.trial_id)}; else on the node it ran on)")
+            hint = ""
+            if suite.doc.get("storage"):
+                hint = (f" (its logs up to its last saved state: "
+                        f"{storage.logs_uri(suite.doc['storage'], spec.trial_id)}; the rest on the node it ran on)")
+            elif multi_node:
+                hint = " (a multi-node run: see the trial's error.txt on the node it ran on)"
             _write_status_rows(suite, spec, "error", error + hint)
             state.failed.add(spec.trial_id)
         elif spec.trial_id in state.failed:

@@ -161,7 +161,7 @@ def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_p
     fgd = df[df["method"] == "fgd"].iloc[0]["trial_id"]
     logs = store.files(f"logs/{fgd}")                   # the trial's logs outlive its node
     assert any(f.endswith(".log") for f in logs) and f"logs/{fgd}/progress.json" in logs, logs
-    assert not [f for f in store.files("logs") if ".pth" in f]          # logs, not weights
+    assert not [f for f in store.files("logs") if ".pth" in f or f.endswith(".sha256")]     # logs, not weights
 
     # node B: no teacher cache, no earlier fetched copy; the fgd student runs again
     shutil.rmtree(tmp_path / "cache-a")
@@ -201,7 +201,9 @@ def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(t
     """A trial crashes after its third epoch's state reached the storage (its third
     evaluation did not); its directory is then gone (another node). Run again, it
     fetches the state, resumes at epoch 3, makes the evaluation the crash lost, and ends
-    with the whole curve; the storage holds no state afterwards."""
+    with the whole curve; the storage holds no state afterwards. The logs the first
+    attempt had written by its last state are in the storage, and stay beside the
+    second attempt's."""
     from harness.trial import run_trial
     path = _suite(tmp_path, f"storage: {store.uri}\n", **{"methods: [none, fgd]": "methods: [none]",
                                                            "epochs: 1,": "epochs: 4,"})
@@ -216,9 +218,13 @@ def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(t
     assert store.files(state) == [f"{state}/{n}" for n in ("progress.json", "progress.json.sha256",
                                                            "state.pth", "state.pth.sha256")]
     assert [p["epoch"] for p in json.loads(store.read(f"{state}/progress.json"))["history"]] == [1, 2]
+    first = [f for f in store.files(f"logs/{spec.trial_id}") if f.endswith("scalars.json")]
+    assert len(first) == 1 and b'"epoch": 3,' in store.read(first[0])     # its log up to its last state
     shutil.rmtree(spec.trial_dir)                   # the node it ran on is gone
 
     outcome = run_trial(spec, log_level="WARNING")
     assert outcome.resumed_from == 3
     assert [p["epoch"] for p in outcome.history] == [1, 2, 3, 4]
     assert store.files(f"trials/{spec.trial_id}") == []
+    logs = [f for f in store.files(f"logs/{spec.trial_id}") if f.endswith("scalars.json")]
+    assert len(logs) == 2 and first[0] in logs                           # both attempts' logs are kept
