@@ -232,26 +232,42 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
-            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * get_world_size()
-            loss = outputs.get("loss") if outputs else None
-            if loss is not None and hasattr(loss, "detach"):   # the global batch's loss (mean over workers)
-                loss = loss.detach().clone().float()
-                if get_world_size() > 1:
-                    all_reduce(loss, op="mean")
-                clock.setdefault("losses", []).append(float(loss))
+            import torch
+            world = get_world_size()
+            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * world
             now = time.perf_counter()
-            if progress is not None and now - clock.get("tick", 0.0) >= TICK_S and get_world_size() == 1:
+            tick = progress is not None and now - clock.get("tick", 0.0) >= TICK_S
+            diverged = ""
+            for name, value in (outputs or {}).items():     # the loss terms of this step
+                value = float(value.detach().float().mean()) if hasattr(value, "detach") else value
+                if isinstance(value, numbers.Real) and not math.isfinite(value):
+                    diverged = diverged or f"{name} became {value}"
+            loss = outputs.get("loss") if outputs else None
+            loss = loss.detach().float().reshape(()) if hasattr(loss, "detach") else None
+            if world > 1:
+                # one collective: the global batch's loss (mean over workers), and whether
+                # any worker's clock says tick or any worker's loss diverged: the workers
+                # act together (a tick is Ray Train's report, a barrier; a worker that
+                # stopped alone would leave the others waiting in the next collective)
+                device = loss.device if loss is not None else None     # mmengine moves it to the backend's
+                flags = torch.tensor([float(tick), float(bool(diverged))], device=device)
+                both = torch.cat([loss.reshape(1) if loss is not None else torch.zeros(1, device=device), flags])
+                all_reduce(both, op="sum")
+                loss = both[0] / world if loss is not None else None
+                tick, others_diverged = bool(both[1] > 0), bool(both[2] > 0)
+                diverged = diverged or ("a loss term became non-finite on another worker" if others_diverged else "")
+            if diverged:
+                raise Diverged(f"{diverged} at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); "
+                               f"the trial was stopped there")
+            if loss is not None:
+                clock.setdefault("losses", []).append(float(loss))
+            if tick:
                 clock["tick"] = now
                 seconds = clock.get("seconds", 0.0) + now - clock.get("start", now)
                 progress({"progress": runner.iter + 1 if by_iter else runner.epoch + 1,
                           "of": runner.max_iters if by_iter else runner.max_epochs,
                           "unit": "iter" if by_iter else "epoch",
                           "images_per_s": clock.get("images", 0) / seconds if seconds > 0 else 0.0})
-            for name, value in (outputs or {}).items():     # the loss terms of this step
-                value = float(value.detach().float().mean()) if hasattr(value, "detach") else value
-                if isinstance(value, numbers.Real) and not math.isfinite(value):
-                    raise Diverged(f"{name} became {value} at iteration {runner.iter + 1} "
-                                   f"(epoch {runner.epoch + 1}); the trial was stopped there")
 
         def _stop_clock(self) -> None:
             if "start" in clock:   # iteration-based loops validate mid-"epoch", then end the "epoch"

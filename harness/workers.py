@@ -5,7 +5,8 @@ run the same :func:`~harness.trial.execute_trial`: Ray sets up the process group
 on the CPU, NCCL on GPUs), mmengine's Runner finds it, shards every batch across the
 workers and synchronises the gradients (its DistributedDataParallel wrapper). Every
 worker reports each evaluation (Ray Train's report is a barrier); Ray forwards the first
-worker's to Tune, and with it, at the end, the trial's rows.
+worker's to Tune, and with it, at the end, the trial's rows. In a run (not a search)
+the workers also report progress ticks, all at the same step (see the trial's hook).
 
 The process group's rendezvous store listens on the first worker's node address only
 (Ray's own set-up lets torch listen on every interface): on a local instance that is
@@ -86,8 +87,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
     report = LastPoint(ray.train.report)
+    search_id = config.get("search_id", "")
     rows, _ = execute_trial(spec, report=report, placement=_placement(), write=False,
-                            resume=config.get("resume", True), search_id=config.get("search_id", ""))
+                            resume=config.get("resume", True), search_id=search_id,
+                            progress=None if search_id else ray.train.report)   # a search's results are its metric's
     # the first worker's rows are the trial's; the others report too (a barrier)
     ray.train.report(report.rows_result(_rows_message(rows) if ctx.get_world_rank() == 0 else "",
                                         config.get("metric")))

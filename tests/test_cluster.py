@@ -37,12 +37,14 @@ def _losses(output: Path, trial_id: str) -> list[float]:
     return json.loads((output / "trials" / trial_id / "progress.json").read_text())["losses"]
 
 
-def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_path, capsys):
+def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_path, capsys, monkeypatch):
     """Ray Train, two gloo workers with 2 images each (the student model's own
     ``resources``), against one process with 4: the
     same global batches (mmengine's sampler shards one permutation), the same loss at
     every step within tolerance (GroupNorm: no per-worker batch statistics; the detector
-    normalises its loss per worker), and the exported student loads into a plain model."""
+    normalises its loss per worker), and the exported student loads into a plain model.
+    The two-worker trial's live progress ticks reach the driver's view as a single
+    process's do."""
     common = {"{{depth: 18, base_channels: 8}}    # shallower than the teacher's, same widths: FGD inherits": GN,
               "methods: [none, fgd]": "methods: [none]",
               "epochs: 1, val_interval: 1": "epochs: 2, val_interval: 1"}
@@ -63,6 +65,12 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
             time.sleep(0.2)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    from harness.progress import Progress
+    seen: list[tuple[str, dict]] = []
+    shown = Progress.result
+    monkeypatch.setattr(Progress, "result", lambda self, name, result: (seen.append((name, dict(result))),
+                                                                        shown(self, name, result))[1])
+    monkeypatch.setenv("KD_HARNESS_PROGRESS_S", "0")      # the workers (Ray starts them now) tick every step
     try:
         assert main(["run", str(two), "--num-cpus", "2"]) == 0
     finally:
@@ -76,6 +84,9 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
         df = results.read_results(tmp_path / out)
         rows[out] = df[(df["method"] == "none") & df["primary"]].iloc[0]
     assert rows["one"]["workers"] == 1 and rows["two"]["workers"] == 2
+    ticks = [r for name, r in seen if "progress" in r and not name.endswith("/teacher")]
+    assert [t["progress"] for t in ticks] == [1, 1, 2, 2], seen           # two iterations an epoch
+    assert all(t["of"] == 2 and t["unit"] == "epoch" and t["images_per_s"] > 0 for t in ticks), ticks
     df = results.read_results(tmp_path / "two")
     assert set(df[df["role"] == "teacher"]["workers"]) == {1}
     a = _losses(tmp_path / "one", rows["one"]["trial_id"])
@@ -90,6 +101,46 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
     meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
     plain = build_detector(meta["model_cfg"])
     load_weights(plain, path)                    # strict: no DDP 'module.' prefixes, nothing missing
+
+
+def _step_on_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One worker of a two-process gloo group: two training steps through the trial's
+    hook; its clock says tick only on the first worker, its loss diverges only on the
+    second (at the second step)."""
+    import torch.distributed as dist
+
+    from harness.trial import Diverged, _trial_hook
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+
+    class Runner:
+        iter, epoch, max_epochs = 0, 0, 2
+    ticks: list[dict] = []
+    clock = {"tick": 0.0 if rank == 0 else float("inf")}
+    hook = _trial_hook(None, [], clock, by_iter=False, metric=None, progress=ticks.append)
+    batch = {"inputs": [0, 0]}
+    hook.after_train_iter(Runner, 0, batch, {"loss": torch.tensor(1.0 + rank)})
+    outcome: dict = {"ticks": ticks, "losses": clock["losses"]}
+    try:
+        hook.after_train_iter(Runner, 1, batch, {"loss": torch.tensor(float("inf") if rank else 1.0)})
+    except Diverged as exc:
+        outcome["diverged"] = str(exc)
+    dist.destroy_process_group()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_the_workers_of_a_trial_tick_and_stop_together(tmp_path):
+    """A data-parallel trial's workers decide together: all report a progress tick when
+    any one's clock says so (the report is Ray Train's barrier: one worker reporting
+    alone would hang), and all stop as diverged when any one's loss is not finite (one
+    stopping alone would leave the others waiting in the next collective)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_step_on_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    for worker in (first, second):
+        assert [(t["progress"], t["of"], t["unit"]) for t in worker["ticks"]] == [(1, 2, "epoch")]
+        assert worker["losses"] == [1.5]                      # the global batch's mean
+    assert first["diverged"].startswith("a loss term became non-finite on another worker at iteration 1")
+    assert second["diverged"].startswith("loss became inf at iteration 1")
 
 
 def test_gpu_packing_with_declared_gpus_and_no_op_trials(tmp_path, capsys, monkeypatch):
