@@ -157,20 +157,12 @@ def fetch(uri: str, local: str | os.PathLike, sha256: str | None = None) -> Path
     return local
 
 
-def delete(uri: str) -> None:
-    """Remove a stored file (missing is fine)."""
+def delete(uri: str, tree: bool = False) -> None:
+    """Remove a stored file, or (``tree``) a directory and everything under it; missing
+    is fine."""
     filesystem, path = _fs(uri)
     try:
-        filesystem.delete_file(path)
-    except (FileNotFoundError, OSError):
-        pass
-
-
-def delete_dir(uri: str) -> None:
-    """Remove a directory of the storage and everything under it (missing is fine)."""
-    filesystem, path = _fs(uri)
-    try:
-        filesystem.delete_dir(path)
+        (filesystem.delete_dir if tree else filesystem.delete_file)(path)
     except (FileNotFoundError, OSError):
         pass
 

@@ -306,7 +306,7 @@ def _remove_training_states(spec: TrialSpec) -> None:
             f.unlink(missing_ok=True)
         (stage_dir / "last_checkpoint").unlink(missing_ok=True)
     if spec.storage:
-        storage.delete_dir(storage.trial_uri(spec.storage, spec.trial_id))
+        storage.delete(storage.trial_uri(spec.storage, spec.trial_id), tree=True)
 
 
 def keep_logs(spec: TrialSpec, sent: dict[Path, tuple[int, int]] | None = None) -> None:
