@@ -16,7 +16,7 @@ Layout under the storage root::
     teachers/<teacher trial id>.pth.sha256     its sha256, written once the file is complete
     trials/<trial id>/<stage>/state.pth        the last resumable training state of a trial
     trials/<trial id>/<stage>/progress.json    its evaluations so far
-    logs/<trial id>/…                          the trial's logs and error.txt, once it ends
+    logs/<trial id>/…                          the trial's logs and error.txt, with each state and at its end
 
 Every file fetched is checked against the sha256 recorded when it was stored (and, for
 teacher weights, against the one the teacher trial reported in its rows) before use.

@@ -194,6 +194,7 @@ TICK_S = float(os.environ.get("KD_HARNESS_PROGRESS_S", "5"))
 def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
                by_iter: bool, metric: Any, work_dir: Path | None = None, stage: str = "train",
                progress: Reporter | None = None) -> Any:
+    import torch
     from mmengine.dist import all_reduce, get_world_size, is_main_process
     from mmengine.hooks import Hook
 
@@ -232,7 +233,6 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
                              outputs: Any = None) -> None:
-            import torch
             world = get_world_size()
             clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * world
             now = time.perf_counter()
