@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import catalog  # noqa: E402
-from harness.dense import dense_head, head_outputs  # noqa: E402
-from harness.models import build_detector, detector_cfg, tapped_info  # noqa: E402
+from harness.tasks.det.dense import dense_head, head_outputs  # noqa: E402
+from harness.tasks.det.models import build_detector, detector_cfg, tapped_info  # noqa: E402
 from methods._base import DetBatch  # noqa: E402
 
 

@@ -22,7 +22,7 @@ PYEOF
 time bin/harness run "$out/demo.yaml" --output-root "$out"
 $PY - "$out/demo" <<'PYEOF'
 import sys
-from harness import results
+from harness.store import results
 df = results.read_results(sys.argv[1])
 df = df[df["primary"] & (df["status"] == "ok")]
 print(df[["trial_name", "device", "train_images_per_s", "peak_memory_mb", "wall_time_s"]].to_string(index=False))

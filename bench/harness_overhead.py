@@ -75,11 +75,11 @@ def main() -> None:
         _harness(["run", str(suite), "--num-cpus", "1"], work)          # the teacher, and a warm data cache
         shutil.rmtree(work / "real" / "rows")
         shutil.rmtree(work / "real" / "trials")
-        from harness.suite import load_suite
+        from harness.suite.load import load_suite
         specs = [t for t in load_suite(suite, output_roots=[str(work)]).trials if t.role == "student"]
         through = _harness(["run", str(suite), "--num-cpus", "1"], work)
         os.environ["KD_HARNESS_LOG_LEVEL"] = "WARNING"
-        from harness.trial import run_trial
+        from harness.run.trial import run_trial
         start = time.perf_counter()
         for spec in specs:
             shutil.rmtree(spec.trial_dir, ignore_errors=True)

@@ -23,7 +23,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import results  # noqa: E402
+from harness.store import results  # noqa: E402
 
 
 def timeline(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, float]]:

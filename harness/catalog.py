@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import Registry
+from harness.registry import Registry
 
 METHODS = Registry("method")
 ARCHS = Registry("architecture")
@@ -25,11 +25,11 @@ TASKS = Registry("task")
 # and, optionally, a second-stage loader (``finetune_loader``). ``scope``: the
 # mmengine registry scope its configs name types in. A new task is one module and one
 # entry here.
-TASKS.register("det", target="harness.det:prepare_trial", scope="mmdet",
+TASKS.register("det", target="harness.tasks.det.task:prepare_trial", scope="mmdet",
                doc="object detection: mmdet 3.x detectors, COCO / VOC layouts")
-TASKS.register("seg", target="harness.seg:prepare_trial", scope="mmseg",
+TASKS.register("seg", target="harness.tasks.seg:prepare_trial", scope="mmseg",
                doc="semantic segmentation: mmseg 1.x segmentors, Cityscapes / VOC 2012 layouts")
-TASKS.register("cls", target="harness.cls:prepare_trial", scope=None,
+TASKS.register("cls", target="harness.tasks.cls:prepare_trial", scope=None,
                doc="image classification: torchvision classifiers, image-folder layouts")
 
 # ---------------------------------------------------------------------------- metrics
@@ -62,33 +62,33 @@ METRICS.register(
 
 # -------------------------------------------------------------------- dataset formats
 DATASET_FORMATS.register(
-    "coco", target="harness.data:CocoFormat", task="det", metric="coco_bbox",
-    synth="harness.synth:write_coco",
+    "coco", target="harness.data.formats:CocoFormat", task="det", metric="coco_bbox",
+    synth="harness.data.synth:write_coco",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="COCO layout: <root>/{train2017,val2017}/*.jpg, <root>/annotations/instances_{train,val}2017.json",
 )
 DATASET_FORMATS.register(
-    "voc", target="harness.data:VocFormat", task="det", metric="voc_bbox",
-    synth="harness.synth:write_voc",
+    "voc", target="harness.data.formats:VocFormat", task="det", metric="voc_bbox",
+    synth="harness.data.synth:write_voc",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="Pascal VOC layout (root = VOCdevkit): VOC{2007,2012}/{JPEGImages,Annotations,ImageSets/Main}",
 )
 
 DATASET_FORMATS.register(
-    "imagenet", target="harness.data:ImageNetFormat", task="cls", metric="topk",
-    synth="harness.synth:write_imagenet",
+    "imagenet", target="harness.data.formats:ImageNetFormat", task="cls", metric="topk",
+    synth="harness.data.synth:write_imagenet",
     synth_params=("train_images", "val_images", "image_size", "unlabeled_images", "seed"),
     doc="ImageNet-style folders: <root>/{train,val}/<class>/*.jpg; unlabeled images in <root>/<unlabeled>/",
 )
 
 DATASET_FORMATS.register(
-    "cityscapes", target="harness.data:CityscapesFormat", task="seg", metric="seg_iou",
-    synth="harness.synth:write_cityscapes", synth_params=("train_images", "val_images", "image_size", "seed"),
+    "cityscapes", target="harness.data.formats:CityscapesFormat", task="seg", metric="seg_iou",
+    synth="harness.data.synth:write_cityscapes", synth_params=("train_images", "val_images", "image_size", "seed"),
     doc="Cityscapes: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/.../*_gtFine_labelTrainIds.png",
 )
 DATASET_FORMATS.register(
-    "voc_seg", target="harness.data:VocSegFormat", task="seg", metric="seg_iou",
-    synth="harness.synth:write_voc_seg",
+    "voc_seg", target="harness.data.formats:VocSegFormat", task="seg", metric="seg_iou",
+    synth="harness.data.synth:write_voc_seg",
     synth_params=("train_images", "val_images", "image_size", "aug_images", "seed"),
     doc="Pascal VOC 2012 segmentation (root = VOC2012); aug: true adds SegmentationClassAug",
 )

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .yamlio import SuiteError
+from harness.suite.yamlio import SuiteError
 
 
 def _params(params: dict) -> str:
@@ -19,8 +19,8 @@ def _params(params: dict) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .suite import load_suite
-    from .tune import pending_trials  # noqa: F401 - imports no ray at module level
+    from harness.suite.load import load_suite
+    from harness.run.matrix import pending_trials  # noqa: F401 - imports no ray at module level
 
     suite = load_suite(args.suite, args.output_root)
     teachers, students = pending_trials(suite) if Path(suite.output).exists() else (
@@ -40,21 +40,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _checked_suite(args: argparse.Namespace) -> "object":
     """The suite of ``run`` and ``tune``, with every check that needs no lock: the schema,
     the ``type:`` names against the registries, and (locally) the per-trial resources."""
-    from .suite import load_suite
+    from harness.suite.load import load_suite
 
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
-    from .preflight import check_types
+    from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
     if not (args.address or os.environ.get("RAY_ADDRESS")):
-        from .tune import check_resources, local_capacity
+        from harness.run.matrix import check_resources, local_capacity
         check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
     return suite
 
 
 def _prepare_data_and_models(suite: "object") -> None:
     """With the run lock held: datasets written (synthetic) and readable, every model built."""
-    from .data import dataset_format, ensure_dataset
-    from .preflight import preflight
+    from harness.data.formats import dataset_format, ensure_dataset
+    from harness.run.preflight import preflight
 
     for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
         ensure_dataset(ds)
@@ -67,13 +67,13 @@ def _prepare_data_and_models(suite: "object") -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     suite = _checked_suite(args)
-    from .runlock import run_lock
+    from harness.run.runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
         _prepare_data_and_models(suite)
-        from .report import format_report
-        from .results import read_results, remove_stale_temporaries
-        from .tune import Interrupted, run_suite
+        from harness.store.report import format_report
+        from harness.store.results import read_results, remove_stale_temporaries
+        from harness.run.matrix import Interrupted, run_suite
 
         remove_stale_temporaries(suite.output)     # a killed run's half-written files; we hold the lock
         start = time.perf_counter()
@@ -97,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("dry run: every trial was a no-op through Ray; its rows say status 'dry_run' and no "
                   "leaderboard counts them; a real run redoes them")
             return 1 if failed else 0
-        from .html_report import write_report
+        from harness.store.html_report import write_report
         df = read_results(suite.output)
         md, page = write_report(df, suite.output)
         print(format_report(df))
@@ -106,9 +106,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .html_report import write_report
-    from .report import format_report, leaderboard
-    from .results import read_results
+    from harness.store.html_report import write_report
+    from harness.store.report import format_report, leaderboard
+    from harness.store.results import read_results
 
     df = read_results(args.results, current_only=not args.all)
     if args.csv:
@@ -124,11 +124,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     suite = _checked_suite(args)
     if not suite.doc.get("search"):
         raise SuiteError(f"{suite.file}: no 'search' block; harness tune needs one (see docs/suite-schema.md, Search)")
-    from .runlock import run_lock
+    from harness.run.runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
         _prepare_data_and_models(suite)
-        from .tune import run_search
+        from harness.run.matrix import run_search
         summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     print(f"\nsearch {summary['search_id']}:")
     for cell in summary["cells"]:
@@ -144,14 +144,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import reference
+    from harness.suite.schema import reference
 
     print(reference())
     return 0
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from . import catalog
+    from harness import catalog
 
     for title, reg, fields in (("tasks", catalog.TASKS, ("scope",)),
                                ("methods", catalog.METHODS, ("tasks",)),
@@ -168,8 +168,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from . import catalog
-    from .registry import import_target
+    from harness import catalog
+    from harness.registry import import_target
 
     entry = catalog.DATASET_FORMATS.get(args.format)
     kwargs = {k: v for k, v in dict(train_images=args.train_images, val_images=args.val_images,
@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .results import NewerSchema
-    from .runlock import Busy
+    from harness.store.results import NewerSchema
+    from harness.run.runlock import Busy
     try:
         return int(args.func(args) or 0)
     except (SuiteError, FileNotFoundError, KeyError, Busy, NewerSchema) as exc:

@@ -37,7 +37,7 @@ class DetBatch:
     labels: torch.Tensor
     img_hw: torch.Tensor
     data_samples: list[Any] = field(default_factory=list)
-    student_head: Any = None      # harness.dense.HeadOutputs, for distillers that set needs_head_outputs
+    student_head: Any = None      # harness.tasks.det.dense.HeadOutputs, for distillers that set needs_head_outputs
     teacher_head: Any = None
     rois: "RoIBatch | None" = None  # two-stage positive RoIs, for distillers that set needs_rois
 

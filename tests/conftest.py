@@ -71,7 +71,7 @@ def write_suite(tmp_path: Path):
 @pytest.fixture(scope="session")
 def synth_coco(tmp_path_factory) -> Path:
     """A small synthetic COCO-layout dataset shared by the tests that train."""
-    from harness.synth import write_coco
+    from harness.data.synth import write_coco
     return write_coco(tmp_path_factory.mktemp("data") / "shapes", train_images=8, val_images=4,
                       image_size=64, max_objects=3, seed=1)
 
@@ -88,7 +88,7 @@ def coco_dataset(root: Path, split: str = "train"):
     from mmdet.datasets import CocoDataset
     from mmdet.utils import register_all_modules
 
-    from harness.data import CocoFormat
+    from harness.data.formats import CocoFormat
     register_all_modules()
     cfg = CocoFormat().dataset({"root": str(root), "classes": None}, split, [64, 64])
     cfg.pop("type")

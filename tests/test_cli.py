@@ -55,9 +55,9 @@ methods: [fdg]
 def test_preflight_builds_every_model_of_a_mixed_suite(tmp_path, monkeypatch):
     """The demo mixes detection, segmentation and classification; preflight builds all."""
     monkeypatch.chdir(tmp_path)                 # the demo's relative data roots land here
-    from harness.data import ensure_dataset
-    from harness.preflight import preflight
-    from harness.suite import load_suite
+    from harness.data.formats import ensure_dataset
+    from harness.run.preflight import preflight
+    from harness.suite.load import load_suite
     suite = load_suite(REPO / "suites" / "demo.yaml")
     assert {t.task for t in suite.trials} == {"det", "seg", "cls"}
     for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():

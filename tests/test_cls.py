@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import catalog
-from harness.synth import SHAPES, write_imagenet
+from harness.data.synth import SHAPES, write_imagenet
 
 from .conftest import train_with_frozen_teacher
 
@@ -49,7 +49,7 @@ def test_imagenet_layout(cls_root):
 
 
 def test_image_folder_labels_and_unlabeled(cls_root):
-    from harness.cls import ImageFolder, folder_classes
+    from harness.tasks.cls import ImageFolder, folder_classes
     classes = folder_classes(cls_root)
     assert classes == tuple(sorted(SHAPES))
     ds = ImageFolder(cls_root, "train", classes, 24, train=True, unlabeled="unlabeled")
@@ -60,7 +60,7 @@ def test_image_folder_labels_and_unlabeled(cls_root):
 
 
 def test_topk_accuracy_by_hand():
-    from harness.cls import TopKAccuracy
+    from harness.tasks.cls import TopKAccuracy
     metric = TopKAccuracy()
     logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.5, 0.1, 0.2, 0.3, 0.4, 0.0]])
     metric.process({}, [{"logits": logits[0], "label": 1}, {"logits": logits[1], "label": 5}])
@@ -68,7 +68,7 @@ def test_topk_accuracy_by_hand():
 
 
 def _model(method):
-    from harness.cls import ClassifierModel, build_net
+    from harness.tasks.cls import ClassifierModel, build_net
     torch.manual_seed(0)
     student = build_net({"arch": "mobilenet_v3_small"}, 4)
     teacher = build_net({"arch": "resnet18"}, 4)
@@ -79,7 +79,7 @@ def _model(method):
 
 
 def _batch(cls_root, labels):
-    from harness.cls import ImageFolder, folder_classes
+    from harness.tasks.cls import ImageFolder, folder_classes
     ds = ImageFolder(cls_root, "val", folder_classes(cls_root), 32, train=False)
     return {"inputs": [ds[i]["inputs"] for i in range(len(labels))], "data_samples": list(labels)}
 
@@ -111,8 +111,8 @@ def test_cls_distiller_trains_and_teacher_is_unchanged(method, cls_root):
 
 @pytest.fixture(scope="module")
 def cls_e2e(tmp_path_factory):
-    from harness.suite import load_suite
-    from harness.tune import run_suite
+    from harness.suite.load import load_suite
+    from harness.run.matrix import run_suite
     tmp = tmp_path_factory.mktemp("cls_e2e")
     path = tmp / "cls.yaml"
     path.write_text(CLS_SUITE.format(root=tmp / "shapes", output=tmp / "results"))
@@ -134,10 +134,10 @@ def test_cls_suite_through_ray_gives_top1_rows(cls_e2e):
 
 def test_a_trial_builds_the_same_initial_weights_for_the_same_seed(tmp_path):
     """Models are built before mmengine's Runner seeds anything; the trial seeds first."""
-    from harness.cls import prepare_trial
-    from harness.data import ensure_dataset
-    from harness.suite import load_suite
-    from harness.trial import load_weights, seed_trial
+    from harness.tasks.cls import prepare_trial
+    from harness.data.formats import ensure_dataset
+    from harness.suite.load import load_suite
+    from harness.run.trial import load_weights, seed_trial
     path = tmp_path / "cls.yaml"
     path.write_text(CLS_SUITE.format(root=tmp_path / "shapes", output=tmp_path / "results"))
     spec = [t for t in load_suite(path).trials if t.method == "none"][0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import results
+from harness.store import results
 from harness.cli import main
 
 from .conftest import REPO, TINY_SUITE, listening_ray_sockets
@@ -65,7 +65,7 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
             time.sleep(0.2)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    from harness.progress import Progress
+    from harness.run.progress import Progress
     seen: list[tuple[str, dict]] = []
     shown = Progress.result
     monkeypatch.setattr(Progress, "result", lambda self, name, result: (seen.append((name, dict(result))),
@@ -95,8 +95,8 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
     assert a[0] == pytest.approx(b[0], rel=0.05), (a, b)
     assert a == pytest.approx(b, rel=0.15), (a, b)
 
-    from harness.models import build_detector
-    from harness.trial import load_weights
+    from harness.tasks.det.models import build_detector
+    from harness.run.trial import load_weights
     path = tmp_path / "two" / "trials" / rows["two"]["trial_id"] / "student.pth"
     meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
     plain = build_detector(meta["model_cfg"])
@@ -109,7 +109,7 @@ def _step_on_worker(rank: int, init_file: str, out_dir: str) -> None:
     second (at the second step)."""
     import torch.distributed as dist
 
-    from harness.trial import Diverged, _trial_hook
+    from harness.run.trial import Diverged, _trial_hook
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
 
     class Runner:
@@ -149,8 +149,8 @@ def test_gpu_packing_with_declared_gpus_and_no_op_trials(tmp_path, capsys, monke
     hold their resources for two seconds so that the packing shows."""
     import ray
 
-    from harness.suite import load_suite
-    from harness.tune import _loopback_ray, _restore, run_suite
+    from harness.suite.load import load_suite
+    from harness.run.matrix import _loopback_ray, _restore, run_suite
     path = _suite(tmp_path, **{"resources: {cpu: 1, gpu: 0}": "resources: {cpu: 0.25, gpu: 0.5}",
                                "seeds: [0]": "seeds: [0, 1, 2]"})
     monkeypatch.setenv("KD_HARNESS_DRY_RUN_SECONDS", "2")

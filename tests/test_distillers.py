@@ -31,8 +31,8 @@ def _model(arch: str, name: str, neck: int) -> dict:
 @pytest.mark.parametrize("arch", DET_ARCHS)
 @pytest.mark.parametrize("method", DET_METHODS)
 def test_distiller_trains_on_every_family(method, arch, det_batch):
-    from harness.models import build_detector, detector_cfg, tapped_info
-    from harness.wrapper import DistillationModel
+    from harness.tasks.det.models import build_detector, detector_cfg, tapped_info
+    from harness.tasks.det.wrapper import DistillationModel
 
     torch.manual_seed(0)
     s_model, t_model = _model(arch, "s", 8), _model(arch, "t", 16)
@@ -70,7 +70,7 @@ def test_distiller_trains_on_every_family(method, arch, det_batch):
 
 
 def test_gid_refuses_a_different_anchor_layout():
-    from harness.models import detector_cfg, tapped_info
+    from harness.tasks.det.models import detector_cfg, tapped_info
     s_model, t_model = _model("retinanet", "s", 8), _model("retinanet", "t", 16)
     t_model["head"]["anchor_generator"] = {"octave_base_scale": 8}
     s_info = tapped_info(s_model, detector_cfg(s_model, 4))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from harness import results
-from harness.suite import load_suite
-from harness.tune import run_suite
+from harness.store import results
+from harness.suite.load import load_suite
+from harness.run.matrix import run_suite
 
 from .conftest import TINY_SUITE
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.ops import nms, roi_align
 
 from harness import catalog
-from harness.dense import HeadOutputs
+from harness.tasks.det.dense import HeadOutputs
 from methods._base import DetBatch, ModelInfo, RoIBatch
 
 REL = 1e-5
@@ -175,7 +175,7 @@ def test_icsd_and_pixel_kd_match_released_distiller(classes):
     train_kd.py's ALW block (``alpha = epoch/120; loss = alpha (loss_seg + lo_loss) +
     (1 - alpha) pi_loss``): the harness's default ICSD and pixel KD at the released
     weights (lo 9500, pi 10), void pixels present in the labels."""
-    from harness.seg import SegBatch
+    from harness.tasks.seg import SegBatch
     from methods.icsd import ICSD, PixelKD
     g = torch.Generator().manual_seed(classes)
     s, t = torch.randn(2, classes, 6, 7, generator=g), torch.randn(2, classes, 6, 7, generator=g)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from harness.progress import Progress
+from harness.run.progress import Progress
 
 
 def test_plain_output_is_one_line_per_event():
@@ -46,8 +46,8 @@ def test_a_student_is_handed_out_when_its_own_teacher_ends_not_every_teacher(tmp
     has ended, while another teacher is still running."""
     from ray.tune.search import Searcher
 
-    from harness.spec import TrialSpec
-    from harness.tune import _DependencyOrder
+    from harness.suite.spec import TrialSpec
+    from harness.run.matrix import _DependencyOrder
 
     def spec(role, name, teacher=None, method="fgd"):
         return TrialSpec(suite="s", task="det", role=role, dataset={"name": "d"}, model={"name": name, "arch": name},
@@ -74,8 +74,8 @@ def test_a_student_is_handed_out_when_its_own_teacher_ends_not_every_teacher(tmp
 def test_a_ready_distilled_student_goes_before_a_student_alone(tmp_path):
     """Students alone need nothing: they fill the slots while teachers train, and a
     distilled student whose teacher has ended is handed out before them."""
-    from harness.spec import TrialSpec
-    from harness.tune import _DependencyOrder
+    from harness.suite.spec import TrialSpec
+    from harness.run.matrix import _DependencyOrder
 
     def spec(role, name, teacher=None, method="fgd"):
         return TrialSpec(suite="s", task="det", role=role, dataset={"name": "d"}, model={"name": name, "arch": name},

@@ -20,7 +20,7 @@ def _chromium() -> str:
 def test_the_report_renders_in_chromium(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from harness.html_report import write_report
+    from harness.store.html_report import write_report
     df = _seeded_store(3)
     _, page_file = write_report(df, tmp_path)
     with sync_playwright() as p:

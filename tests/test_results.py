@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from harness import results
-from harness.report import format_report, leaderboard
+from harness.store import results
+from harness.store.report import format_report, leaderboard
 
 
 def _row(**kw):
@@ -111,7 +111,7 @@ def test_paired_gain_interval_matches_scipy_on_fixed_numbers():
     import pandas as pd
     from scipy import stats
 
-    from harness.report import paired_gain
+    from harness.store.report import paired_gain
     method = pd.Series({0: 40.0, 1: 42.0, 2: 41.0})
     alone = pd.Series({0: 38.0, 1: 39.0, 2: 40.0, 3: 50.0})          # seed 3 has no pair: left out
     mean, lo, hi, n = paired_gain(method, alone)
@@ -138,7 +138,7 @@ def test_a_store_with_only_failed_trials_reports_them():
 def test_mean_interval_and_paired_p_value_match_scipy_on_fixed_numbers():
     from scipy import stats
 
-    from harness.report import mean_interval, paired_p_value
+    from harness.store.report import mean_interval, paired_p_value
     method = pd.Series([41.0, 43.5, 40.2, 44.1], index=[0, 1, 2, 3])
     alone = pd.Series([39.0, 41.0, 40.0, 41.5, 38.0], index=[0, 1, 2, 3, 4])    # seed 4: no pair
     lo, hi = mean_interval(method)
@@ -165,7 +165,7 @@ def test_distinguishable_needs_three_seeds_and_a_small_p():
 
 
 def test_gap_closed_when_the_teacher_equals_the_student_is_not_a_division_by_zero():
-    from harness.report import warnings_for
+    from harness.store.report import warnings_for
     df = _seeded_store(3, teacher_value=0.31)          # the student alone's mean is 0.31
     board = leaderboard(df).set_index("method")
     assert math.isnan(board.loc["fgd", "gap_closed"])
@@ -173,7 +173,7 @@ def test_gap_closed_when_the_teacher_equals_the_student_is_not_a_division_by_zer
 
 
 def test_warnings_for_schedule_dataset_and_teacher_mismatches():
-    from harness.report import warnings_for
+    from harness.store.report import warnings_for
     df = _seeded_store(3)
     df.loc[df["trial_id"] == "f1", "schedule_hash"] = "other"
     df.loc[df["trial_id"] == "f2", "dataset_fingerprint"] = "other"
@@ -185,7 +185,7 @@ def test_warnings_for_schedule_dataset_and_teacher_mismatches():
 
 
 def test_best_epoch_figures_on_request_and_titled():
-    from harness.report import to_markdown
+    from harness.store.report import to_markdown
     df = _seeded_store(3)
     df.loc[df["method"] == "fgd", "best_value"] = 0.6
     assert leaderboard(df, best=True).set_index("method").loc["fgd", "mean"] == pytest.approx(60.0)
@@ -217,7 +217,7 @@ def test_written_files_carry_the_schema_version(tmp_path):
 
 
 def test_markdown_and_html_reports_are_written(tmp_path):
-    from harness.html_report import write_report
+    from harness.store.html_report import write_report
     df = _seeded_store(3)
     md, page = write_report(df, tmp_path)
     text, markup = md.read_text(), page.read_text()

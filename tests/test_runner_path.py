@@ -10,15 +10,16 @@ import math
 import pytest
 import torch
 
-from harness.suite import load_suite
-from harness.trial import run_trial, save_weights
-from harness.yamlio import SuiteError
+from harness.suite.load import load_suite
+from harness.run.trial import run_trial, save_weights
+from harness.suite.yamlio import SuiteError
 
 
 @pytest.fixture
 def first_step(monkeypatch):
     """Records the student's and teacher's weights when the Runner runs the first loss."""
-    from harness import seg, wrapper
+    from harness.tasks import seg
+    from harness.tasks.det import wrapper
     seen: dict = {}
     for cls in (wrapper.DistillationModel, seg.SegDistillationModel):
         original = cls.forward
@@ -41,8 +42,8 @@ def first_step(monkeypatch):
 
 def _teacher_checkpoint(spec) -> dict:
     """Write a teacher checkpoint for a student trial (as a finished teacher trial would)."""
-    from harness.data import ensure_dataset, num_classes
-    from harness.models import build_detector, detector_cfg
+    from harness.data.formats import ensure_dataset, num_classes
+    from harness.tasks.det.models import build_detector, detector_cfg
     ensure_dataset(spec.dataset)
     torch.manual_seed(5)
     teacher = build_detector(detector_cfg(spec.teacher, num_classes(spec.dataset)))
@@ -73,8 +74,8 @@ def test_fgd_inherit_survives_the_runner_and_the_teacher_stays_loaded(write_suit
     assert not torch.equal(student["backbone.conv1.weight"][:, :, :1], teacher["backbone.conv1.weight"][:, :, :1])
     assert all(torch.equal(teacher[k], saved[k]) for k in saved)          # loaded as saved, at step one
     # and after training: reload what the trial's teacher was and compare with the file
-    from harness.det import build_trial_model
-    from harness.trial import load_weights
+    from harness.tasks.det.task import build_trial_model
+    from harness.run.trial import load_weights
     model, _ = build_trial_model(spec, load_weights)
     assert all(torch.equal(model.teacher.state_dict()[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in model.teacher.parameters())
@@ -148,8 +149,8 @@ def test_configs_pretrained_backbones_follow_the_suites_backbone():
     """The bundled configs' checkpoints, frozen stage and BN statistics by default; depth
     and ResNeXt overrides pick the matching checkpoint; widths no checkpoint fits are an
     error that says what to set."""
-    from harness.models import detector_cfg
-    from harness.seg import segmentor_cfg
+    from harness.tasks.det.models import detector_cfg
+    from harness.tasks.seg import segmentor_cfg
     r50 = detector_cfg({"name": "s", "arch": "retinanet"}, 80)["backbone"]
     assert r50["init_cfg"] == {"type": "Pretrained", "checkpoint": "torchvision://resnet50"}
     assert r50["frozen_stages"] == 1 and r50["norm_eval"] is True
@@ -180,7 +181,7 @@ def test_mixed_precision_and_loader_settings_reach_the_runner(write_suite, monke
     from mmengine.optim.optimizer import amp_optimizer_wrapper
     from mmengine.runner import Runner
 
-    from harness import wrapper
+    from harness.tasks.det import wrapper
     monkeypatch.setattr(amp_optimizer_wrapper, "is_cuda_available", lambda: True)
     built: dict = {"loaders": []}
     build_optim_wrapper, build_dataloader = Runner.build_optim_wrapper, Runner.build_dataloader

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import results
+from harness.store import results
 from harness.cli import main
-from harness.suite import load_suite
+from harness.suite.load import load_suite
 
 from .conftest import REPO, TINY_SUITE, listening_ray_sockets
 
@@ -25,8 +25,8 @@ def test_a_loss_that_becomes_infinite_stops_the_trial_as_diverged(write_suite, t
     """A real divergence (not a NaN in the suite, which the schema refuses): feature
     imitation at weight 1e300 overflows float32 at the first step. The trial stops at
     iteration 1 with status 'diverged', and no leaderboard averages it in."""
-    from harness.report import format_report, leaderboard
-    from harness.trial import execute_trial
+    from harness.store.report import format_report, leaderboard
+    from harness.run.trial import execute_trial
 
     from .test_runner_path import _teacher_checkpoint
 
@@ -77,7 +77,7 @@ def test_a_given_teacher_checkpoints_content_is_part_of_the_identity(write_suite
 
 
 def _fake_rows(suite, value: float) -> None:
-    from harness.trial import TrialResult, result_rows
+    from harness.run.trial import TrialResult, result_rows
     for spec in suite.trials:
         outcome = TrialResult(metrics={"bbox_mAP": value}, epoch=1)
         results.write_trial_rows(suite.output, spec.trial_id, result_rows(spec, outcome, "", 1.0))
@@ -98,7 +98,7 @@ def test_rows_of_an_earlier_configuration_are_kept_but_never_pooled(write_suite,
     current = results.read_results(out)
     assert set(current["trial_id"]) == {t.trial_id for t in new.trials}
     assert current.groupby("method")["seed"].nunique().max() == 1
-    from harness.report import leaderboard
+    from harness.store.report import leaderboard
     board = leaderboard(current).set_index("method")
     assert board.loc["fgd", "mean"] == pytest.approx(30.0) and board.loc["fgd", "n"] == 1
     assert board.loc["teacher", "mean"] == pytest.approx(30.0)
@@ -124,7 +124,7 @@ def test_a_corrupt_row_file_is_reported_skipped_and_quarantined(write_suite, tmp
 
 # --------------------------------------------------------------------- lock, files, mode
 def test_a_second_run_on_the_same_output_is_told_and_runs_nothing(write_suite, capsys):
-    from harness.runlock import run_lock
+    from harness.run.runlock import run_lock
     path = write_suite()
     suite = load_suite(path)
     with run_lock(suite.output):
@@ -139,7 +139,7 @@ def test_a_second_run_on_the_same_output_is_told_and_runs_nothing(write_suite, c
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     import torch
 
-    from harness.trial import save_weights
+    from harness.run.trial import save_weights
 
     class Unpicklable:
         def __reduce__(self):
@@ -214,7 +214,7 @@ def test_a_crash_while_a_state_is_saved_resumes_from_the_newest_complete_one(tmp
     trial back to epoch 0 (the worker-death retry test once resumed from 0 so)."""
     import torch
 
-    from harness.trial import last_checkpoint
+    from harness.run.trial import last_checkpoint
     torch.save({"epoch": 1}, tmp_path / "epoch_1.pth")
     torch.save({"epoch": 2}, tmp_path / "epoch_2.pth")
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_2.pth"))

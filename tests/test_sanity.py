@@ -13,8 +13,8 @@ from .conftest import REPO
 
 
 def _gains_excluding_zero(tmp_path_factory) -> set[str]:
-    from harness.report import leaderboard
-    from harness.results import read_results
+    from harness.store.report import leaderboard
+    from harness.store.results import read_results
     out = tmp_path_factory.getbasetemp() / "sanity"
     if not (out / "results.parquet").exists():
         env = dict(os.environ, KD_SANITY_OUTPUT=str(out))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import yaml
 
-from harness import results
+from harness.store import results
 from harness.cli import main
 
 from .conftest import TINY_SUITE

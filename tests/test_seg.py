@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import catalog
-from harness.synth import write_cityscapes
+from harness.data.synth import write_cityscapes
 
 from .conftest import train_with_frozen_teacher
 
@@ -44,7 +44,7 @@ def seg_batch(tmp_path_factory):
     from mmseg.datasets import CityscapesDataset
     from mmseg.utils import register_all_modules
 
-    from harness.data import CityscapesFormat
+    from harness.data.formats import CityscapesFormat
     register_all_modules(init_default_scope=False)
     root = write_cityscapes(tmp_path_factory.mktemp("seg") / "cs", train_images=2, val_images=1, image_size=32)
     cfg = CityscapesFormat().dataset({"root": str(root), "classes": None}, "train", [64, 32], [32, 32])
@@ -57,7 +57,7 @@ def seg_batch(tmp_path_factory):
 
 
 def _model(method):
-    from harness.seg import SegDistillationModel, build_segmentor, segmentor_cfg
+    from harness.tasks.seg import SegDistillationModel, build_segmentor, segmentor_cfg
     torch.manual_seed(0)
     student = build_segmentor(segmentor_cfg(TINY_S, 19, [32, 32]))
     teacher = build_segmentor(segmentor_cfg(TINY_T, 19, [32, 32]))
@@ -93,8 +93,8 @@ def test_alw_scales_the_students_own_loss(seg_batch):
 
 
 def test_cityscapes_suite_through_ray_gives_miou_rows(tmp_path):
-    from harness.suite import load_suite
-    from harness.tune import run_suite
+    from harness.suite.load import load_suite
+    from harness.run.matrix import run_suite
     path = tmp_path / "seg.yaml"
     path.write_text(SEG_SUITE.format(root=tmp_path / "cs", output=tmp_path / "results"))
     summary = run_suite(load_suite(path), num_cpus=2)
@@ -111,8 +111,8 @@ def test_voc2012_layout_with_the_augmented_set_reads_through_mmseg(tmp_path):
     from mmseg.registry import DATASETS
     from mmseg.utils import register_all_modules
 
-    from harness.data import VocSegFormat
-    from harness.synth import VOC_SEG_CLASSES, write_voc_seg
+    from harness.data.formats import VocSegFormat
+    from harness.data.synth import VOC_SEG_CLASSES, write_voc_seg
     register_all_modules(init_default_scope=False)
     root = write_voc_seg(tmp_path / "VOC2012", train_images=3, val_images=2, image_size=32, aug_images=4, seed=2)
     assert (root / "ImageSets" / "Segmentation" / "aug.txt").read_text().split() and (root / "SegmentationClassAug").is_dir()

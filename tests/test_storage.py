@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import results, storage
+from harness.store import results, storage
 from harness.cli import main
-from harness.suite import SuiteError, load_suite
+from harness.suite.load import SuiteError, load_suite
 
 from .conftest import REPO, TINY_SUITE  # noqa: F401
 
@@ -204,7 +204,7 @@ def test_a_trial_resumes_from_the_state_in_storage_on_a_node_that_never_saw_it(t
     with the whole curve; the storage holds no state afterwards. The logs the first
     attempt had written by its last state are in the storage, and stay beside the
     second attempt's."""
-    from harness.trial import run_trial
+    from harness.run.trial import run_trial
     path = _suite(tmp_path, f"storage: {store.uri}\n", **{"methods: [none, fgd]": "methods: [none]",
                                                            "epochs: 1,": "epochs: 4,"})
     spec = next(t for t in load_suite(path).trials if t.role == "student")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.suite import load_suite
-from harness.yamlio import SuiteError
+from harness.suite.load import load_suite
+from harness.suite.yamlio import SuiteError
 
 from .conftest import REPO, TINY_SUITE
 
@@ -221,7 +221,7 @@ def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
 
 def test_the_key_reference_is_generated_from_the_schema():
     """docs/suite-schema.md is `python -m harness schema`'s output: regenerate it when a key changes."""
-    from harness.schema import reference
+    from harness.suite.schema import reference
     assert (REPO / "docs" / "suite-schema.md").read_text() == reference() + "\n"
 
 
@@ -236,7 +236,7 @@ def test_a_model_entry_has_its_own_resources(write_suite, tmp_path):
     assert by_role["student"] == {"cpu": 1, "gpu": 0, "workers": 1}
     assert {t.name: t.trial_id for t in suite.trials} == {n: t.trial_id for n, t in plain.items()}
 
-    from harness.tune import check_resources
+    from harness.run.matrix import check_resources
     with pytest.raises(SuiteError, match=r"teacher: it asks for 2 CPU and 0.5 GPU.*model 't'"):
         check_resources(suite, [{"CPU": 4.0, "GPU": 0.0}])
     check_resources(suite, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}])

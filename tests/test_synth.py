@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from harness.synth import SHAPES, write_coco
+from harness.data.synth import SHAPES, write_coco
 
 
 def _digest(root):
@@ -56,8 +56,8 @@ def test_voc_layout_read_through_mmdet_voc_dataset(tmp_path):
     from mmdet.datasets import VOCDataset
     from mmdet.utils import register_all_modules
 
-    from harness.data import VocFormat
-    from harness.synth import write_voc
+    from harness.data.formats import VocFormat
+    from harness.data.synth import write_voc
     register_all_modules()
     root = write_voc(tmp_path / "VOCdevkit", train_images=5, val_images=3, image_size=64, seed=2)
     main = root / "VOC2007" / "ImageSets" / "Main"

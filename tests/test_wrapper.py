@@ -12,8 +12,8 @@ from .conftest import tiny_model
 
 @pytest.fixture(scope="module")
 def parts(det_batch):
-    from harness.models import build_detector, detector_cfg, tapped_info
-    from harness.wrapper import DistillationModel
+    from harness.tasks.det.models import build_detector, detector_cfg, tapped_info
+    from harness.tasks.det.wrapper import DistillationModel
     from methods.fgd import FGD
 
     s_cfg = detector_cfg(tiny_model("s", 8, 8), 4)
@@ -77,8 +77,8 @@ def test_distiller_sees_the_features_the_student_head_used(parts):
 
 
 def test_exported_student_loads_into_plain_detector(parts, tmp_path):
-    from harness.models import build_detector
-    from harness.trial import load_weights, save_weights
+    from harness.tasks.det.models import build_detector
+    from harness.run.trial import load_weights, save_weights
 
     model, s_cfg, batch = parts
     path = save_weights(model.student_state_dict(), tmp_path / "student.pth", {"arch": "retinanet"})
@@ -95,8 +95,8 @@ def test_exported_student_loads_into_plain_detector(parts, tmp_path):
 
 
 def test_inherit_copies_neck_and_head_and_refuses_other_shapes():
-    from harness.models import build_detector, detector_cfg
-    from harness.wrapper import inherit_neck_and_head
+    from harness.tasks.det.models import build_detector, detector_cfg
+    from harness.tasks.det.wrapper import inherit_neck_and_head
 
     deeper = dict(tiny_model("t", 8, 16))
     deeper["backbone"] = {"depth": 34, "base_channels": 8}        # R34 -> R18: same widths, as R101 -> R50

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import catalog
-from .data import config_loaders, num_classes
+from harness import catalog
+from harness.data.formats import config_loaders, num_classes
 
 
 def build_trial_model(spec: Any, load_weights: Any) -> tuple[Any, dict[str, Any]]:

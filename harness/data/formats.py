@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import catalog
-from .registry import import_target
+from harness import catalog
+from harness.registry import import_target
 
 
 @contextmanager
@@ -138,17 +138,17 @@ class VocFormat(DatasetFormat):
         return parts[0] if len(parts) == 1 else dict(type="ConcatDataset", datasets=parts)
 
     def evaluator(self, ds: dict[str, Any]) -> Any:
-        import harness.metrics  # noqa: F401 - registers InProcessVOCMetric
+        import harness.data.metrics  # noqa: F401 - registers InProcessVOCMetric
         return [dict(type="InProcessVOCMetric", metric="mAP", eval_mode="11points", prefix="voc07"),
                 dict(type="InProcessVOCMetric", metric="mAP", eval_mode="area", prefix="voc_area")]
 
 
 class ImageNetFormat(DatasetFormat):
-    """ImageNet-style folders, read by :class:`harness.cls.ImageFolder` (classification
-    trials build their loaders directly, see :mod:`harness.cls`)."""
+    """ImageNet-style folders, read by :class:`harness.tasks.cls.ImageFolder` (classification
+    trials build their loaders directly, see :mod:`harness.tasks.cls`)."""
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
-        from .cls import folder_classes
+        from harness.tasks.cls import folder_classes
         return folder_classes(ds["root"])
 
     def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Building the models a suite names: mmdet detectors from the architecture's bundled
 config plus the suite's overrides. The backbone starts from the pretrained weights the
 config names, with its frozen stage and BN statistics, unless the suite says otherwise
-(:mod:`harness.pretrained`).
+(:mod:`harness.tasks.pretrained`).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from . import catalog
-from .pretrained import backbone_checkpoint
+from harness import catalog
+from harness.tasks.pretrained import backbone_checkpoint
 
 _RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
 _RESNETS = ("ResNet", "ResNetV1d", "ResNeXt")     # same stage widths for a given depth

@@ -1,7 +1,7 @@
 """Data-parallel trials: one trial trained on ``resources.workers`` Ray Train workers.
 
 The Tune trial (a small driver) starts a Ray Train ``TorchTrainer`` whose workers each
-run the same :func:`~harness.trial.execute_trial`: Ray sets up the process group (gloo
+run the same :func:`~harness.run.trial.execute_trial`: Ray sets up the process group (gloo
 on the CPU, NCCL on GPUs), mmengine's Runner finds it, shards every batch across the
 workers and synchronises the gradients (its DistributedDataParallel wrapper). Every
 worker reports each evaluation (Ray Train's report is a barrier); Ray forwards the first
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import storage
-from .spec import TrialSpec
+from harness.store import storage
+from harness.suite.spec import TrialSpec
 
 #: on the first worker of a trial: (listening socket, TCPStore server) of its process group
 _STORE: tuple[Any, Any] | None = None
@@ -82,7 +82,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from .trial import execute_trial
-    from .tune import LastPoint, _placement, _rows_message
+    from .matrix import LastPoint, _placement, _rows_message
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
@@ -120,5 +120,5 @@ def train_on_workers(spec: TrialSpec, resume: bool = True, search_id: str = "",
                              storage_path=storage.join(storage.ray_path(spec.storage, spec.output_dir), "train"),
                              callbacks=[TuneReportCallback()]),
     )
-    from .tune import ROWS_KEY
+    from .matrix import ROWS_KEY
     return json.loads((trainer.fit().metrics or {}).get(ROWS_KEY) or "[]")

@@ -5,7 +5,7 @@ and this module turns its errors into messages that name the file, the line and 
 key, with what would be valid. The same models generate the key reference
 (``python -m harness schema``, ``docs/suite-schema.md``). What needs the registries
 (names of methods, architectures, dataset formats) or cross-references (a pair's
-teacher) is checked in :mod:`harness.suite`, after this.
+teacher) is checked in :mod:`harness.suite.load`, after this.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
 
-from .registry import suggest
+from harness.registry import suggest
 from .yamlio import Node, SuiteError
 
 #: names that become directory and file names: letters, digits, ``_ . + -``; no ``..``

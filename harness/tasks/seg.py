@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import catalog
-from .models import _merge, resolve_config_path
+from harness import catalog
+from harness.tasks.det.models import _merge, resolve_config_path
 from .pretrained import backbone_checkpoint
 from .teacher_student import TeacherStudentModel
 
@@ -33,7 +33,7 @@ def _no_syncbn(node: Any) -> Any:
 def segmentor_cfg(model: dict[str, Any], num_classes: int, crop: list[int] | None) -> dict[str, Any]:
     """The mmseg model config for a suite model entry; the backbone starts from the
     checkpoint the config names (mmseg's model-level ``pretrained``) unless the suite
-    says otherwise (:mod:`harness.pretrained`)."""
+    says otherwise (:mod:`harness.tasks.pretrained`)."""
     from mmengine.config import Config
 
     arch = catalog.ARCHS.get(model["arch"])
@@ -123,7 +123,7 @@ class SegDistillationModel(TeacherStudentModel):
 
 def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationModel, dict[str, Any]]:
     """The model of a segmentation trial (teacher loaded) and the student's config."""
-    from .data import num_classes
+    from harness.data.formats import num_classes
 
     n = num_classes(spec.dataset)
     crop = spec.schedule.get("crop_size")
@@ -139,7 +139,7 @@ def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationMode
 
 def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
     """What the trial runner needs of a segmentation trial (see ``catalog.TASKS``)."""
-    from .data import config_loaders
+    from harness.data.formats import config_loaders
     model, model_cfg = build_trial_model(spec, load_weights)
     train_loader, val_loader, evaluator = config_loaders(spec, val_batch_size=1)   # val images keep their sizes
     return {"model": model, "model_cfg": model_cfg, "train_loader": train_loader, "val_loader": val_loader,

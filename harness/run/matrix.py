@@ -3,10 +3,10 @@
 One Tune run per suite: a searcher hands out the trials in dependency order (the
 teachers first, each student as soon as its own teacher ended), each with its model's
 resources (a trial with ``workers > 1`` trains on Ray Train workers, see
-:mod:`harness.workers`). Trial processes are reused for later trials with the same
+:mod:`harness.run.workers`). Trial processes are reused for later trials with the same
 resources. A trial reports its rows as its last result and the driver writes them (no
 shared filesystem needed for results); teacher weights and resumable states go through
-the run's storage (:mod:`harness.storage`). A failed trial leaves an error row and the
+the run's storage (:mod:`harness.store.storage`). A failed trial leaves an error row and the
 others go on; a re-run skips the trials whose rows say ``ok``.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import catalog, results, storage
-from .spec import TrialSpec
-from .suite import Suite
+from harness import catalog
+from harness.store import results, storage
+from harness.suite.spec import TrialSpec
+from harness.suite.load import Suite
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], 
 def check_resources(suite: Suite, available: list[dict[str, float]]) -> None:
     """Refuse a per-trial request that no node of the cluster can ever satisfy (Tune
     would wait for it forever). ``available`` holds each node's total resources."""
-    from .yamlio import SuiteError
+    from harness.suite.yamlio import SuiteError
     for spec in suite.trials:
         res = spec.resources
         need = {"CPU": float(res["cpu"]), "GPU": float(res["gpu"])}
@@ -522,7 +523,7 @@ def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[
 
 
 def search_id(suite: Suite) -> str:
-    from .spec import content_hash
+    from harness.suite.spec import content_hash
     base = [t.trial_id for t in suite.student_trials() if t.method == suite.doc["search"]["method"]]
     return content_hash([suite.doc["search"], base], n=10)
 

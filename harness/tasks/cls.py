@@ -73,7 +73,7 @@ def build_net(model: dict[str, Any], num_classes: int) -> nn.Module:
     """A torchvision classifier from scratch (``weights=None``) with ``num_classes`` outputs."""
     from torchvision import models
 
-    from . import catalog
+    from harness import catalog
     arch = catalog.ARCHS.get(model["arch"])
     kwargs = dict(model.get("model", {}))
     return models.get_model(arch["torchvision"], weights=None, num_classes=num_classes, **kwargs)
@@ -173,8 +173,8 @@ def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
     for SSLD's second stage)."""
     from mmengine.evaluator import Evaluator
 
-    from . import catalog
-    from .data import dataset_format
+    from harness import catalog
+    from harness.data.formats import dataset_format
 
     ds, sched = spec.dataset, spec.schedule
     classes = dataset_format(ds).classes(ds)

@@ -45,7 +45,7 @@ class TrialSpec:
     teacher_id: str | None = None
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     output_dir: str = "results"
-    #: the run's storage (see :mod:`harness.storage`); None: node-local paths only
+    #: the run's storage (see :mod:`harness.store.storage`); None: node-local paths only
     storage: str | None = None
     #: for a student: the sha256 its teacher trial reported for the weights it wrote
     teacher_sha256: str | None = None

@@ -104,7 +104,7 @@ FILE_MODE = 0o666 & ~_UMASK
 @functools.lru_cache(maxsize=None)       # (one process: one checkout; two git calls per row otherwise)
 def code_version() -> str:
     """``<package version>+g<commit>[.dirty]``; only the version outside a git checkout."""
-    from . import __version__
+    from harness import __version__
     here = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True,

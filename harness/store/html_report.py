@@ -1,4 +1,4 @@
-"""``report.html``: the leaderboard of :mod:`harness.report` as one self-contained page.
+"""``report.html``: the leaderboard of :mod:`harness.store.report` as one self-contained page.
 
 Tables, warnings and three kinds of plots (matplotlib, inlined as SVG so the page needs
 no network and no other file): the gain of each method with its 95% interval, the

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import catalog
-from .spec import content_hash
-from .suite import Suite
-from .yamlio import SuiteError
+from harness import catalog
+from harness.suite.spec import content_hash
+from harness.suite.load import Suite
+from harness.suite.yamlio import SuiteError
 
 
 def registered_types() -> set[str]:
@@ -45,16 +45,16 @@ def check_types(suite: Suite) -> None:
     known = registered_types()
     for name, where, key in suite.type_refs:
         if name not in known:
-            from .registry import suggest
+            from harness.registry import suggest
             raise SuiteError(f"{where}: {key}: '{name}' is not a class registered in mmdet / mmseg / mmengine / "
                              f"mmcv{suggest(name, sorted(known))}")
 
 
 def preflight(suite: Suite) -> None:
-    from .data import num_classes
-    from .models import build_detector, detector_cfg, tapped_info
+    from harness.data.formats import num_classes
+    from harness.tasks.det.models import build_detector, detector_cfg, tapped_info
     from .trial import load_weights
-    from .wrapper import inherit_neck_and_head
+    from harness.tasks.det.wrapper import inherit_neck_and_head
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
 
@@ -64,10 +64,10 @@ def preflight(suite: Suite) -> None:
         if key not in built:
             try:
                 if task == "cls":
-                    from .cls import build_net
+                    from harness.tasks.cls import build_net
                     built[key] = (build_net(model, num_classes(ds)), {})
                 elif task == "seg":
-                    from .seg import build_segmentor, segmentor_cfg
+                    from harness.tasks.seg import build_segmentor, segmentor_cfg
                     cfg = segmentor_cfg(model, num_classes(ds), schedule.get("crop_size"))
                     built[key] = (build_segmentor(cfg), cfg)
                 else:

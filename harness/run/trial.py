@@ -1,5 +1,5 @@
 """One trial: an mmengine ``Runner`` training (or, for a teacher given as a checkpoint,
-only evaluating) a :class:`~harness.wrapper.DistillationModel`.
+only evaluating) a :class:`~harness.tasks.det.wrapper.DistillationModel`.
 
 ``run_trial(spec)`` works without Ray, for debugging; ``execute_trial(spec)`` wraps it
 so that a failure becomes an error row instead of an exception that takes a whole run
@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import catalog, results, storage
-from .data import ensure_dataset
-from .spec import TrialSpec, content_hash
+from harness import catalog
+from harness.store import results, storage
+from harness.data.formats import ensure_dataset
+from harness.suite.spec import TrialSpec, content_hash
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -399,7 +400,7 @@ def teacher_file(spec: TrialSpec) -> str:
     """The local file of a student's teacher weights, checked against the sha256 its
     teacher trial reported: the node-local checkpoint when it is that file, else fetched
     from the run's storage (into the trial's output, checked on arrival)."""
-    from .spec import file_sha256
+    from harness.suite.spec import file_sha256
     ckpt, want = spec.teacher_checkpoint, spec.teacher_sha256
     if ckpt and Path(ckpt).is_file() and (not want or file_sha256(ckpt) == want):
         return ckpt
@@ -589,14 +590,14 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     images, seconds = clock.get("images", 0), clock.get("seconds", 0.0)
     teacher_s = float(getattr(model, "teacher_seconds", 0.0))
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
-    from .spec import file_sha256
+    from harness.suite.spec import file_sha256
     if spec.role == "teacher" and ckpt:     # the weights it wrote (or evaluated), as a student will load them
         t_sha, t_hash = file_sha256(ckpt), weights_hash(model.student_state_dict())
     elif getattr(model, "teacher", None) is not None:
         t_sha, t_hash = file_sha256(spec.teacher_checkpoint), weights_hash(model.teacher.state_dict())
     else:
         t_sha, t_hash = "", ""
-    from .data import fingerprint
+    from harness.data.formats import fingerprint
     return TrialResult(metrics=final, epoch=int(history[-1]["epoch"]), history=history,
                        train_images_per_s=images / seconds if seconds > 0 else float("nan"),
                        device=device, checkpoint=ckpt, device_count=torch.cuda.device_count() if "cuda" in device else 0,

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import catalog
-from .pretrained import is_uri
-from .registry import suggest
+from harness import catalog
+from harness.tasks.pretrained import is_uri
+from harness.registry import suggest
 from .schema import Resources, Schedule, Search, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError, deep_merge, load_yaml
@@ -451,7 +451,7 @@ def _check_serves(label: str, method: str, where: Any, teacher: dict, student: d
 def _storage(doc: Any, roots: list[Path]) -> str | None:
     """The run's storage: a URI as given, or a local directory (plain or ``file://``),
     made absolute and confined like every other place a run writes."""
-    from . import storage
+    from harness.store import storage
     value = doc.get("storage")
     if value is None:
         return None

@@ -9,7 +9,7 @@ meaningless: a teacher no better than the student, a distilled trial on another
 schedule or dataset than its baseline, a teacher that is not the checkpoint it names.
 
 The same table comes out of pandas here and of DuckDB in the README; the Markdown and
-the HTML (:mod:`harness.html_report`) are two renderings of it.
+the HTML (:mod:`harness.store.html_report`) are two renderings of it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-from . import catalog
+from harness import catalog
 
 #: p-value under which a gain is called distinguishable from seed noise (paired t-test)
 ALPHA = 0.05

@@ -8,7 +8,7 @@ optimiser wrappers and evaluation loops drive it unchanged:
   used), the teacher on the identical preprocessed batch without autograd, and adds the
   distiller's ``loss_*`` terms to the student's;
 - ``predict`` is the student's, so evaluation measures the student alone;
-- the teacher is frozen by :class:`~harness.teacher_student.TeacherStudentModel`, and
+- the teacher is frozen by :class:`~harness.tasks.teacher_student.TeacherStudentModel`, and
   ``init_weights`` never touches it;
 - with ``inherit`` (FGD's inheriting strategy) the student's neck and head are copied
   from the teacher inside ``init_weights``, after the student's own initialisation:
@@ -27,7 +27,7 @@ from torch import nn
 from methods._base import DetBatch, Distiller, RoIBatch
 
 from .dense import dense_head, head_outputs
-from .teacher_student import TeacherStudentModel
+from harness.tasks.teacher_student import TeacherStudentModel
 
 
 def inherit_neck_and_head(student: nn.Module, teacher: nn.Module) -> None:
