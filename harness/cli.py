@@ -20,7 +20,7 @@ def _params(params: dict) -> str:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from harness.suite.load import load_suite
-    from harness.run.matrix import pending_trials  # noqa: F401 - imports no ray at module level
+    from harness.run.session import pending_trials  # noqa: F401 - imports no ray at module level
 
     suite = load_suite(args.suite, args.output_root)
     teachers, students = pending_trials(suite) if Path(suite.output).exists() else (
@@ -46,7 +46,7 @@ def _checked_suite(args: argparse.Namespace) -> "object":
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
     if not (args.address or os.environ.get("RAY_ADDRESS")):
-        from harness.run.matrix import check_resources, local_capacity
+        from harness.run.session import check_resources, local_capacity
         check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
     return suite
 
@@ -73,7 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _prepare_data_and_models(suite)
         from harness.store.report import format_report
         from harness.store.results import read_results, remove_stale_temporaries
-        from harness.run.matrix import Interrupted, run_suite
+        from harness.run.matrix import run_suite
+        from harness.run.session import Interrupted
 
         remove_stale_temporaries(suite.output)     # a killed run's half-written files; we hold the lock
         start = time.perf_counter()
@@ -128,7 +129,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     with run_lock(suite.output, wait=args.wait):
         _prepare_data_and_models(suite)
-        from harness.run.matrix import run_search
+        from harness.run.search import run_search
         summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     print(f"\nsearch {summary['search_id']}:")
     for cell in summary["cells"]:
@@ -158,12 +159,19 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                                ("architectures", catalog.ARCHS, ("task", "family")),
                                ("dataset formats", catalog.DATASET_FORMATS, ("task", "metric")),
                                ("metrics", catalog.METRICS, ("task", "primary"))):
+        entries = list(reg)
+        metas = [" ".join(f"{f}={'/'.join(e[f]) if isinstance(e[f], tuple) else e[f]}" for f in fields)
+                 for e in entries]
+        # columns as wide as their longest entry, two spaces apart (names never run together)
+        name_w = max((len(e.name) for e in entries), default=0) + 2
+        meta_w = max((len(m) for m in metas), default=0) + 2
         print(f"{title}:")
-        for e in reg:
-            meta = " ".join(f"{f}={'/'.join(e[f]) if isinstance(e[f], tuple) else e[f]}" for f in fields)
+        for e, meta in zip(entries, metas):
             params = e.get("params")
             extra = f"  params: {_params(params)}" if params else ""
-            print(f"  {e.name:<14}{meta:<28}{e.doc}{extra}")
+            print(f"  {e.name:<{name_w}}{meta:<{meta_w}}{e.doc}{extra}")
+            for family, over in (e.get("family_params") or {}).items():     # per-family defaults, if any
+                print(f"  {'':<{name_w}}{'':<{meta_w}}  with a {family} student: {_params(over)}")
     return 0
 
 

@@ -96,7 +96,7 @@ def test_two_workers_give_the_loss_curve_of_one_on_the_same_global_batch(tmp_pat
     assert a == pytest.approx(b, rel=0.15), (a, b)
 
     from harness.tasks.det.models import build_detector
-    from harness.run.trial import load_weights
+    from harness.run.weights import load_weights
     path = tmp_path / "two" / "trials" / rows["two"]["trial_id"] / "student.pth"
     meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
     plain = build_detector(meta["model_cfg"])
@@ -109,7 +109,7 @@ def _step_on_worker(rank: int, init_file: str, out_dir: str) -> None:
     second (at the second step)."""
     import torch.distributed as dist
 
-    from harness.run.trial import Diverged, _trial_hook
+    from harness.run.hooks import Diverged, _trial_hook
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
 
     class Runner:
@@ -150,7 +150,8 @@ def test_gpu_packing_with_declared_gpus_and_no_op_trials(tmp_path, capsys, monke
     import ray
 
     from harness.suite.load import load_suite
-    from harness.run.matrix import _loopback_ray, _restore, run_suite
+    from harness.run.matrix import run_suite
+    from harness.run.session import _loopback_ray, _restore
     path = _suite(tmp_path, **{"resources: {cpu: 1, gpu: 0}": "resources: {cpu: 0.25, gpu: 0.5}",
                                "seeds: [0]": "seeds: [0, 1, 2]"})
     monkeypatch.setenv("KD_HARNESS_DRY_RUN_SECONDS", "2")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from harness.suite.load import load_suite
-from harness.run.trial import run_trial, save_weights
+from harness.run.trial import run_trial
+from harness.run.weights import save_weights
 from harness.suite.yamlio import SuiteError
 
 
@@ -75,7 +76,7 @@ def test_fgd_inherit_survives_the_runner_and_the_teacher_stays_loaded(write_suit
     assert all(torch.equal(teacher[k], saved[k]) for k in saved)          # loaded as saved, at step one
     # and after training: reload what the trial's teacher was and compare with the file
     from harness.tasks.det.task import build_trial_model
-    from harness.run.trial import load_weights
+    from harness.run.weights import load_weights
     model, _ = build_trial_model(spec, load_weights)
     assert all(torch.equal(model.teacher.state_dict()[k], saved[k]) for k in saved)
     assert not any(p.requires_grad for p in model.teacher.parameters())

@@ -77,7 +77,7 @@ def test_a_given_teacher_checkpoints_content_is_part_of_the_identity(write_suite
 
 
 def _fake_rows(suite, value: float) -> None:
-    from harness.run.trial import TrialResult, result_rows
+    from harness.run.rows import TrialResult, result_rows
     for spec in suite.trials:
         outcome = TrialResult(metrics={"bbox_mAP": value}, epoch=1)
         results.write_trial_rows(suite.output, spec.trial_id, result_rows(spec, outcome, "", 1.0))
@@ -139,7 +139,7 @@ def test_a_second_run_on_the_same_output_is_told_and_runs_nothing(write_suite, c
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     import torch
 
-    from harness.run.trial import save_weights
+    from harness.run.weights import save_weights
 
     class Unpicklable:
         def __reduce__(self):
@@ -214,7 +214,7 @@ def test_a_crash_while_a_state_is_saved_resumes_from_the_newest_complete_one(tmp
     trial back to epoch 0 (the worker-death retry test once resumed from 0 so)."""
     import torch
 
-    from harness.run.trial import last_checkpoint
+    from harness.run.states import last_checkpoint
     torch.save({"epoch": 1}, tmp_path / "epoch_1.pth")
     torch.save({"epoch": 2}, tmp_path / "epoch_2.pth")
     (tmp_path / "last_checkpoint").write_text(str(tmp_path / "epoch_2.pth"))

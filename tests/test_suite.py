@@ -236,7 +236,7 @@ def test_a_model_entry_has_its_own_resources(write_suite, tmp_path):
     assert by_role["student"] == {"cpu": 1, "gpu": 0, "workers": 1}
     assert {t.name: t.trial_id for t in suite.trials} == {n: t.trial_id for n, t in plain.items()}
 
-    from harness.run.matrix import check_resources
+    from harness.run.session import check_resources
     with pytest.raises(SuiteError, match=r"teacher: it asks for 2 CPU and 0.5 GPU.*model 't'"):
         check_resources(suite, [{"CPU": 4.0, "GPU": 0.0}])
     check_resources(suite, [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}])

@@ -78,7 +78,7 @@ def test_distiller_sees_the_features_the_student_head_used(parts):
 
 def test_exported_student_loads_into_plain_detector(parts, tmp_path):
     from harness.tasks.det.models import build_detector
-    from harness.run.trial import load_weights, save_weights
+    from harness.run.weights import load_weights, save_weights
 
     model, s_cfg, batch = parts
     path = save_weights(model.student_state_dict(), tmp_path / "student.pth", {"arch": "retinanet"})

@@ -82,7 +82,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     from .trial import execute_trial
-    from .matrix import LastPoint, _placement, _rows_message
+    from .session import LastPoint, _placement, _rows_message
 
     spec = TrialSpec.from_dict(config["trial"])
     ctx = ray.train.get_context()
@@ -120,5 +120,5 @@ def train_on_workers(spec: TrialSpec, resume: bool = True, search_id: str = "",
                              storage_path=storage.join(storage.ray_path(spec.storage, spec.output_dir), "train"),
                              callbacks=[TuneReportCallback()]),
     )
-    from .matrix import ROWS_KEY
+    from .session import ROWS_KEY
     return json.loads((trainer.fit().metrics or {}).get(ROWS_KEY) or "[]")

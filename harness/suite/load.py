@@ -12,7 +12,6 @@ names the file, the line, the key and what would be valid.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,17 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from harness import catalog
-from harness.tasks.pretrained import is_uri
 from harness.registry import suggest
-from .schema import Resources, Schedule, Search, SuiteDoc, check_name, validate
+
+from .methods import _methods, _search
+from .paths import _contained, _err, _expand, _load_with_extends, _pretrained, _storage, allowed_roots
+from .schema import Resources, Schedule, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
-from .yamlio import Node, SuiteError, deep_merge, load_yaml
+from .yamlio import Node, SuiteError
 
 SCHEDULE_DEFAULTS: dict[str, Any] = Schedule().model_dump()
-METHOD_ENTRY_KEYS = {"method", "params"}
-
-#: where a suite may write besides the working directory: os.pathsep-separated roots
-OUTPUT_ROOT_ENV = "KD_HARNESS_OUTPUT_ROOT"
 
 #: a ``type:`` in a model override names a registered class, optionally with its
 #: registry scope; never an import path (mmengine would import any dotted name)
@@ -64,11 +61,6 @@ class Suite:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _err(node: Any, key: Any, message: str) -> SuiteError:
-    where = node.where(key) if isinstance(node, Node) else "<suite>"
-    return SuiteError(f"{where}: {message}")
-
-
 def _check_keys(node: Any, allowed: set[str] | dict[str, str], what: str) -> None:
     if not isinstance(node, dict):
         raise _err(node, None, f"{what} must be a mapping, got {type(node).__name__}")
@@ -76,71 +68,6 @@ def _check_keys(node: Any, allowed: set[str] | dict[str, str], what: str) -> Non
         if key not in allowed:
             raise _err(node, key, f"unknown key '{key}' in {what}{suggest(str(key), list(allowed))}; "
                                   f"valid keys: {', '.join(sorted(allowed))}")
-
-
-_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
-
-
-def expand_path(value: str) -> str:
-    """Expand ``~``, ``${VAR}`` and ``${VAR:-default}`` in a path from a suite. An unset
-    (or empty) variable without a default is an error: it would silently become ''."""
-    def repl(m: re.Match[str]) -> str:
-        got = os.environ.get(m.group(1))
-        if got:
-            return got
-        if m.group(2) is None:
-            raise ValueError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} "
-                             f"to give a default)")
-        return m.group(2)
-    return os.path.expanduser(_VAR.sub(repl, value))
-
-
-def _expand(node: Any, key: str, value: str, what: str) -> str:
-    try:
-        return expand_path(value)
-    except ValueError as exc:
-        raise _err(node, key, f"{what}: {exc}") from None
-
-
-def allowed_roots(extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
-    """Where a run may write: the working directory, ``$KD_HARNESS_OUTPUT_ROOT``
-    (os.pathsep-separated) and ``--output-root``."""
-    roots = [Path.cwd()] + [Path(p) for p in os.environ.get(OUTPUT_ROOT_ENV, "").split(os.pathsep) if p]
-    roots += [Path(p) for p in extra]
-    return [Path(os.path.abspath(os.path.expanduser(str(r)))).resolve() for r in roots]
-
-
-def _contained(path: str, node: Any, key: str, what: str, roots: list[Path]) -> str:
-    """``path`` made absolute, refused unless it resolves (symlinks followed) under a root."""
-    real = Path(path).resolve()
-    if not any(real == r or r in real.parents for r in roots):
-        raise _err(node, key, f"{what}: '{path}' is outside the places this run may write "
-                              f"({', '.join(map(str, roots))}); write a path under one of them, or allow its "
-                              f"parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
-    return path
-
-
-def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
-    doc = load_yaml(path)
-    if doc is None:
-        doc = Node()
-        doc.file, doc.line, doc.key_lines = str(path), 1, {}
-    if not isinstance(doc, dict):
-        raise SuiteError(f"{path}: a suite must be a YAML mapping")
-    bases = doc.get("extends") or []
-    bases = [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise _err(doc, "extends", f"extends: a path or a list of paths of base suites, got {doc.get('extends')!r}")
-    merged: Any = None
-    for base in bases:
-        base_path = (path.parent / _expand(doc, "extends", base, "extends")).resolve()
-        if base_path in seen:
-            raise _err(doc, "extends", f"'{base}' extends itself (cycle)")
-        if not base_path.exists():
-            raise _err(doc, "extends", f"extends: base suite '{base}' not found (looked at {base_path})")
-        base_doc = _load_with_extends(base_path, seen + (base_path,))
-        merged = base_doc if merged is None else deep_merge(merged, base_doc)
-    return doc if merged is None else deep_merge(merged, doc)
 
 
 # --------------------------------------------------------------------------- sections
@@ -193,23 +120,6 @@ def _datasets(doc: Node, roots: list[Path]) -> dict[str, dict[str, Any]]:
                      "unlabeled": str(unlabeled) if unlabeled else None,
                      "aug": bool(ds.get("aug", False))}
     return out
-
-
-def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
-    """A ``pretrained`` setting: True, False, a URI, or an existing local file (absolute)."""
-    if not isinstance(node, dict) or key not in node:
-        return default                       # the suite's setting, already checked
-    value = node[key]
-    if isinstance(value, bool):
-        return value
-    if is_uri(value):
-        return value
-    path = os.path.abspath(_expand(node, key, value, what))
-    if not Path(path).is_file():
-        raise _err(node, key, f"{what}: '{path}' is not a file; give a local checkpoint of the backbone, a URI "
-                              f"(torchvision://, open-mmlab://, https://, ...), true for the config's own, "
-                              f"or false to train from scratch")
-    return path
 
 
 def _scan_types(obj: Any, node: Any, key_path: str, refs: list[tuple[str, str, str]]) -> None:
@@ -304,114 +214,6 @@ def _pairs(doc: Node, teachers: dict, students: dict,
     return out
 
 
-def _check_param(label: str, name: str, entry: Any, params: Any, p: str, value: Any) -> None:
-    """One hyperparameter against the registry: its choices, its type, its range."""
-    where = f"methods.{label}.params.{p}"
-    choices = entry.get("choices", {}).get(p)
-    if choices:
-        if value not in choices:
-            raise _err(params, p, f"{where}: '{value}' is not one of "
-                                  f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
-        return
-    default = entry["params"][p]
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise _err(params, p, f"{where} must be true or false, got {value!r}")
-        return
-    if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _err(params, p, f"{where} must be a number (default {default}), got {value!r}")
-        if not math.isfinite(value):
-            raise _err(params, p, f"{where} must be a finite number, got {value}")
-        if isinstance(default, int) and not float(value).is_integer():
-            raise _err(params, p, f"{where} must be a whole number (default {default}), got {value!r}")
-        if p in entry.get("positive", ()) and value <= 0:
-            raise _err(params, p, f"{where} must be greater than 0 (default {default}), got {value!r}")
-        if value < 0:
-            raise _err(params, p, f"{where} must be 0 or more (default {default}), got {value!r}")
-        if p in entry.get("at_most_one", ()) and value > 1:
-            raise _err(params, p, f"{where} must be between 0 and 1 (default {default}), got {value!r}")
-    elif not isinstance(value, type(default)):
-        raise _err(params, p, f"{where} must be a {type(default).__name__} (default {default!r}), got {value!r}")
-
-
-def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
-    """label -> (registry name, overrides, node for error positions)."""
-    node = doc.get("methods") or []
-    out: dict[str, tuple[str, dict[str, Any], Any]] = {}
-    items = [(m, None) for m in node] if isinstance(node, list) else list(node.items())
-    for label, spec in items:
-        spec = spec or {}
-        name = spec.get("method") or label
-        where = spec if isinstance(spec, Node) and "method" in spec else node if isinstance(node, Node) else doc
-        if name not in catalog.METHODS:
-            raise _err(where, "method" if where is spec else label if where is node else "methods",
-                       f"methods.{label}: {catalog.METHODS.unknown_message(str(name))}")
-        params = spec.get("params") or {}
-        entry = catalog.METHODS.get(name)
-        valid = entry["params"]
-        for p, value in params.items():
-            if p not in valid:
-                raise _err(params, p, f"methods.{label}.params: '{p}' is not a parameter of {name}"
-                                      f"{suggest(str(p), list(valid))}; valid: {', '.join(valid) or '(none)'}")
-            _check_param(label, name, entry, params, p, value)
-        out[label] = (name, dict(params), spec if isinstance(spec, Node) else node)
-    if "none" not in out:   # the reference for every gain is always there
-        out = {"none": ("none", {}, node), **out}
-    return out
-
-
-SEARCHABLE_SCHEDULE = ("lr", "momentum", "weight_decay", "grad_clip", "warmup_iters", "batch_size")
-
-
-def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
-    """The ``search`` block: its method is a label of the suite, every dimension of its
-    space a numeric (or choice) hyperparameter of that method or a schedule key."""
-    node = doc["search"]
-    label = node["method"]
-    if label not in methods or label == "none":
-        raise _err(node, "method", f"search.method: '{label}' is not a method label of the suite"
-                                   f"{suggest(str(label), list(methods))}; valid: {', '.join(m for m in methods if m != 'none')}")
-    name = methods[label][0]
-    entry = catalog.METHODS.get(name)
-    space = node["space"]
-    for key, dim in space.items():
-        if key.startswith("schedule."):
-            if key.split(".", 1)[1] not in SEARCHABLE_SCHEDULE:
-                raise _err(space, key, f"search.space.{key}: searchable schedule keys are "
-                                       f"{', '.join('schedule.' + k for k in SEARCHABLE_SCHEDULE)}")
-            continue
-        if key not in entry["params"]:
-            raise _err(space, key, f"search.space: '{key}' is not a parameter of {name}{suggest(key, list(entry['params']))}; "
-                                   f"valid: {', '.join(entry['params'])} or schedule.KEY")
-        values = dim.get("choice") or [v for k in ("uniform", "loguniform", "randint") for v in (dim.get(k) or [])]
-        for v in values:                 # every value it can take must be a valid value of the parameter
-            _check_param(f"{label} (search.space)", name, entry, space, key, v)
-    full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
-    for i, point in enumerate(node.get("start_from") or []):
-        for key, value in point.items():
-            where = f"search.start_from[{i}].{key}"
-            dim = full["space"].get(key)
-            if dim is None:
-                raise _err(point, key, f"{where}: '{key}' is not a key of search.space{suggest(str(key), list(space))}; "
-                                       f"valid: {', '.join(space)}")
-            if dim["choice"] is not None:
-                ok, valid = value in dim["choice"], f"one of {dim['choice']}"
-            else:
-                form = next(k for k in ("uniform", "loguniform", "randint") if dim[k] is not None)
-                low, high = dim[form]
-                number = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and (form != "randint" or isinstance(value, int))
-                ok = number and (low <= value < high if form == "randint" else low <= value <= high)
-                valid = f"{'an integer' if form == 'randint' else 'a number'} in {form} {[low, high]}"
-            if not ok:
-                raise _err(point, key, f"{where}: {value!r} is outside the space; valid: {valid}")
-    if len(full["start_from"]) > full["budget"]:
-        raise _err(node, "start_from", f"search.start_from: {len(full['start_from'])} configurations but a "
-                                       f"budget of {full['budget']}; raise search.budget")
-    return full | {"method_name": name}
-
-
 def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
                  pairs: list[tuple[str, str, list[str] | None]], methods: dict[str, Any]) -> None:
     """Pairs and methods apply to the datasets of their task; one that matches no dataset
@@ -446,24 +248,6 @@ def _check_serves(label: str, method: str, where: Any, teacher: dict, student: d
                                  f"{teacher['name']} -> {student['name']}: it matches feature levels one to "
                                  f"one, but the teacher's {t_arch.name} has strides {list(t_arch['levels'])} "
                                  f"and the student's {s_arch.name} has {list(s_arch['levels'])}")
-
-
-def _storage(doc: Any, roots: list[Path]) -> str | None:
-    """The run's storage: a URI as given, or a local directory (plain or ``file://``),
-    made absolute and confined like every other place a run writes."""
-    from harness.store import storage
-    value = doc.get("storage")
-    if value is None:
-        return None
-    value = _expand(doc, "storage", str(value), "storage")
-    why = storage.check_location(value)
-    if why is not None:
-        raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
-    local = storage.local_path(value)
-    if local is None:
-        return storage.join(value)          # no trailing '/', its query (pyarrow's options) kept
-    _contained(local, doc, "storage", "storage", roots)
-    return local
 
 
 # ------------------------------------------------------------------------------- main

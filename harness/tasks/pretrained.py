@@ -26,20 +26,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# schemes mmengine's CheckpointLoader resolves (besides local paths)
-URI_SCHEMES = ("torchvision://", "open-mmlab://", "openmmlab://", "mmcls://", "mmpretrain://", "pavi://",
-               "http://", "https://", "s3://", "modelzoo://")
-
 # backbone keys that change training, not the weights' shapes
 _HARMLESS = {"init_cfg", "pretrained", "frozen_stages", "norm_eval", "norm_cfg", "with_cp", "zero_init_residual",
              "strides", "dilations", "out_indices", "contract_dilation", "multi_grid", "style"}
 # keys whose change no published checkpoint follows (the weights' shapes would differ)
 _WIDTH_KEYS = ("base_channels", "stem_channels", "widen_factor", "deep_stem", "in_channels", "arch",
                "num_stages")
-
-
-def is_uri(value: str) -> bool:
-    return value.startswith(URI_SCHEMES)
 
 
 def backbone_checkpoint(name: str, setting: Any, bundled_ckpt: str | None, bundled: dict[str, Any],

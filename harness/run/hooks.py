@@ -1,0 +1,130 @@
+"""The hook every trial's Runner carries: keeps the distiller's epoch current, measures
+training throughput, stops a trial whose loss is not finite (:class:`Diverged`), sends
+live progress ticks and reports every evaluation (to Ray Tune when running under it)."""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .states import _read_progress, _write_progress
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class Diverged(RuntimeError):
+    """A loss became NaN or infinite: the trial stops and its rows say ``diverged``."""
+
+
+
+#: seconds between two progress ticks of a running trial
+TICK_S = float(os.environ.get("KD_HARNESS_PROGRESS_S", "5"))
+
+
+def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
+               by_iter: bool, metric: Any, work_dir: Path | None = None, stage: str = "train",
+               progress: Reporter | None = None) -> Any:
+    import torch
+    from mmengine.dist import all_reduce, get_world_size, is_main_process
+    from mmengine.hooks import Hook
+
+    class TrialHook(Hook):
+        """Keeps the distiller's epoch current, measures training throughput and reports
+        every evaluation (to Ray Tune when running under it)."""
+
+        priority = "LOW"
+
+        def before_train(self, runner: Any) -> None:
+            # after the Runner resumed (if it did): where training starts
+            start = runner.iter if by_iter else runner.epoch
+            clock["resumed_from"] = clock.get("resumed_from", 0) or start
+            if start and work_dir is not None:
+                saved = [p for p in _read_progress(work_dir) if p["epoch"] <= clock["epoch_offset"] + start]
+                if saved:
+                    history[:] = saved
+                # the state is saved before the evaluation that follows it: a crash in
+                # between lost that evaluation, so it is made now (not skipped)
+                total = runner.max_iters if by_iter else runner.max_epochs
+                if (start % int(runner.train_loop.val_interval) == 0 or start == total) and \
+                        not any(p["epoch"] == clock["epoch_offset"] + start for p in history):
+                    runner.val_loop.run()
+
+        def before_train_epoch(self, runner: Any) -> None:
+            distiller = getattr(runner.model, "distiller", None)
+            if distiller is not None:
+                distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
+                if hasattr(runner.model, "prepare_epoch"):
+                    runner.model.prepare_epoch(runner.train_dataloader)     # PGM; not timed as training
+            clock["start"] = time.perf_counter()
+
+        def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+            if "start" not in clock:
+                clock["start"] = time.perf_counter()
+
+        def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None,
+                             outputs: Any = None) -> None:
+            world = get_world_size()
+            clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * world
+            now = time.perf_counter()
+            tick = progress is not None and now - clock.get("tick", 0.0) >= TICK_S
+            diverged = ""
+            for name, value in (outputs or {}).items():     # the loss terms of this step
+                value = float(value.detach().float().mean()) if hasattr(value, "detach") else value
+                if isinstance(value, numbers.Real) and not math.isfinite(value):
+                    diverged = diverged or f"{name} became {value}"
+            loss = outputs.get("loss") if outputs else None
+            loss = loss.detach().float().reshape(()) if hasattr(loss, "detach") else None
+            if world > 1:
+                # one collective: the global batch's loss (mean over workers), and whether
+                # any worker's clock says tick or any worker's loss diverged: the workers
+                # act together (a tick is Ray Train's report, a barrier; a worker that
+                # stopped alone would leave the others waiting in the next collective)
+                device = loss.device if loss is not None else None     # mmengine moves it to the backend's
+                flags = torch.tensor([float(tick), float(bool(diverged))], device=device)
+                both = torch.cat([loss.reshape(1) if loss is not None else torch.zeros(1, device=device), flags])
+                all_reduce(both, op="sum")
+                loss = both[0] / world if loss is not None else None
+                tick, others_diverged = bool(both[1] > 0), bool(both[2] > 0)
+                diverged = diverged or ("a loss term became non-finite on another worker" if others_diverged else "")
+            if diverged:
+                raise Diverged(f"{diverged} at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); "
+                               f"the trial was stopped there")
+            if loss is not None:
+                clock.setdefault("losses", []).append(float(loss))
+            if tick:
+                clock["tick"] = now
+                seconds = clock.get("seconds", 0.0) + now - clock.get("start", now)
+                progress({"progress": runner.iter + 1 if by_iter else runner.epoch + 1,
+                          "of": runner.max_iters if by_iter else runner.max_epochs,
+                          "unit": "iter" if by_iter else "epoch",
+                          "images_per_s": clock.get("images", 0) / seconds if seconds > 0 else 0.0})
+
+        def _stop_clock(self) -> None:
+            if "start" in clock:   # iteration-based loops validate mid-"epoch", then end the "epoch"
+                clock["seconds"] = clock.get("seconds", 0.0) + time.perf_counter() - clock.pop("start")
+
+        def after_train_epoch(self, runner: Any) -> None:
+            self._stop_clock()
+
+        def before_val_epoch(self, runner: Any) -> None:
+            self._stop_clock()
+
+        def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+            rename, scale = metric.get("rename", {}), float(metric.get("value_scale", 1.0))
+            clean = {rename.get(k, k.split("/", 1)[-1]): float(v) * scale for k, v in (metrics or {}).items()
+                     if isinstance(v, numbers.Real)}      # numpy scalars included (mmseg's)
+            if not clean and metric.get("empty_value") is not None:
+                runner.logger.warning("no predictions to evaluate: every %s is %s", metric.name,
+                                      metric["empty_value"])
+                clean = {k: float(metric["empty_value"]) for k in metric["keys"]}
+            point = {"epoch": int(clock["epoch_offset"]) + (runner.iter if by_iter else runner.epoch), **clean}
+            history.append(point)
+            if work_dir is not None and is_main_process():
+                _write_progress(work_dir, history, stage, clock.get("losses", []))
+            if report is not None:     # every worker (Ray Train's report is a barrier); Tune takes the first's
+                report(dict(point))
+
+    return TrialHook()

@@ -1,0 +1,124 @@
+"""A suite's ``methods:`` (labels, method names, parameter overrides checked against the
+catalog's defaults, choices and ranges) and its ``search:`` block (the searched method,
+its space, starting points and seeds)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness import catalog
+from harness.registry import suggest
+
+from .paths import _err
+from .schema import Search, validate
+from .yamlio import Node
+
+METHOD_ENTRY_KEYS = {"method", "params"}
+
+
+def _check_param(label: str, name: str, entry: Any, params: Any, p: str, value: Any) -> None:
+    """One hyperparameter against the registry: its choices, its type, its range."""
+    where = f"methods.{label}.params.{p}"
+    choices = entry.get("choices", {}).get(p)
+    if choices:
+        if value not in choices:
+            raise _err(params, p, f"{where}: '{value}' is not one of "
+                                  f"{', '.join(map(str, choices))}{suggest(str(value), choices)}")
+        return
+    default = entry["params"][p]
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise _err(params, p, f"{where} must be true or false, got {value!r}")
+        return
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(params, p, f"{where} must be a number (default {default}), got {value!r}")
+        if not math.isfinite(value):
+            raise _err(params, p, f"{where} must be a finite number, got {value}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise _err(params, p, f"{where} must be a whole number (default {default}), got {value!r}")
+        if p in entry.get("positive", ()) and value <= 0:
+            raise _err(params, p, f"{where} must be greater than 0 (default {default}), got {value!r}")
+        if value < 0:
+            raise _err(params, p, f"{where} must be 0 or more (default {default}), got {value!r}")
+        if p in entry.get("at_most_one", ()) and value > 1:
+            raise _err(params, p, f"{where} must be between 0 and 1 (default {default}), got {value!r}")
+    elif not isinstance(value, type(default)):
+        raise _err(params, p, f"{where} must be a {type(default).__name__} (default {default!r}), got {value!r}")
+
+
+def _methods(doc: Node) -> dict[str, tuple[str, dict[str, Any], Any]]:
+    """label -> (registry name, overrides, node for error positions)."""
+    node = doc.get("methods") or []
+    out: dict[str, tuple[str, dict[str, Any], Any]] = {}
+    items = [(m, None) for m in node] if isinstance(node, list) else list(node.items())
+    for label, spec in items:
+        spec = spec or {}
+        name = spec.get("method") or label
+        where = spec if isinstance(spec, Node) and "method" in spec else node if isinstance(node, Node) else doc
+        if name not in catalog.METHODS:
+            raise _err(where, "method" if where is spec else label if where is node else "methods",
+                       f"methods.{label}: {catalog.METHODS.unknown_message(str(name))}")
+        params = spec.get("params") or {}
+        entry = catalog.METHODS.get(name)
+        valid = entry["params"]
+        for p, value in params.items():
+            if p not in valid:
+                raise _err(params, p, f"methods.{label}.params: '{p}' is not a parameter of {name}"
+                                      f"{suggest(str(p), list(valid))}; valid: {', '.join(valid) or '(none)'}")
+            _check_param(label, name, entry, params, p, value)
+        out[label] = (name, dict(params), spec if isinstance(spec, Node) else node)
+    if "none" not in out:   # the reference for every gain is always there
+        out = {"none": ("none", {}, node), **out}
+    return out
+
+
+SEARCHABLE_SCHEDULE = ("lr", "momentum", "weight_decay", "grad_clip", "warmup_iters", "batch_size")
+
+
+def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
+    """The ``search`` block: its method is a label of the suite, every dimension of its
+    space a numeric (or choice) hyperparameter of that method or a schedule key."""
+    node = doc["search"]
+    label = node["method"]
+    if label not in methods or label == "none":
+        raise _err(node, "method", f"search.method: '{label}' is not a method label of the suite"
+                                   f"{suggest(str(label), list(methods))}; valid: {', '.join(m for m in methods if m != 'none')}")
+    name = methods[label][0]
+    entry = catalog.METHODS.get(name)
+    space = node["space"]
+    for key, dim in space.items():
+        if key.startswith("schedule."):
+            if key.split(".", 1)[1] not in SEARCHABLE_SCHEDULE:
+                raise _err(space, key, f"search.space.{key}: searchable schedule keys are "
+                                       f"{', '.join('schedule.' + k for k in SEARCHABLE_SCHEDULE)}")
+            continue
+        if key not in entry["params"]:
+            raise _err(space, key, f"search.space: '{key}' is not a parameter of {name}{suggest(key, list(entry['params']))}; "
+                                   f"valid: {', '.join(entry['params'])} or schedule.KEY")
+        values = dim.get("choice") or [v for k in ("uniform", "loguniform", "randint") for v in (dim.get(k) or [])]
+        for v in values:                 # every value it can take must be a valid value of the parameter
+            _check_param(f"{label} (search.space)", name, entry, space, key, v)
+    full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
+    for i, point in enumerate(node.get("start_from") or []):
+        for key, value in point.items():
+            where = f"search.start_from[{i}].{key}"
+            dim = full["space"].get(key)
+            if dim is None:
+                raise _err(point, key, f"{where}: '{key}' is not a key of search.space{suggest(str(key), list(space))}; "
+                                       f"valid: {', '.join(space)}")
+            if dim["choice"] is not None:
+                ok, valid = value in dim["choice"], f"one of {dim['choice']}"
+            else:
+                form = next(k for k in ("uniform", "loguniform", "randint") if dim[k] is not None)
+                low, high = dim[form]
+                number = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and (form != "randint" or isinstance(value, int))
+                ok = number and (low <= value < high if form == "randint" else low <= value <= high)
+                valid = f"{'an integer' if form == 'randint' else 'a number'} in {form} {[low, high]}"
+            if not ok:
+                raise _err(point, key, f"{where}: {value!r} is outside the space; valid: {valid}")
+    if len(full["start_from"]) > full["budget"]:
+        raise _err(node, "start_from", f"search.start_from: {len(full['start_from'])} configurations but a "
+                                       f"budget of {full['budget']}; raise search.budget")
+    return full | {"method_name": name}

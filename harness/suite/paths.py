@@ -1,0 +1,131 @@
+"""Where a suite's paths point: ``~`` and ``${VAR}`` expansion, the roots a run may write
+under, ``extends:`` chains, ``pretrained:`` files and URIs, and the run's storage.
+
+Every error names the file, line and key (:func:`_err`), before anything is imported or
+trained.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .yamlio import Node, SuiteError, deep_merge, load_yaml
+
+#: where a suite may write besides the working directory: os.pathsep-separated roots
+OUTPUT_ROOT_ENV = "KD_HARNESS_OUTPUT_ROOT"
+
+#: schemes mmengine's CheckpointLoader resolves (besides local paths): a ``pretrained:``
+#: value with one of them is left to the loader, any other is a local file that must exist
+URI_SCHEMES = ("torchvision://", "open-mmlab://", "openmmlab://", "mmcls://", "mmpretrain://", "pavi://",
+               "http://", "https://", "s3://", "modelzoo://")
+
+
+def is_uri(value: str) -> bool:
+    return value.startswith(URI_SCHEMES)
+
+
+def _err(node: Any, key: Any, message: str) -> SuiteError:
+    where = node.where(key) if isinstance(node, Node) else "<suite>"
+    return SuiteError(f"{where}: {message}")
+
+
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_path(value: str) -> str:
+    """Expand ``~``, ``${VAR}`` and ``${VAR:-default}`` in a path from a suite. An unset
+    (or empty) variable without a default is an error: it would silently become ''."""
+    def repl(m: re.Match[str]) -> str:
+        got = os.environ.get(m.group(1))
+        if got:
+            return got
+        if m.group(2) is None:
+            raise ValueError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} "
+                             f"to give a default)")
+        return m.group(2)
+    return os.path.expanduser(_VAR.sub(repl, value))
+
+
+def _expand(node: Any, key: str, value: str, what: str) -> str:
+    try:
+        return expand_path(value)
+    except ValueError as exc:
+        raise _err(node, key, f"{what}: {exc}") from None
+
+
+def allowed_roots(extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Where a run may write: the working directory, ``$KD_HARNESS_OUTPUT_ROOT``
+    (os.pathsep-separated) and ``--output-root``."""
+    roots = [Path.cwd()] + [Path(p) for p in os.environ.get(OUTPUT_ROOT_ENV, "").split(os.pathsep) if p]
+    roots += [Path(p) for p in extra]
+    return [Path(os.path.abspath(os.path.expanduser(str(r)))).resolve() for r in roots]
+
+
+def _contained(path: str, node: Any, key: str, what: str, roots: list[Path]) -> str:
+    """``path`` made absolute, refused unless it resolves (symlinks followed) under a root."""
+    real = Path(path).resolve()
+    if not any(real == r or r in real.parents for r in roots):
+        raise _err(node, key, f"{what}: '{path}' is outside the places this run may write "
+                              f"({', '.join(map(str, roots))}); write a path under one of them, or allow its "
+                              f"parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
+    return path
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
+    doc = load_yaml(path)
+    if doc is None:
+        doc = Node()
+        doc.file, doc.line, doc.key_lines = str(path), 1, {}
+    if not isinstance(doc, dict):
+        raise SuiteError(f"{path}: a suite must be a YAML mapping")
+    bases = doc.get("extends") or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise _err(doc, "extends", f"extends: a path or a list of paths of base suites, got {doc.get('extends')!r}")
+    merged: Any = None
+    for base in bases:
+        base_path = (path.parent / _expand(doc, "extends", base, "extends")).resolve()
+        if base_path in seen:
+            raise _err(doc, "extends", f"'{base}' extends itself (cycle)")
+        if not base_path.exists():
+            raise _err(doc, "extends", f"extends: base suite '{base}' not found (looked at {base_path})")
+        base_doc = _load_with_extends(base_path, seen + (base_path,))
+        merged = base_doc if merged is None else deep_merge(merged, base_doc)
+    return doc if merged is None else deep_merge(merged, doc)
+
+
+def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
+    """A ``pretrained`` setting: True, False, a URI, or an existing local file (absolute)."""
+    if not isinstance(node, dict) or key not in node:
+        return default                       # the suite's setting, already checked
+    value = node[key]
+    if isinstance(value, bool):
+        return value
+    if is_uri(value):
+        return value
+    path = os.path.abspath(_expand(node, key, value, what))
+    if not Path(path).is_file():
+        raise _err(node, key, f"{what}: '{path}' is not a file; give a local checkpoint of the backbone, a URI "
+                              f"(torchvision://, open-mmlab://, https://, ...), true for the config's own, "
+                              f"or false to train from scratch")
+    return path
+
+
+def _storage(doc: Any, roots: list[Path]) -> str | None:
+    """The run's storage: a URI as given, or a local directory (plain or ``file://``),
+    made absolute and confined like every other place a run writes."""
+    from harness.store import storage
+    value = doc.get("storage")
+    if value is None:
+        return None
+    value = _expand(doc, "storage", str(value), "storage")
+    why = storage.check_location(value)
+    if why is not None:
+        raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
+    local = storage.local_path(value)
+    if local is None:
+        return storage.join(value)          # no trailing '/', its query (pyarrow's options) kept
+    _contained(local, doc, "storage", "storage", roots)
+    return local
