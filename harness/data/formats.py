@@ -144,11 +144,11 @@ class VocFormat(DatasetFormat):
 
 
 class ImageNetFormat(DatasetFormat):
-    """ImageNet-style folders, read by :class:`harness.tasks.cls.ImageFolder` (classification
+    """ImageNet-style folders, read by :class:`harness.data.folders.ImageFolder` (classification
     trials build their loaders directly, see :mod:`harness.tasks.cls`)."""
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
-        from harness.tasks.cls import folder_classes
+        from .folders import folder_classes
         return folder_classes(ds["root"])
 
     def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
