@@ -20,17 +20,29 @@ METRICS = Registry("metric")
 TASKS = Registry("task")
 
 # ------------------------------------------------------------------------------ tasks
-# What the trial runner asks of a task: ``prepare_trial(spec, load_weights)`` -> the
-# model (teacher loaded), its config for the export, train / val loaders, the evaluator
-# and, optionally, a second-stage loader (``finetune_loader``). ``scope``: the
-# mmengine registry scope its configs name types in. A new task is one module and one
-# entry here.
-TASKS.register("det", target="harness.tasks.det.task:prepare_trial", scope="mmdet",
-               doc="object detection: mmdet 3.x detectors, COCO / VOC layouts")
-TASKS.register("seg", target="harness.tasks.seg:prepare_trial", scope="mmseg",
+# A task is one engine module (``engine``) giving three functions:
+# - ``prepare_trial(spec, load_weights)`` (the target) -> the model (teacher loaded), its
+#   config for the export, train / val loaders, the evaluator and, optionally, a
+#   second-stage loader (``finetune_loader``): what the trial runner asks of a task;
+# - ``build_model(model, num_classes, schedule)`` -> (network, its config): a suite
+#   model entry built, which preflight does for every model before Ray starts;
+# - ``model_info(model, network, config, num_classes, all_levels)`` -> the ModelInfo a
+#   distiller is built with (methods/_base.py).
+# ``scope``: the mmengine registry scope its configs name types in. A new task is one
+# module and one entry here (docs/extending.md).
+TASKS.register("det", target="harness.tasks.det.task:prepare_trial", engine="harness.tasks.det.task",
+               scope="mmdet", doc="object detection: mmdet 3.x detectors, COCO / VOC layouts")
+TASKS.register("seg", target="harness.tasks.seg:prepare_trial", engine="harness.tasks.seg", scope="mmseg",
                doc="semantic segmentation: mmseg 1.x segmentors, Cityscapes / VOC 2012 layouts")
-TASKS.register("cls", target="harness.tasks.cls:prepare_trial", scope=None,
+TASKS.register("cls", target="harness.tasks.cls:prepare_trial", engine="harness.tasks.cls", scope=None,
                doc="image classification: torchvision classifiers, image-folder layouts")
+
+
+def task_engine(task: str, function: str) -> Any:
+    """One of a task's engine functions (``prepare_trial``, ``build_model``,
+    ``model_info``), imported on first use."""
+    from .registry import import_target
+    return import_target(f"{TASKS.get(task)['engine']}:{function}")
 
 # ---------------------------------------------------------------------------- metrics
 METRICS.register(

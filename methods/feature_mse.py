@@ -23,7 +23,6 @@ def imitation_loss(fs: list[torch.Tensor], ft: list[torch.Tensor]) -> torch.Tens
 class FeatureMSE(Distiller):
     """MSE feature imitation on every tapped FPN level."""
 
-    task = "det"
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
         super().__init__(params, student, teacher)

@@ -124,7 +124,6 @@ def global_loss(fs: torch.Tensor, ft: torch.Tensor, gc_s: GcBlock, gc_t: GcBlock
 class FGD(Distiller):
     """FGD on every tapped FPN level, with one adapter and one GcBlock pair per level."""
 
-    task = "det"
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:
         super().__init__(params, student, teacher)

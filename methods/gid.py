@@ -235,7 +235,6 @@ def response_losses(cls_s: torch.Tensor, cls_t: torch.Tensor, reg_s: torch.Tenso
 class GID(Distiller):
     """GID on a detector's FPN features and dense-head (or RPN) outputs."""
 
-    task = "det"
     needs_head_outputs = True
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:

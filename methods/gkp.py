@@ -261,7 +261,6 @@ class GKP(Distiller):
     sample of the training data before every epoch; the prototypes it picks are then
     used by every step of that epoch."""
 
-    task = "det"
     needs_rois = True      # two-stage: positive sampled RoIs, their student and teacher logits
 
     def __init__(self, params: dict[str, Any], student: ModelInfo, teacher: ModelInfo) -> None:

@@ -115,7 +115,6 @@ class ICSD(Distiller):
     """AICSD: ``alpha (L_CE + l_ICSD L_ICSD) + (1 - alpha) l_KD L_KD`` with
     ``alpha = epoch / max_epochs`` when ``alw`` (else alpha = 1 and both terms count)."""
 
-    task = "seg"
 
     def _weights(self) -> tuple[float, float]:
         return alw_weights(self.epoch, self.max_epochs) if self.params["alw"] else (1.0, 1.0)
@@ -138,10 +137,6 @@ class PixelKD(Distiller):
     """Pixel-wise KD baseline, added to the student's own losses (``variant`` as in
     :func:`pixel_kd_loss`; the default weight 10 is the released ``pi_lambda``)."""
 
-    task = "seg"
-
-    def student_loss_weight(self) -> float:
-        return 1.0
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss_pixel_kd": self.params["weight"] * pixel_kd_loss(

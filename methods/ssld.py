@@ -63,7 +63,6 @@ class SSLD(Distiller):
     read. Unlabeled data, top-k mining and the fine-tune stage are run by the harness
     from this method's parameters (``unlabeled``, ``mine_topk``, ``finetune_epochs``)."""
 
-    task = "cls"
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss_ssld": self.params["weight"] * ssld_loss(batch.student_logits, batch.teacher_logits)}
@@ -72,7 +71,6 @@ class SSLD(Distiller):
 class HintonKD(Distiller):
     """Hinton KD: CE on the labelled images plus ``weight T^2 KL`` to the teacher."""
 
-    task = "cls"
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         labelled = batch.labels >= 0

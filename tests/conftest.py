@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from . import throwaway
+
 REPO = Path(__file__).resolve().parent.parent
+
+# a method for each task registered from inside tests/, before the test modules are
+# collected: the registry-looping tests must pick it up as they would a newcomer's
+throwaway.register()
+THROWAWAY = {"det": "tmp_cwd", "seg": "tmp_cwd", "cls": "tmp_logit_mse"}
 
 TINY_SUITE = """
 name: tiny
@@ -123,6 +130,30 @@ def train_with_frozen_teacher(model, make_losses, steps: int = 2, lr: float = 0.
     assert all(p.grad is None for p in model.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
     return losses
+
+
+def check_distiller_losses(out: dict, own: set) -> dict:
+    """What every registered distiller must give, whatever its task: at least one term
+    of its own besides the student's losses, each named ``loss_*`` and finite. Returns
+    the distiller's terms."""
+    import torch
+    mine = {k: v for k, v in out.items() if k not in own}
+    assert mine, "the distiller added no loss"
+    bad = [k for k in mine if not k.startswith("loss_")]
+    assert not bad, f"loss terms must be named loss_*: {bad}"
+    for k, v in mine.items():
+        assert all(torch.isfinite(x).all() for x in (v if isinstance(v, list) else [v])), f"{k} is not finite: {v}"
+    return mine
+
+
+def check_gradients_reach_student_and_distiller_only(model) -> None:
+    """After a backward: every parameter with a gradient is the student's or the
+    distiller's (its adapters), and the distiller's trainable parts, if any, got one."""
+    trainable = {id(p) for p in model.student.parameters()} | {id(p) for p in model.distiller.parameters()}
+    assert all(id(p) in trainable for p in model.parameters() if p.grad is not None)
+    own = [p for p in model.distiller.parameters() if p.requires_grad]
+    if own:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in own), "no gradient reached the distiller"
 
 
 def listening_ray_sockets() -> list[tuple[str, str]]:

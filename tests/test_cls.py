@@ -11,7 +11,8 @@ import torch
 from harness import catalog
 from harness.data.synth import SHAPES, write_imagenet
 
-from .conftest import train_with_frozen_teacher
+from .conftest import (THROWAWAY, check_distiller_losses, check_gradients_reach_student_and_distiller_only,
+                       train_with_frozen_teacher)
 
 CLS_SUITE = """
 name: cls-tiny
@@ -49,7 +50,7 @@ def test_imagenet_layout(cls_root):
 
 
 def test_image_folder_labels_and_unlabeled(cls_root):
-    from harness.tasks.cls import ImageFolder, folder_classes
+    from harness.data.folders import ImageFolder, folder_classes
     classes = folder_classes(cls_root)
     assert classes == tuple(sorted(SHAPES))
     ds = ImageFolder(cls_root, "train", classes, 24, train=True, unlabeled="unlabeled")
@@ -68,18 +69,20 @@ def test_topk_accuracy_by_hand():
 
 
 def _model(method):
-    from harness.tasks.cls import ClassifierModel, build_net
+    from harness.tasks.cls import ClassifierModel, build_net, model_info
     torch.manual_seed(0)
-    student = build_net({"arch": "mobilenet_v3_small"}, 4)
-    teacher = build_net({"arch": "resnet18"}, 4)
+    s_entry, t_entry = {"arch": "mobilenet_v3_small"}, {"arch": "resnet18"}
+    student = build_net(s_entry, 4)
+    teacher = build_net(t_entry, 4)
     if method == "none":
         return ClassifierModel(student)
-    distiller = catalog.METHODS.load(method)(catalog.method_params(method, "cls"), None, None)
+    distiller = catalog.METHODS.load(method)(catalog.method_params(method, "cls"), model_info(s_entry, student, {}, 4),
+                                             model_info(t_entry, teacher, {}, 4))
     return ClassifierModel(student, teacher, distiller)
 
 
 def _batch(cls_root, labels):
-    from harness.tasks.cls import ImageFolder, folder_classes
+    from harness.data.folders import ImageFolder, folder_classes
     ds = ImageFolder(cls_root, "val", folder_classes(cls_root), 32, train=False)
     return {"inputs": [ds[i]["inputs"] for i in range(len(labels))], "data_samples": list(labels)}
 
@@ -101,12 +104,25 @@ def test_ssld_ignores_labels(cls_root):
     assert not torch.equal(c["loss_ce"], d["loss_ce"]) and torch.equal(c["loss_kd"], d["loss_kd"])
 
 
-@pytest.mark.parametrize("method", [m.name for m in catalog.METHODS if m.target and "cls" in m["tasks"]])
+CLS_METHODS = [m.name for m in catalog.METHODS if m.target and "cls" in m["tasks"]]
+
+
+@pytest.mark.parametrize("method", CLS_METHODS)
 def test_cls_distiller_trains_and_teacher_is_unchanged(method, cls_root):
     model = _model(method).train()
     assert not model.teacher.training
-    train_with_frozen_teacher(
-        model, lambda: model(**model.data_preprocessor(_batch(cls_root, [0, 1, -1, 3]), True), mode="loss"), lr=0.1)
+
+    def losses():
+        out = model(**model.data_preprocessor(_batch(cls_root, [0, 1, -1, 3]), True), mode="loss")
+        check_distiller_losses(out, set())      # a classification distiller returns every loss
+        return out
+    train_with_frozen_teacher(model, losses, lr=0.1)
+    check_gradients_reach_student_and_distiller_only(model)
+    assert model.distiller.task == "cls" and model.distiller.student_info.num_classes == 4
+
+
+def test_the_loop_picks_up_a_method_registered_from_the_tests():
+    assert THROWAWAY["cls"] in CLS_METHODS
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +153,8 @@ def test_a_trial_builds_the_same_initial_weights_for_the_same_seed(tmp_path):
     from harness.tasks.cls import prepare_trial
     from harness.data.formats import ensure_dataset
     from harness.suite.load import load_suite
-    from harness.run.trial import load_weights, seed_trial
+    from harness.run.trial import seed_trial
+    from harness.run.weights import load_weights
     path = tmp_path / "cls.yaml"
     path.write_text(CLS_SUITE.format(root=tmp_path / "shapes", output=tmp_path / "results"))
     spec = [t for t in load_suite(path).trials if t.method == "none"][0]

@@ -10,7 +10,8 @@ import torch
 
 from harness import catalog
 
-from .conftest import tiny_model, train_with_frozen_teacher
+from .conftest import (THROWAWAY, check_distiller_losses, check_gradients_reach_student_and_distiller_only,
+                       tiny_model, train_with_frozen_teacher)
 
 DET_METHODS = [m.name for m in catalog.METHODS if m.target and "det" in m["tasks"]]
 DET_ARCHS = [a.name for a in catalog.ARCHS if a["task"] == "det" and a.name != "cascade_rcnn"]  # teacher-only
@@ -28,9 +29,9 @@ def _model(arch: str, name: str, neck: int) -> dict:
     return m
 
 
-@pytest.mark.parametrize("arch", DET_ARCHS)
-@pytest.mark.parametrize("method", DET_METHODS)
-def test_distiller_trains_on_every_family(method, arch, det_batch):
+def _distilled(method: str, arch: str, det_batch: dict):
+    """Tiny student (8 wide) and teacher (16 wide) of ``arch`` with ``method``'s distiller,
+    built as a trial builds them, after the before-epoch step (PGM)."""
     from harness.tasks.det.models import build_detector, detector_cfg, tapped_info
     from harness.tasks.det.wrapper import DistillationModel
 
@@ -48,25 +49,43 @@ def test_distiller_trains_on_every_family(method, arch, det_batch):
     model = DistillationModel(student, teacher, distiller, num_levels=len(s_info.strides))
     model.train()
     model.prepare_epoch([copy.deepcopy(det_batch)])      # before-epoch step (PGM), as the harness runs it
-    assert model.student.training
-    if hasattr(distiller, "prototypes"):
-        assert sum(len(c) for _, _, c in distiller.prototypes) > 0
     data = model.data_preprocessor(copy.deepcopy(det_batch), True)
     own = set(student.loss(data["inputs"], data["data_samples"]))
+    return model, own
+
+
+def _losses(model, det_batch):
+    return model(**model.data_preprocessor(copy.deepcopy(det_batch), True), mode="loss")
+
+
+@pytest.mark.parametrize("arch", DET_ARCHS)
+@pytest.mark.parametrize("method", DET_METHODS)
+def test_distiller_trains_on_every_family(method, arch, det_batch):
+    model, own = _distilled(method, arch, det_batch)
+    assert model.student.training
+    if hasattr(model.distiller, "prototypes"):
+        assert sum(len(c) for _, _, c in model.distiller.prototypes) > 0
 
     def losses():
-        out = model(**model.data_preprocessor(copy.deepcopy(det_batch), True), mode="loss")
-        assert set(out) - own, "the distiller added no loss"
-        if method == "gkp" and arch == "faster_rcnn":    # per-RoI KD on the teacher's RoI head
-            assert out["loss_gkp_roi_kd"] > 0
+        out = _losses(model, det_batch)
+        check_distiller_losses(out, own)
         return out
     train_with_frozen_teacher(model, losses)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.backbone.parameters())
     adapters = getattr(model.distiller, "adapters", None)
     if adapters is not None:    # 8 -> 16 channels: real adapters (GID: only the levels its GI boxes map to)
         assert any(a.weight.grad is not None and a.weight.grad.abs().sum() > 0 for a in adapters)
-    trainable = {id(p) for p in model.student.parameters()} | {id(p) for p in model.distiller.parameters()}
-    assert all(id(p) in trainable for p in model.parameters() if p.grad is not None)
+    check_gradients_reach_student_and_distiller_only(model)
+
+
+def test_the_loop_picks_up_a_method_registered_from_the_tests():
+    assert THROWAWAY["det"] in DET_METHODS
+
+
+def test_gkp_distils_per_roi_on_a_two_stage_student(det_batch):
+    """GKP's per-RoI soft-label KD runs on the teacher's RoI head for Faster R-CNN."""
+    model, _ = _distilled("gkp", "faster_rcnn", det_batch)
+    assert _losses(model, det_batch)["loss_gkp_roi_kd"] > 0
 
 
 def test_gid_refuses_a_different_anchor_layout():

@@ -12,7 +12,8 @@ import torch
 from harness import catalog
 from harness.data.synth import write_cityscapes
 
-from .conftest import train_with_frozen_teacher
+from .conftest import (THROWAWAY, check_distiller_losses, check_gradients_reach_student_and_distiller_only,
+                       train_with_frozen_teacher)
 
 SEG_SUITE = """
 name: seg-tiny
@@ -56,26 +57,62 @@ def seg_batch(tmp_path_factory):
         return {"inputs": [s["inputs"] for s in samples], "data_samples": [s["data_samples"] for s in samples]}
 
 
+SEG_METHODS = [m.name for m in catalog.METHODS if m.target and "seg" in m["tasks"]]
+
+
 def _model(method):
-    from harness.tasks.seg import SegDistillationModel, build_segmentor, segmentor_cfg
+    from harness.tasks.seg import SegDistillationModel, build_model, model_info
     torch.manual_seed(0)
-    student = build_segmentor(segmentor_cfg(TINY_S, 19, [32, 32]))
-    teacher = build_segmentor(segmentor_cfg(TINY_T, 19, [32, 32]))
-    distiller = catalog.METHODS.load(method)(catalog.method_params(method, "seg"), None, None)
+    schedule = {"crop_size": [32, 32]}
+    (student, s_cfg), (teacher, t_cfg) = build_model(TINY_S, 19, schedule), build_model(TINY_T, 19, schedule)
+    distiller = catalog.METHODS.load(method)(catalog.method_params(method, "seg"),
+                                             model_info(TINY_S, student, s_cfg, 19), model_info(TINY_T, teacher, t_cfg, 19))
     return SegDistillationModel(student, teacher, distiller)
 
 
-@pytest.mark.parametrize("method", [m.name for m in catalog.METHODS if m.target and "seg" in m["tasks"]])
+@pytest.mark.parametrize("method", SEG_METHODS)
 def test_seg_distiller_trains_and_teacher_is_unchanged(method, seg_batch):
     model = _model(method).train()
     model.distiller.epoch, model.distiller.max_epochs = 1, 2
+    data = model.data_preprocessor(copy.deepcopy(seg_batch), True)
+    own = set(model.student.loss(data["inputs"], data["data_samples"]))
 
     def losses():
         out = model(**model.data_preprocessor(copy.deepcopy(seg_batch), True), mode="loss")
-        assert any(k.startswith(("loss_icsd", "loss_pixel_kd")) for k in out)
+        check_distiller_losses(out, own)
         return out
     train_with_frozen_teacher(model, losses)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.backbone.parameters())
+    check_gradients_reach_student_and_distiller_only(model)
+
+
+def test_a_seg_distiller_is_told_what_it_taps(seg_batch):
+    """Both sides' ModelInfo describe the decode head's input features, and the batch
+    carries them, with the logits at the head's own resolution and at the input size."""
+    from harness.tasks.seg import SegDistillationModel
+    seen = {}
+
+    class Probe(catalog.METHODS.load("tmp_cwd")):
+        def forward(self, batch):
+            seen["batch"] = batch
+            return super().forward(batch)
+    base = _model("tmp_cwd")
+    model = SegDistillationModel(base.student, base.teacher, Probe(base.distiller.params, base.distiller.student_info,
+                                                                   base.distiller.teacher_info)).train()
+    model(**model.data_preprocessor(copy.deepcopy(seg_batch), True), mode="loss")
+    batch, s_info, t_info = seen["batch"], model.distiller.student_info, model.distiller.teacher_info
+    assert model.distiller.task == "seg" and s_info.num_classes == 19
+    assert [f.shape[1] for f in batch.student_feats] == s_info.channels
+    assert [f.shape[1] for f in batch.teacher_feats] == t_info.channels
+    assert [32 // f.shape[2] for f in batch.student_feats] == s_info.strides
+    assert batch.student_logits.shape[2:] == batch.labels.shape[1:] == (32, 32)
+    assert batch.student_head_logits.shape[1] == 19 and batch.student_head_logits.shape[2] < 32
+    assert batch.teacher_head_logits.shape == batch.student_head_logits.shape
+    assert not batch.teacher_feats[-1].requires_grad and batch.student_feats[-1].requires_grad
+
+
+def test_the_loop_picks_up_a_method_registered_from_the_tests():
+    assert THROWAWAY["seg"] in SEG_METHODS
 
 
 def test_alw_scales_the_students_own_loss(seg_batch):

@@ -51,10 +51,13 @@ def check_types(suite: Suite) -> None:
 
 
 def preflight(suite: Suite) -> None:
+    """Build every model of the suite once, load every given checkpoint and build every
+    distiller for its pair (each task's engine, ``catalog.TASKS``), so that a bad config
+    override, checkpoint or pair fails here, in seconds, before Ray starts."""
     from harness.data.formats import num_classes
-    from harness.tasks.det.models import build_detector, detector_cfg, tapped_info
-    from .trial import load_weights
     from harness.tasks.det.wrapper import inherit_neck_and_head
+
+    from .weights import load_weights
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
 
@@ -63,16 +66,7 @@ def preflight(suite: Suite) -> None:
         key = content_hash([model, ds["root"], schedule.get("crop_size")])
         if key not in built:
             try:
-                if task == "cls":
-                    from harness.tasks.cls import build_net
-                    built[key] = (build_net(model, num_classes(ds)), {})
-                elif task == "seg":
-                    from harness.tasks.seg import build_segmentor, segmentor_cfg
-                    cfg = segmentor_cfg(model, num_classes(ds), schedule.get("crop_size"))
-                    built[key] = (build_segmentor(cfg), cfg)
-                else:
-                    cfg = detector_cfg(model, num_classes(ds))
-                    built[key] = (build_detector(cfg), cfg)
+                built[key] = catalog.task_engine(task, "build_model")(model, num_classes(ds), schedule)
             except Exception as exc:
                 raise SuiteError(f"{suite.file}: {role} '{model['name']}' (arch {model['arch']}) does not "
                                  f"build: {type(exc).__name__}: {exc}") from exc
@@ -95,9 +89,10 @@ def preflight(suite: Suite) -> None:
         distillers.add(key)
         try:
             every = bool(catalog.METHODS.get(t.method_name).get("all_levels", False))
-            infos = (None, None) if t.task in ("cls", "seg") else (tapped_info(t.model, cfg, every),
-                                                                   tapped_info(t.teacher, t_cfg, every))
-            catalog.METHODS.load(t.method_name)(t.params, *infos)
+            info = catalog.task_engine(t.task, "model_info")
+            n = num_classes(t.dataset)
+            catalog.METHODS.load(t.method_name)(t.params, info(t.model, net, cfg, n, every),
+                                                info(t.teacher, t_net, t_cfg, n, every))
             if t.params.get("inherit"):
                 inherit_neck_and_head(net, t_net)
         except Exception as exc:

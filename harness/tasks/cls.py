@@ -1,8 +1,8 @@
 """Classification in the same engine: torchvision models trained by mmengine's Runner on
 ImageNet-style folders, evaluated by top-1 / top-5.
 
-- :class:`ImageFolder`: ``<root>/<split>/<class>/*.jpg`` (classes in sorted folder
-  order), plus optionally an unlabeled folder whose images get the label -1;
+- images come from :class:`harness.data.folders.ImageFolder` (class folders, and
+  optionally an unlabeled folder whose images get the label -1);
 - :class:`ClassifierModel`: an mmengine ``BaseModel`` holding the student, an optional
   frozen teacher and an optional distiller; without a distiller the loss is the
   cross-entropy on labelled images (unlabelled ones are ignored), with one the
@@ -20,53 +20,12 @@ from mmengine.evaluator import BaseMetric
 from mmengine.model import ImgDataPreprocessor
 from torch import nn
 
-from methods._base import Distiller
+from harness.data.folders import ImageFolder, unlabeled_files
+from methods._base import ClsBatch, Distiller, ModelInfo
 
 from .teacher_student import TeacherStudentModel
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]     # ImageNet, RGB, 0-255
-
-
-def folder_classes(root: str | Path) -> tuple[str, ...]:
-    """Class names: the sub-folders of ``root/train``, sorted (torchvision's convention)."""
-    return tuple(sorted(p.name for p in (Path(root) / "train").iterdir() if p.is_dir()))
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Samples ``{'inputs': uint8 3xHxW, 'data_samples': label}`` from class folders."""
-
-    def __init__(self, root: str | Path, split: str, classes: Sequence[str], size: int, train: bool,
-                 unlabeled: str | None = None, files: Sequence[Path] | None = None) -> None:
-        from torchvision.transforms import v2
-
-        split_dir = Path(root) / split
-        self.items: list[tuple[Path, int]] = [
-            (p, c) for c, name in enumerate(classes) for p in sorted((split_dir / name).iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES]
-        if unlabeled is not None:
-            extra = files if files is not None else unlabeled_files(root, unlabeled)
-            self.items += [(p, -1) for p in extra]
-        if train:
-            self.transform = v2.Compose([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
-                                         v2.RandomHorizontalFlip()])
-        else:
-            self.transform = v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True),
-                                         v2.CenterCrop(size)])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        from torchvision.io import ImageReadMode, decode_image
-
-        path, label = self.items[idx]
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-        return {"inputs": self.transform(img), "data_samples": label}
-
-
-def unlabeled_files(root: str | Path, folder: str) -> list[Path]:
-    return sorted(p for p in (Path(root) / folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def build_net(model: dict[str, Any], num_classes: int) -> nn.Module:
@@ -107,14 +66,6 @@ class ClassifierModel(TeacherStudentModel):
         return self.distiller(ClsBatch(logits, self.teacher_logits(inputs), labels))
 
 
-class ClsBatch:
-    """What a classification distiller sees: both models' logits and the labels (-1 for
-    unlabelled images)."""
-
-    def __init__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.student_logits, self.teacher_logits, self.labels = student_logits, teacher_logits, labels
-
-
 class TopKAccuracy(BaseMetric):
     """Top-1 and top-5 accuracy (top-5 is top-k with k = the class count when fewer)."""
 
@@ -130,6 +81,20 @@ class TopKAccuracy(BaseMetric):
         n = max(1, len(results))
         return {"top1": sum(label == top[0] for label, top in results) / n,
                 "top5": sum(label in top for label, top in results) / n}
+
+
+def build_model(model: dict[str, Any], num_classes: int, schedule: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A suite model entry built as a torchvision classifier (no mmengine config)."""
+    return build_net(model, num_classes), {}
+
+
+def model_info(model: dict[str, Any], net: nn.Module | None, cfg: dict[str, Any], num_classes: int,
+               all_levels: bool = False) -> ModelInfo:
+    """:class:`methods._base.ModelInfo` of a classifier: a classification distiller is
+    handed logits only (no feature maps), ``num_classes`` wide."""
+    from harness import catalog
+    return ModelInfo(arch=model["arch"], family=catalog.ARCHS.get(model["arch"])["family"], channels=[], strides=[],
+                     task="cls", num_classes=num_classes)
 
 
 # ------------------------------------------------------------------------------- trials
@@ -186,7 +151,8 @@ def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
         teacher = build_net(spec.teacher, len(classes))
         load_weights(teacher, spec.teacher_checkpoint)
         teacher.eval()
-        distiller = catalog.METHODS.load(spec.method_name)(spec.params, None, None)
+        distiller = catalog.METHODS.load(spec.method_name)(spec.params, model_info(spec.model, student, {},
+                                                           len(classes)), model_info(spec.teacher, teacher, {}, len(classes)))
     p = spec.params
     unlabeled = ds.get("unlabeled") if distilled and p.get("unlabeled") else None
     files = None

@@ -1,10 +1,12 @@
-"""Segmentation in the same engine: mmseg segmentors (DeepLabV3+), a distillation model
-the Runner trains, and the trial's model build.
+"""Segmentation in the same engine: mmseg segmentors (any ``EncoderDecoder``), a
+distillation model the Runner trains, and the trial's model build.
 
-:class:`SegDistillationModel` runs the student's own ``loss`` (its decode head's output
-is captured by a forward hook), the frozen teacher on the same batch, and hands the
-distiller both models' logits upsampled to the input size with the label map; the
-distiller may scale the student's own losses (ICSD's adaptive loss weighting).
+:class:`SegDistillationModel` runs the student's own ``loss`` (its decode head's input
+features and output are captured on the way), the frozen teacher on the same batch, and
+hands the distiller a :class:`methods._base.SegBatch`: both models' logits upsampled to
+the input size and at the decode head's own resolution, the decode heads' input
+features and the label map; the distiller may scale the student's own losses (ICSD's
+adaptive loss weighting, :meth:`methods._base.Distiller.student_loss_weight`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import catalog
-from harness.tasks.det.models import _merge, resolve_config_path
+from methods._base import SegBatch
+
+from .configs import merge as _merge
+from .configs import resolve_config_path
 from .pretrained import backbone_checkpoint
 from .teacher_student import TeacherStudentModel
 
@@ -69,12 +74,33 @@ def build_segmentor(cfg: dict[str, Any]) -> nn.Module:
         return MODELS.build(ConfigDict(copy.deepcopy(cfg)))
 
 
-class SegBatch:
-    """What a segmentation distiller sees: logits B x C x H x W of both models at the
-    input size, and the label map B x H x W (255 = ignore)."""
+def build_model(model: dict[str, Any], num_classes: int, schedule: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A suite model entry built as a segmentor (the schedule's crop size applied), and
+    its mmseg config."""
+    cfg = segmentor_cfg(model, num_classes, schedule.get("crop_size"))
+    return build_segmentor(cfg), cfg
 
-    def __init__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.student_logits, self.teacher_logits, self.labels = student_logits, teacher_logits, labels
+
+def model_info(model: dict[str, Any], net: nn.Module, cfg: dict[str, Any], num_classes: int,
+               all_levels: bool = False) -> Any:
+    """:class:`methods._base.ModelInfo` of a segmentor: the channels and strides of the
+    feature maps its decode head receives (the backbone's outputs, or the neck's), found
+    by running ``extract_feat`` once on a blank 64 x 64 image (eval mode, no gradient:
+    nothing is trained or counted), so any mmseg ``EncoderDecoder`` is described alike."""
+    from methods._base import ModelInfo
+
+    size = 64
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            feats = net.extract_feat(torch.zeros(1, 3, size, size))
+    finally:
+        net.train(was_training)
+    feats = [feats] if torch.is_tensor(feats) else list(feats)
+    return ModelInfo(arch=model["arch"], family=catalog.ARCHS.get(model["arch"])["family"],
+                     channels=[int(f.shape[1]) for f in feats], strides=[round(size / f.shape[2]) for f in feats],
+                     task="seg", num_classes=num_classes)
 
 
 class SegDistillationModel(TeacherStudentModel):
@@ -83,16 +109,19 @@ class SegDistillationModel(TeacherStudentModel):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, distiller: Any = None) -> None:
         super().__init__(student, teacher, distiller, student.data_preprocessor)
         self._logits: torch.Tensor | None = None
+        self._feats: list[torch.Tensor] = []
         if distiller is not None:
             self._capture_logits(student.decode_head)
 
     def _capture_logits(self, head: nn.Module) -> None:
-        """Keep the decode head's output. mmseg's heads call ``self.forward`` directly in
-        ``loss`` (module hooks do not fire), so ``forward`` is wrapped on the instance."""
+        """Keep the decode head's input features and output. mmseg's heads call
+        ``self.forward`` directly in ``loss`` (module hooks do not fire), so ``forward``
+        is wrapped on the instance."""
         original = head.forward
 
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            self._logits = original(*args, **kwargs)
+        def forward(inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            self._feats = [inputs] if torch.is_tensor(inputs) else list(inputs)
+            self._logits = original(inputs, *args, **kwargs)
             return self._logits
         head.forward = forward
 
@@ -112,12 +141,20 @@ class SegDistillationModel(TeacherStudentModel):
         size = inputs.shape[2:]
         student_logits = F.interpolate(self._logits, size=size, mode="bilinear", align_corners=False)
         with torch.no_grad():
-            t = self.teacher.decode_head(self.teacher.extract_feat(inputs))
+            t_feats = self.teacher.extract_feat(inputs)
+            t = self.teacher.decode_head(t_feats)
             teacher_logits = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
         labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).squeeze(1)
         weight = self.distiller.student_loss_weight()
         losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
-        losses.update(self.distiller(SegBatch(student_logits, teacher_logits, labels)))
+        batch = SegBatch(student_logits, teacher_logits, labels, student_head_logits=self._logits,
+                         teacher_head_logits=t, student_feats=self._feats,
+                         teacher_feats=[t_feats] if torch.is_tensor(t_feats) else list(t_feats))
+        extra = self.distiller(batch)
+        clash = set(extra) & set(losses)
+        if clash:
+            raise KeyError(f"distiller losses {sorted(clash)} clash with the student's own losses")
+        losses.update(extra)
         return losses
 
 
@@ -126,14 +163,13 @@ def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationMode
     from harness.data.formats import num_classes
 
     n = num_classes(spec.dataset)
-    crop = spec.schedule.get("crop_size")
-    cfg = segmentor_cfg(spec.model, n, crop)
-    student = build_segmentor(cfg)
+    student, cfg = build_model(spec.model, n, spec.schedule)
     if spec.role == "teacher" or spec.method_name == "none":
         return SegDistillationModel(student), cfg
-    teacher = build_segmentor(segmentor_cfg(spec.teacher, n, crop))
+    teacher, t_cfg = build_model(spec.teacher, n, spec.schedule)
     load_weights(teacher, spec.teacher_checkpoint)
-    distiller = catalog.METHODS.load(spec.method_name)(spec.params, None, None)
+    distiller = catalog.METHODS.load(spec.method_name)(spec.params, model_info(spec.model, student, cfg, n),
+                                                       model_info(spec.teacher, teacher, t_cfg, n))
     return SegDistillationModel(student, teacher, distiller), cfg
 
 

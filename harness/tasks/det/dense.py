@@ -1,4 +1,5 @@
-"""Dense-head outputs in a form distillers can use without knowing mmdet's head classes.
+"""Dense-head outputs in a form distillers can use without knowing mmdet's head classes
+(:class:`methods._base.HeadOutputs`, built here from a head's raw outputs).
 
 For every prediction (anchor or point) of a one-stage head, or of a two-stage detector's
 RPN: class logits N x P x C, raw regressions N x P x R, the priors P x 4 (anchors) or
@@ -9,24 +10,11 @@ when the two heads share a prior layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class HeadOutputs:
-    """One model's dense predictions for a batch (see the module docstring)."""
-
-    cls: torch.Tensor
-    reg: torch.Tensor
-    priors: torch.Tensor
-    boxes: torch.Tensor
-    points_only: bool
-    pos_iou: float
-    low_quality: bool = True      # the assigner's low-quality matches (each box's best priors)
-    min_pos_iou: float = 0.0
+from methods._base import HeadOutputs
 
 
 def dense_head(detector: Any) -> Any:

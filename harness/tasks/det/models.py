@@ -6,36 +6,15 @@ config names, with its frozen stage and BN statistics, unless the suite says oth
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 from harness import catalog
+from harness.tasks.configs import merge as _merge
+from harness.tasks.configs import resolve_config_path
 from harness.tasks.pretrained import backbone_checkpoint
 
 _RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
 _RESNETS = ("ResNet", "ResNetV1d", "ResNeXt")     # same stage widths for a given depth
-
-
-def resolve_config_path(ref: str) -> Path:
-    """``"mmdet::retinanet/x.py"`` -> the file inside the installed package; plain paths as given."""
-    if "::" not in ref:
-        return Path(ref)
-    package, rel = ref.split("::", 1)
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"config '{ref}': package '{package}' is not installed")
-    path = Path(spec.origin).parent / ".mim" / "configs" / rel
-    if not path.is_file():
-        raise FileNotFoundError(f"config '{ref}': no file {path}")
-    return path
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def resnet_channels(backbone: dict[str, Any]) -> list[int] | None:
@@ -115,4 +94,5 @@ def tapped_info(model: dict[str, Any], cfg: dict[str, Any], all_levels: bool = F
     layout = {"type": head["type"], "num_classes": head.get("num_classes", 1),
               "priors": head.get("anchor_generator") or {"strides": head.get("strides")}}
     return ModelInfo(arch=arch.name, family=arch["family"], channels=[cfg["neck"]["out_channels"]] * len(levels),
-                     strides=levels, head_layout=layout)
+                     strides=levels, head_layout=layout, task="det",
+                     num_classes=int(_nodes(cfg, arch["head"])[0]["num_classes"]))

@@ -116,6 +116,9 @@ class DistillationModel(TeacherStudentModel):
             batch.teacher_head = head_outputs(self.teacher, teacher_raw)
         if "rois" in captured:
             batch.rois = self._roi_batch(*captured["rois"], teacher_all)
+        weight = self.distiller.student_loss_weight()
+        if weight != 1.0:
+            losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
         extra = self.distiller(batch)
         clash = set(extra) & set(losses)
         if clash:
@@ -159,9 +162,9 @@ class DistillationModel(TeacherStudentModel):
         """Before-epoch step of distillers that need one (PGM): hands them batches of the
         training data with both models' features, computed lazily, the student in eval
         mode so its BN statistics are not touched."""
-        before = getattr(self.distiller, "before_epoch", None)
-        if before is None:
-            return
+        if type(self.distiller).before_epoch is Distiller.before_epoch:
+            return                            # the default does nothing: no pass over the data
+        before = self.distiller.before_epoch
         was_training = self.student.training
         self.student.eval()
         k = self.num_levels
