@@ -18,6 +18,20 @@ def _params(params: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def _classes_line(ds: dict) -> str:
+    """A dataset's class count and first names, where they are known without importing a
+    backend (the suite's list, synthetic data, COCO categories, image folders)."""
+    from harness.data.formats import dataset_format, preview
+    fmt = dataset_format(ds)
+    if not ds.get("classes") and fmt.classes_from_library:
+        return f"the {ds['format']} format's own classes"
+    try:
+        names = fmt.classes(ds)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"classes not readable yet ({type(exc).__name__})"
+    return f"{len(names)} classes ({preview(names)})"
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from harness.suite.load import load_suite
     from harness.run.session import pending_trials  # noqa: F401 - imports no ray at module level
@@ -30,6 +44,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"suite '{suite.name}' ({suite.file}): {len(suite.trials)} trials, "
           f"{len(suite.trials) - len(todo)} already done; per trial {res['cpu']} CPU, {res['gpu']} GPU; "
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
+    for ds in {t.dataset["name"]: t.dataset for t in suite.trials}.values():
+        print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
     print(f"{'':2}{'trial':<56}{'id':<14}{'params'}")
     for t in suite.trials:
         mark = " " if t.trial_id in todo else "✓"
@@ -60,6 +76,7 @@ def _prepare_data_and_models(suite: "object") -> None:
         ensure_dataset(ds)
         try:
             dataset_format(ds).check(ds)
+            dataset_format(ds).check_classes(ds)
         except ValueError as exc:
             raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
     preflight(suite)

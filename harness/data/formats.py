@@ -48,8 +48,18 @@ def det_pipeline(train: bool, img_scale: list[int]) -> list[dict[str, Any]]:
         "img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
 
 
+def preview(names: Any, n: int = 5) -> str:
+    """The first ``n`` of a list of names, and how many more."""
+    names = list(names)
+    head = ", ".join(map(str, names[:n]))
+    return head + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
 class DatasetFormat:
     """How one on-disk layout becomes mmengine dataset and evaluator configs."""
+
+    #: the format's own class list comes from mmdet / mmseg (importing them imports torch)
+    classes_from_library = False
 
     def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         """The suite's ``classes``, else the synthetic data's, else the format's own."""
@@ -66,6 +76,22 @@ class DatasetFormat:
     def check(self, ds: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the file when the layout cannot be read (before
         any trial starts); formats with annotation files override it."""
+
+    def check_classes(self, ds: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when the suite's ``classes`` name a class the data does not
+        have: the libraries' datasets drop such a name silently and train a model with
+        fewer classes than the suite says (a misspelt class is then a model that never
+        sees it)."""
+        wanted = ds.get("classes") or []
+        if not wanted:
+            return
+        have = self.default_classes(ds)
+        unknown = [c for c in wanted if c not in have]
+        if unknown:
+            from harness.registry import suggest
+            raise ValueError(f"classes: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} "
+                             f"not among the {len(have)} classes of the data{suggest(unknown[0], list(have))}; "
+                             f"the data has: {preview(have, 12)}")
 
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
                 crop: list[int] | None = None) -> dict[str, Any]:
@@ -117,6 +143,8 @@ class VocFormat(DatasetFormat):
     ``trainval`` lists of every year present (VOC2007, and VOC2012 when there: the
     07+12 protocol), evaluation on ``VOC2007/ImageSets/Main/test.txt``, by VOC07
     11-point mAP and area mAP at IoU 0.5."""
+
+    classes_from_library = True
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         from mmdet.datasets import VOCDataset
@@ -173,6 +201,7 @@ class SegFormat(DatasetFormat):
     """Segmentation formats share mmseg's IoU metric (mIoU, mAcc, aAcc)."""
 
     dataset_type = ""
+    classes_from_library = True
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         from mmseg import datasets
