@@ -20,6 +20,7 @@ from harness.data.formats import ensure_dataset
 from harness.store import results, storage
 from harness.suite.spec import TrialSpec
 
+from .export import export_config, write_config
 from .hooks import Diverged, Reporter, _trial_hook
 from .rows import TrialResult, result_rows
 from .states import _remove_training_states, _state_sync_hook, fetch_state, keep_logs, last_checkpoint, teacher_file
@@ -136,6 +137,8 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     distributed = get_world_size() > 1          # under Ray Train: its workers' process group
     by_iter = bool(sched.get("iters"))
     metric = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
+    # the complete OpenMMLab config of the trained model and its data, beside its weights
+    exported = None if evaluate_only else export_config(parts, scope, spec.seed, *_loop_cfgs(sched), _optim_cfg(sched))
 
     def common(stage_dir: Path, stage: str) -> dict[str, Any]:
         interval = int(sched.get("checkpoint_interval") or (sched["val_interval"] if by_iter else 1))
@@ -159,10 +162,11 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
             launcher="pytorch" if distributed else "none",
             # (mmengine reads the wrapper from ``cfg``; a frozen teacher and unused branches
             # need find_unused_parameters)
-            cfg=dict(model_wrapper_cfg=dict(type="MMDistributedDataParallel", find_unused_parameters=True,
-                                            # on the CPU, DDP takes no device ids (mmengine's default is LOCAL_RANK)
-                                            **({} if torch.cuda.is_available() else {"device_ids": None})))
-            if distributed else None,
+            # (the full config of what is trained, which mmengine dumps as <timestamp>.py)
+            cfg=dict(exported or {}, **(dict(model_wrapper_cfg=dict(
+                type="MMDistributedDataParallel", find_unused_parameters=True,
+                # on the CPU, DDP takes no device ids (mmengine's default is LOCAL_RANK)
+                **({} if torch.cuda.is_available() else {"device_ids": None}))) if distributed else {})) or None,
             env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo")),
             log_level=log_level or os.environ.get("KD_HARNESS_LOG_LEVEL", "INFO"),
         )
@@ -171,10 +175,9 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         found = last_checkpoint(stage_dir) or (fetch_state(spec, stage_dir, stage) if spec.storage and resume else None)
         return dict(resume=True, load_from=str(found)) if found else {}
 
-    # resuming loads a training state with torch.load(weights_only=True): allow its types.
-    # (mmengine's state also pickles a getattr reference; allowed here only, for the
-    # states this trial wrote into its own directory, never for a checkpoint a suite names)
-    resumable = _checkpoint_globals() + [getattr]
+    # resuming loads a training state with torch.load(weights_only=True): allow its types
+    # (mmengine's message hub pickles getattr(HistoryBuffer, <method>): only that is given)
+    resumable = _checkpoint_globals()
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     if evaluate_only:
@@ -208,10 +211,14 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         ckpt = spec.teacher_checkpoint
         if not evaluate_only:
             save_weights(student_state, ckpt, meta)
+            if exported is not None:
+                write_config(exported, Path(ckpt).with_suffix(".py"))
         if spec.storage:            # where the students, on any node, fetch it from
             storage.put(ckpt, storage.teacher_uri(spec.storage, spec.trial_id))
     else:
         ckpt = str(save_weights(student_state, work_dir / "student.pth", meta))
+        if exported is not None:
+            write_config(exported, work_dir / "student.py")
     if is_main_process():
         _remove_training_states(spec)
     device = str(next(model.student.parameters()).device)
