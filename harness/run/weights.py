@@ -36,14 +36,32 @@ def save_weights(state_dict: dict[str, Any], path: str | os.PathLike, meta: dict
     return path
 
 
+def _class_method(obj: Any, name: str) -> Any:
+    """``getattr`` as a checkpoint may use it: mmengine's message hub pickles the
+    statistics methods of its ``HistoryBuffer`` as ``getattr(HistoryBuffer, 'min')``.
+    Only a public function of that class is given; anything else (a dunder, a module's
+    attribute: the way a malicious pickle reaches code) is refused."""
+    import pickle
+
+    from mmengine.logging import HistoryBuffer
+    if obj is HistoryBuffer and not name.startswith("_") and callable(getattr(HistoryBuffer, name, None)):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f"the checkpoint asks for getattr({obj!r}, {name!r}), which a weights file "
+                                 f"never needs; refused")
+
+
 def _checkpoint_globals() -> list[Any]:
     """The non-tensor types mmengine's training checkpoints pickle (its message hub's
-    buffers, numpy scalars): allowed one by one for ``torch.load(weights_only=True)``."""
+    buffers and their statistics methods, numpy scalars, the schedulers' milestone
+    counters): allowed one by one for ``torch.load(weights_only=True)``. Both the
+    harness's own training states and what mmdet's / mmseg's ``tools/train.py`` write."""
+    import collections
+
     import numpy as np
     from mmengine.logging import HistoryBuffer
     return [HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar,
             type(np.dtype(np.float64)), type(np.dtype(np.int64)), type(np.dtype(np.float32)),
-            type(np.dtype(np.int32))]
+            type(np.dtype(np.int32)), collections.Counter, (_class_method, "builtins.getattr")]
 
 
 def load_weights(model: Any, path: str | os.PathLike) -> None:

@@ -22,7 +22,8 @@ from harness import catalog
 from harness.registry import suggest
 
 from .methods import _methods, _search
-from .paths import _contained, _err, _expand, _load_with_extends, _pretrained, _storage, allowed_roots
+from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _pretrained, _storage,
+                    allowed_roots, fetch_checkpoint)
 from .schema import Resources, Schedule, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
@@ -158,7 +159,9 @@ def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any, reso
             if m.get(part) is not None:
                 _scan_types(m[part], m[part], f"{key}.{name}.{part}", refs)
                 model[part] = _plain(m[part])
-        if m.get("checkpoint"):
+        if m.get("checkpoint") and str(m["checkpoint"]).startswith(DOWNLOAD_SCHEMES):
+            model["checkpoint_url"] = str(m["checkpoint"])        # fetched into the cache once it is known
+        elif m.get("checkpoint"):
             ckpt = os.path.abspath(_expand(m, "checkpoint", m["checkpoint"], f"{key}.{name}.checkpoint"))
             if not Path(ckpt).is_file():
                 raise _err(m, "checkpoint", f"{key}.{name}.checkpoint: '{ckpt}' is not a file; give a "
@@ -289,6 +292,12 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                                                              or Path(output).parent / "_teachers"), "teacher_cache"))
     _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
     storage = _storage(doc, roots)
+    for t_name, teacher in teachers.items():        # checkpoint URLs: downloaded once, before anything runs
+        if teacher.get("checkpoint_url"):
+            try:
+                teacher["checkpoint"], _ = fetch_checkpoint(teacher["checkpoint_url"], cache)
+            except ValueError as exc:
+                raise _err(doc["teachers"][t_name], "checkpoint", f"teachers.{t_name}.checkpoint: {exc}") from None
     teacher_seed = int(doc.get("teacher_seed", 0))
     for key, models in (("teachers", teachers), ("students", students)):
         for m_name, m in models.items():

@@ -129,3 +129,64 @@ def _storage(doc: Any, roots: list[Path]) -> str | None:
         return storage.join(value)          # no trailing '/', its query (pyarrow's options) kept
     _contained(local, doc, "storage", "storage", roots)
     return local
+
+
+#: checkpoint URIs a teacher's ``checkpoint:`` may name: downloaded once into the cache
+DOWNLOAD_SCHEMES = ("http://", "https://", "open-mmlab://", "openmmlab://", "torchvision://")
+#: seconds a checkpoint download may wait for the server (connect, and each read)
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("KD_HARNESS_DOWNLOAD_TIMEOUT_S", "30"))
+
+
+def _zoo_url(uri: str) -> str:
+    """An ``open-mmlab://`` or ``torchvision://`` name as the http(s) URL mmengine's
+    CheckpointLoader would fetch (its own tables); http(s) URLs as given."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    from mmengine.runner import checkpoint as ckpt      # the loader's own name tables (imports torch)
+    scheme, name = uri.split("://", 1)
+    if scheme == "torchvision":
+        table = ckpt.get_torchvision_models()
+    else:
+        table = ckpt.get_external_models()
+        name = ckpt.get_deprecated_model_names().get(name, name)
+    if name not in table:
+        raise ValueError(f"'{uri}' is not a checkpoint mmengine knows (no '{name}' in its {scheme} table)")
+    return table[name]
+
+
+def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
+    """The local copy of a checkpoint URI, downloaded once into ``<cache>/downloads/``
+    (atomically; its sha256 recorded beside it) and reused while file and record agree.
+    Returns (path, sha256). Raises ``ValueError`` saying why when it cannot be had."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    url = _zoo_url(uri)
+    name = Path(url.split("?", 1)[0]).name or "checkpoint.pth"
+    local = Path(cache) / "downloads" / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{name}"
+    record = local.with_name(local.name + ".sha256")
+    if local.is_file() and record.is_file():
+        from .spec import file_sha256
+        want = record.read_text().split()[0]
+        if file_sha256(local) == want:
+            return str(local), want
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                h.update(block)
+                out.write(block)
+        os.replace(tmp, local)
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ValueError(f"cannot download '{url}' ({type(exc).__name__}: {reason}; waited at most "
+                         f"{DOWNLOAD_TIMEOUT_S:g} s for the server); download it where this machine can and give "
+                         f"its local path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    record.write_text(f"{h.hexdigest()}  {url}\n")
+    return str(local), h.hexdigest()
+

@@ -141,7 +141,10 @@ class Model(Strict):
 class Teacher(Model):
     """A teacher: a model, trained by the harness unless ``checkpoint`` is given."""
 
-    checkpoint: str | None = Field(None, min_length=1, description="local checkpoint file of the trained teacher")
+    checkpoint: str | None = Field(None, min_length=1, description=(
+        "the trained teacher's weights: a local checkpoint file (the harness's export, or what mmdet's / mmseg's "
+        "tools/train.py wrote) or a URL (http(s)://, open-mmlab://, torchvision://) downloaded once into "
+        "<teacher_cache>/downloads with its sha256 recorded"))
 
 
 class MethodEntry(Strict):
