@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.registry import Registry
+from harness.registry import Entry, Registry
 
 METHODS = Registry("method")
 ARCHS = Registry("architecture")
@@ -109,17 +109,22 @@ DATASET_FORMATS.register(
 # `levels`: strides of the FPN outputs a feature distiller taps, in order.
 # `family`: selects a method's per-family defaults.
 # `head`: dotted path of the head that the suite's `head:` overrides go to and that
-# holds num_classes; `follows_neck`: dotted keys set to the neck's out_channels.
+# holds num_classes; `follows_neck`: dotted keys set to the neck's out_channels;
+# `head_types`: the dense head (or RPN), then a two-stage detector's RoI and bbox heads,
+# as its config builds them (what head-based distillers check). A model entry may name
+# any other bundled config instead (`config:`): harness.suite.zoo describes it the same way.
 ARCHS.register(
     "retinanet", task="det", family="one_stage", stages=1,
     config="mmdet::retinanet/retinanet_r50_fpn_1x_coco.py",
     levels=(8, 16, 32, 64, 128), head="bbox_head", follows_neck=("bbox_head.in_channels",),
+    head_types=("RetinaHead",),
     doc="RetinaNet with ResNet backbone and FPN (P3-P7)",
 )
 ARCHS.register(
     "fcos", task="det", family="fcos", stages=1,
     config="mmdet::fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py",
     levels=(8, 16, 32, 64, 128), head="bbox_head", follows_neck=("bbox_head.in_channels",),
+    head_types=("FCOSHead",),
     doc="FCOS (center sampling, normalised boxes, centerness on regression, GIoU) with FPN (P3-P7)",
 )
 ARCHS.register(
@@ -130,6 +135,7 @@ ARCHS.register(
     levels=(4, 8, 16, 32), neck_levels=(4, 8, 16, 32, 64), head="roi_head.bbox_head",
     follows_neck=("rpn_head.in_channels", "roi_head.bbox_roi_extractor.out_channels",
                   "roi_head.bbox_head.in_channels"),
+    head_types=("RPNHead", "StandardRoIHead", "Shared2FCBBoxHead"),
     doc="Faster R-CNN with FPN (P2-P6; distillers tap P2-P5)",
 )
 ARCHS.register(
@@ -138,6 +144,7 @@ ARCHS.register(
     levels=(4, 8, 16, 32), neck_levels=(4, 8, 16, 32, 64), head="roi_head.bbox_head",
     follows_neck=("rpn_head.in_channels", "roi_head.bbox_roi_extractor.out_channels",
                   "roi_head.bbox_head.in_channels"),
+    head_types=("RPNHead", "CascadeRoIHead", "Shared2FCBBoxHead"),
     doc="Cascade R-CNN with FPN (three bbox heads; a teacher for feature distillers)",
 )
 
@@ -197,6 +204,10 @@ METHODS.register(
     choices={"score": ("paper", "max_logit"), "relation": ("batch", "image")},
     positive=("top_n", "k", "roi_size", "reg_beta"), at_most_one=("nms_iou",),
     needs_same_levels=True, needs_same_head=True,
+    # the response loss reads (class logits, box regressions) per prior of this dense head:
+    # one-stage bbox_head, or a two-stage detector's RPN (GFL's distributions and
+    # RepPoints' point sets are other regressions)
+    dense_heads=("RetinaHead", "FCOSHead", "ATSSHead", "RPNHead"),
     doc="General Instance Distillation (Dai et al., CVPR 2021)",
 )
 
@@ -212,6 +223,8 @@ METHODS.register(
     choices={"global_loss": ("off", "released", "paper")},
     positive=("prototypes", "kd_temp", "pgm_images_per_class", "pgm_max_images"),
     needs_same_levels=True, all_levels=True,
+    # a two-stage student's per-RoI soft-label KD runs on these RoI heads (a mask head is ignored)
+    roi_heads=("StandardRoIHead", "CascadeRoIHead"),
     doc="Global knowledge with prototypes, PGM + RDM (Tang et al., ECCV 2022); global_loss: released|paper adds "
         "the global alignment loss (off in the released config)",
 )
@@ -239,6 +252,16 @@ METHODS.register(
     params={"weight": 1.0, "unlabeled": True, "mine_topk": 0, "finetune_epochs": 0, "finetune_lr_factor": 0.01},
     doc="SSLD: symmetric KL to the teacher, no labels; unlabeled folder, top-k mining, fine-tune stage",
 )
+
+
+def arch_of(model: dict[str, Any]) -> Entry:
+    """The architecture entry of a suite model: the catalog's (``arch:``), or the one the
+    suite derived from the OpenMMLab config the model names (``config:``, carried in the
+    model as ``arch_meta`` so that every process reads the same)."""
+    meta = model.get("arch_meta")
+    if meta:
+        return Entry(name=str(meta["name"]), target=None, meta=dict(meta))
+    return ARCHS.get(model["arch"])
 
 
 def method_params(method: str, family: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -46,10 +46,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
     for ds in {t.dataset["name"]: t.dataset for t in suite.trials}.values():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
-    print(f"{'':2}{'trial':<56}{'id':<14}{'params'}")
+    width = max([len("trial")] + [len(t.name) for t in suite.trials]) + 2
+    print(f"{'':2}{'trial':<{width}}{'id':<14}{'params'}")
     for t in suite.trials:
         mark = " " if t.trial_id in todo else "✓"
-        print(f"{mark:2}{t.name:<56}{t.trial_id:<14}{_params(t.params)}")
+        print(f"{mark:2}{t.name:<{width}}{t.trial_id:<14}{_params(t.params)}")
     return 0
 
 
@@ -89,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with run_lock(suite.output, wait=args.wait):
         _prepare_data_and_models(suite)
         from harness.store.report import format_report
-        from harness.store.results import read_results, remove_stale_temporaries
+        from harness.store.results import read_results, remove_stale_temporaries, suite_datasets
         from harness.run.matrix import run_suite
         from harness.run.session import Interrupted
 
@@ -118,7 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from harness.store.html_report import write_report
         df = read_results(suite.output)
         md, page = write_report(df, suite.output)
-        print(format_report(df))
+        print(format_report(df, datasets=suite_datasets(suite.output)))
         print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
@@ -126,14 +127,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from harness.store.html_report import write_report
     from harness.store.report import format_report, leaderboard
-    from harness.store.results import read_results
+    from harness.store.results import read_results, suite_datasets
 
     df = read_results(args.results, current_only=not args.all)
     if args.csv:
         leaderboard(df, args.best).to_csv(args.csv, index=False)
     target = Path(args.results)
     md, page = write_report(df, target if target.is_dir() else target.parent, best=args.best)
-    print(format_report(df, best=args.best))
+    print(format_report(df, best=args.best, datasets=suite_datasets(target if target.is_dir() else target.parent)))
     print(f"\nwritten: {md}, {page}")
     return 0
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--output-root", action="append", default=[], metavar="DIR",
                         help="also allow the suite to write under DIR (besides the working directory and "
                              "$KD_HARNESS_OUTPUT_ROOT); repeatable")
+        sp.add_argument("--allow-python-configs", action="store_true",
+                        help="let model entries name a .py config from disk (reading one runs its code; bundled "
+                             "mmdet:: / mmseg:: configs and YAML / JSON files need no flag)")
     sc = sub.add_parser("schema", help="print the reference of every suite key (Markdown)")
     sc.set_defaults(func=_cmd_schema)
     ls = sub.add_parser("ls", help="list registered methods, architectures, dataset formats and metrics")
@@ -260,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_python_configs", False):
+        from harness.suite.zoo import ALLOW_PYTHON_ENV
+        os.environ[ALLOW_PYTHON_ENV] = "1"        # for this process and the trials it starts
     from harness.store.results import NewerSchema
     from harness.run.runlock import Busy
     try:

@@ -206,3 +206,22 @@ def test_corrupt_annotation_file_is_named(tmp_path, capsys, synth_coco):
     err = capsys.readouterr().err
     assert str(ann) in err and "JSON" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_the_annotations_do_not_have_is_refused(tmp_path, capsys, synth_coco):
+    """``classes: [square, dics]`` trained a one-class model silently (mmdet drops the name
+    it does not find): the run refuses it, naming the class and what the data has."""
+    import shutil
+    root = tmp_path / "coco"
+    shutil.copytree(synth_coco, root)
+    text = TINY_SUITE.format(root=root, output=tmp_path / "out")
+    text = re.sub(r"\n    synth: .*", "\n    classes: [square, dics]", text)
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "datasets.shapes: classes: 'dics' is not among the 4 classes of the data (did you mean 'disc'?)" in err, err
+    assert "square, disc, triangle, cross" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["plan", str(path)]) == 0                       # plan shows what the suite asked for
+    assert "2 classes (square, dics)" in capsys.readouterr().out

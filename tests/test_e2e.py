@@ -2,6 +2,8 @@
 trial leaves an error row and the others finish; a re-run skips finished work."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -84,3 +86,16 @@ def test_report_command(e2e, capsys):
     out = capsys.readouterr().out
     assert "teacher t -> student s" in out and "student alone" in out and "fgd" in out
     assert "3 trial(s) without a result (not in the leaderboard)" in out
+
+
+def test_the_report_names_each_datasets_classes(e2e, capsys):
+    """After training, the report shows what each dataset was: its class count and first
+    names (a wrong set-up is visible in the leaderboard, not only before the run)."""
+    from harness.cli import main
+    suite, _, _ = e2e
+    assert main(["report", str(suite.output)]) == 0
+    out = capsys.readouterr().out
+    assert "shapes (coco, " in out and "4 classes (square, disc, triangle, cross)" in out
+    assert "voc (voc, " in out and out.count("4 classes (square, disc, triangle, cross)") == 2   # synthetic VOC
+    assert "broken (coco, " in out and "classes unknown" in out
+    assert "Datasets: " in (Path(suite.output) / "report.html").read_text()

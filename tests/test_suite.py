@@ -212,7 +212,7 @@ def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
     monkeypatch.setenv("KD_CHECKPOINTS", str(tmp_path))
     (tmp_path / "VOC2012").mkdir()
     for text in [path.read_text()] + [p.read_text() for p in (REPO / "suites" / "base").glob("*.yaml")]:
-        for name in re.findall(r"\$\{KD_CHECKPOINTS[^}]*\}/([\w.\-]+)", text):
+        for name in re.findall(r"\$\{KD_CHECKPOINTS[^}]*\}/([\w.\-+]+)", text):
             (tmp_path / name).touch()
     monkeypatch.chdir(REPO)
     suite = load_suite(path)

@@ -38,9 +38,11 @@ def ensure_dataset(ds: dict[str, Any]) -> Path:
     return root
 
 
-def det_pipeline(train: bool, img_scale: list[int]) -> list[dict[str, Any]]:
-    """mmdet's standard detection pipelines (resize keeping the aspect ratio, flip)."""
-    pipeline: list[dict[str, Any]] = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+def det_pipeline(train: bool, img_scale: list[int], with_mask: bool = False) -> list[dict[str, Any]]:
+    """mmdet's standard detection pipelines (resize keeping the aspect ratio, flip);
+    ``with_mask``: the instances' masks too, for training a detector with a mask head."""
+    pipeline: list[dict[str, Any]] = [dict(type="LoadImageFromFile"),
+                                      dict(type="LoadAnnotations", with_bbox=True, with_mask=with_mask and train),
                                       dict(type="Resize", scale=tuple(img_scale), keep_ratio=True)]
     if train:
         return pipeline + [dict(type="RandomFlip", prob=0.5), dict(type="PackDetInputs")]
@@ -125,13 +127,13 @@ class CocoFormat(DatasetFormat):
                 raise ValueError(f"{Path(ds['root']) / img_dir}: the image folder is missing")
 
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
-                crop: list[int] | None = None) -> dict[str, Any]:
+                crop: list[int] | None = None, with_mask: bool = False) -> dict[str, Any]:
         ann_file, img_dir = self.splits[split]
         train = split == "train"
         return dict(type="CocoDataset", data_root=str(ds["root"]), ann_file=ann_file,
                     data_prefix=dict(img=img_dir), metainfo=dict(classes=self.classes(ds)),
                     filter_cfg=dict(filter_empty_gt=True, min_size=2) if train else None,
-                    test_mode=not train, pipeline=det_pipeline(train, img_scale))
+                    test_mode=not train, pipeline=det_pipeline(train, img_scale, with_mask))
 
     def evaluator(self, ds: dict[str, Any]) -> Any:
         return dict(type="CocoMetric", ann_file=str(Path(ds["root"]) / self.splits["val"][0]),
@@ -309,6 +311,9 @@ def config_loaders(spec: Any, val_batch_size: int | None = None) -> tuple[dict[s
     if val_batch_size:
         val_loader["batch_size"] = val_batch_size
     sampler = dict(type="InfiniteSampler" if sched.get("iters") else "DefaultSampler", shuffle=True)
+    # a detector with a mask head (Mask R-CNN) trains on the instances' masks too
+    masks = {"with_mask": True} if "roi_head.mask_head" in (catalog.arch_of(spec.model).get("class_heads") or ()) \
+        else {}
     train_loader = dict(loader, sampler=sampler,
-                        dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size")))
+                        dataset=fmt.dataset(spec.dataset, "train", sched["img_scale"], sched.get("crop_size"), **masks))
     return train_loader, val_loader, fmt.evaluator(spec.dataset)

@@ -122,8 +122,11 @@ def write_coco(root: str | os.PathLike, train_images: int = 64, val_images: int 
                                "width": image_size, "height": image_size})
                 for cls, (x1, y1, x2, y2) in objects:
                     w, h = x2 - x1, y2 - y1
+                    # the mask of a shape is its box's polygon: enough for instance-segmentation
+                    # detectors (Mask R-CNN) to train on the synthetic twin
                     annotations.append({"id": ann_id, "image_id": i + 1, "category_id": cls + 1,
-                                        "bbox": [x1, y1, w, h], "area": float(w * h), "iscrowd": 0})
+                                        "bbox": [x1, y1, w, h], "area": float(w * h), "iscrowd": 0,
+                                        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]})
                     ann_id += 1
             with open(tmp / "annotations" / f"instances_{split}.json", "w") as f:
                 json.dump({"images": images, "annotations": annotations,

@@ -143,6 +143,20 @@ def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool =
     return summary
 
 
+def _datasets(suite: Suite) -> dict[str, dict[str, Any]]:
+    """Each dataset's format, root and classes as the trials read them (for the report:
+    a wrong dataset set-up is visible after training too)."""
+    from harness.data.formats import dataset_format
+    out = {}
+    for ds in {t.dataset["name"]: t.dataset for t in suite.trials}.values():
+        try:
+            classes = list(dataset_format(ds).classes(ds))
+        except (OSError, ValueError, KeyError):
+            classes = None
+        out[ds["name"]] = {"format": ds["format"], "root": ds["root"], "classes": classes}
+    return out
+
+
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
               num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
@@ -162,7 +176,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     results.write_text_atomic(out / "suite.json", json.dumps(
         {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
-         "trials": [t.to_dict() for t in suite.trials]}, indent=1, default=str))
+         "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
     teachers, students = pending_trials(suite, resume)
     skipped = len(suite.trials) - len(teachers) - len(students)
     summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}

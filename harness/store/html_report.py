@@ -11,6 +11,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -120,11 +121,14 @@ figure { margin: 1em 0; }
 """
 
 
-def to_html(df: pd.DataFrame, best: bool = False) -> str:
+def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None) -> str:
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
              f"<style>{CSS}</style></head><body><h1>Leaderboard</h1>"]
+    if datasets:
+        parts.append("<p class='datasets'>Datasets: "
+                     + "; ".join(html.escape(line) for line in report.dataset_lines(datasets)) + "</p>")
     if board.empty:
         parts.append("<p>no successful trials yet</p>")
     for (task, dataset, teacher, student), part in _blocks(board):
@@ -161,9 +165,11 @@ def to_html(df: pd.DataFrame, best: bool = False) -> str:
 
 
 def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False) -> tuple[Path, Path]:
-    """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths."""
-    from .results import write_text_atomic
+    """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
+    The datasets of the suite last run there (its ``suite.json``) head both."""
+    from .results import suite_datasets, write_text_atomic
     directory = Path(directory)
-    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best))
-    page = write_text_atomic(directory / "report.html", to_html(df, best))
+    datasets = suite_datasets(directory)
+    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets))
+    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets))
     return md, page

@@ -237,10 +237,24 @@ def failures(df: pd.DataFrame) -> list[str]:
     return [f"{r.trial_name} [{r.trial_id}] {r.status}: {r.error}" for r in errors.itertuples()]
 
 
-def to_markdown(df: pd.DataFrame, best: bool = False) -> str:
-    """The leaderboard as Markdown: a table per dataset and pair, warnings, failures."""
+def dataset_lines(datasets: dict[str, dict[str, Any]] | None) -> list[str]:
+    """One line per dataset: its format, class count and first class names."""
+    out = []
+    for name, ds in (datasets or {}).items():
+        classes = ds.get("classes")
+        what = (f"{len(classes)} classes ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})"
+                if classes else "classes unknown")
+        out.append(f"{name} ({ds.get('format', '?')}, {ds.get('root', '?')}): {what}")
+    return out
+
+
+def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None) -> str:
+    """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
+    failures."""
     board = leaderboard(df, best)
     lines: list[str] = ["# Leaderboard", ""]
+    if datasets:
+        lines += ["Datasets: " + "; ".join(dataset_lines(datasets)), ""]
     if board.empty:
         lines += ["no successful trials yet", ""]
     groups = [] if board.empty else board.groupby(["task", "dataset", "teacher", "student"], sort=False)
@@ -301,6 +315,6 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def format_report(df: pd.DataFrame, best: bool = False) -> str:
+def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best)
+    return to_markdown(df, best, datasets)

@@ -256,6 +256,15 @@ def current_trials(output: str | os.PathLike) -> set[str] | None:
 
 
 #: the statuses of a trial that failed on its own (it raised, or its loss diverged)
+def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The datasets of the suite as last run in ``output`` (format, root, classes), from
+    its ``suite.json``; empty when there is none (a lone Parquet file, an older run)."""
+    try:
+        return dict(json.loads((Path(output) / "suite.json").read_text()).get("datasets") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 FAILED = ("error", "diverged")
 
 

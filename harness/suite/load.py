@@ -24,6 +24,7 @@ from harness.registry import suggest
 from .methods import _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _pretrained, _storage,
                     allowed_roots, fetch_checkpoint)
+from . import zoo
 from .schema import Resources, Schedule, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
@@ -145,16 +146,38 @@ def _scan_types(obj: Any, node: Any, key_path: str, refs: list[tuple[str, str, s
             _scan_types(value, node, f"{key_path}[{i}]", refs)
 
 
+def _architecture(m: Any, where: str) -> dict[str, Any]:
+    """``{"name": ..., "arch": ...}`` of a model entry: a catalog architecture (``arch:``),
+    or one described from the OpenMMLab config it names (``config:``, see
+    :mod:`harness.suite.zoo`), which the model then carries (``config``, ``arch_meta``)."""
+    name = where.split(".", 1)[1]
+    arch, config = m.get("arch"), m.get("config")
+    if arch is not None and config is not None:
+        raise _err(m, "config", f"{where}: give arch or config, not both (arch names a bundled config itself)")
+    if config is None:
+        if arch not in catalog.ARCHS:
+            raise _err(m, "arch", f"{where}.arch: {catalog.ARCHS.unknown_message(str(arch))}"
+                                  + ("" if arch is not None else "; or name an OpenMMLab config with 'config:'"))
+        return {"name": name, "arch": arch}
+    ref = str(config) if "::" in str(config) else os.path.abspath(_expand(m, "config", str(config), f"{where}.config"))
+    why = zoo.check_reference(ref)
+    if why is not None:
+        raise _err(m, "config", f"{where}.config: {why}")
+    try:
+        meta = zoo.describe(ref)
+    except Exception as exc:             # the config's own error (a missing _base_, a bad key)
+        raise _err(m, "config", f"{where}.config: '{ref}' cannot be read as an mmdet / mmseg model config: "
+                                f"{type(exc).__name__}: {exc}") from None
+    return {"name": name, "arch": meta["name"], "config": ref, "arch_meta": meta}
+
+
 def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any, resources: dict[str, Any],
             refs: list[tuple[str, str, str]]) -> dict[str, dict]:
     """The suite's teachers or students; ``pretrained`` and ``resources`` are the suite's
     defaults (a model's own ``resources`` keys override the suite's one by one)."""
     out = {}
     for name, m in doc[key].items():
-        arch = m.get("arch")
-        if arch not in catalog.ARCHS:
-            raise _err(m, "arch", f"{key}.{name}.arch: {catalog.ARCHS.unknown_message(str(arch))}")
-        model = {"name": name, "arch": arch}
+        model = _architecture(m, f"{key}.{name}")
         for part in ("backbone", "neck", "head", "model"):
             if m.get(part) is not None:
                 _scan_types(m[part], m[part], f"{key}.{name}.{part}", refs)
@@ -169,7 +192,7 @@ def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any, reso
                                             f"have the harness train this teacher")
             model["checkpoint"] = ckpt
         model["pretrained"] = _pretrained(m, "pretrained", f"{key}.{name}.pretrained", pretrained)
-        if catalog.ARCHS.get(arch)["task"] == "cls" and isinstance(model["pretrained"], str):
+        if catalog.arch_of(model)["task"] == "cls" and isinstance(model["pretrained"], str):
             raise _err(m, "pretrained", f"{key}.{name}.pretrained: classifiers are built by torchvision from "
                                         f"scratch (SSLD and Hinton KD train their students so); a checkpoint "
                                         f"cannot be given here")
@@ -224,7 +247,7 @@ def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
     tasks = {ds["task"] for ds in datasets.values()}
     listing = ", ".join(f"'{d['name']}' ({d['format']}) is a {d['task']} dataset" for d in datasets.values())
     for t_name, s_name, _ in pairs:
-        t_arch, s_arch = catalog.ARCHS.get(teachers[t_name]["arch"]), catalog.ARCHS.get(students[s_name]["arch"])
+        t_arch, s_arch = catalog.arch_of(teachers[t_name]), catalog.arch_of(students[s_name])
         if t_arch["task"] != s_arch["task"]:
             raise _err(doc, "pairs", f"pair {t_name} -> {s_name} mixes tasks: the teacher ({t_arch.name}) is a "
                                      f"{t_arch['task']} model, the student ({s_arch.name}) a {s_arch['task']} model")
@@ -240,8 +263,19 @@ def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
 
 def _check_serves(label: str, method: str, where: Any, teacher: dict, student: dict) -> None:
     entry = catalog.METHODS.get(method)
-    t_arch, s_arch = catalog.ARCHS.get(teacher["arch"]), catalog.ARCHS.get(student["arch"])
-    if entry.get("needs_same_head") and t_arch.name != s_arch.name:
+    t_arch, s_arch = catalog.arch_of(teacher), catalog.arch_of(student)
+    t_heads, s_heads = zoo.head_types(teacher, t_arch), zoo.head_types(student, s_arch)
+    for side, model, arch, heads in (("teacher", teacher, t_arch, t_heads), ("student", student, s_arch, s_heads)):
+        if entry.get("dense_heads") and heads[0] not in entry["dense_heads"]:
+            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': it "
+                                     f"distils the dense head's per-prior predictions, and its {heads[0]} is not "
+                                     f"one it reads; supported: {', '.join(entry['dense_heads'])}")
+        if entry.get("roi_heads") and arch.get("stages") == 2 and heads[1] not in entry["roi_heads"]:
+            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': its "
+                                     f"per-RoI distillation needs one of {', '.join(entry['roi_heads'])}, and the "
+                                     f"{side}'s RoI head is a {heads[1]}")
+    same_head = t_arch.name == s_arch.name or (t_heads[0] == s_heads[0] and t_arch["family"] == s_arch["family"])
+    if entry.get("needs_same_head") and not same_head:
         raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
                                  f"{teacher['name']} -> {student['name']}: it compares the two heads' "
                                  f"predictions one to one, which needs the same head and anchor layout, but "
@@ -318,7 +352,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     for ds in datasets.values():
         ds_id = {k: v for k, v in ds.items() if k != "task"}
         for t_name, s_name, only in pairs:
-            if catalog.ARCHS.get(teachers[t_name]["arch"])["task"] != ds["task"]:
+            if catalog.arch_of(teachers[t_name])["task"] != ds["task"]:
                 continue                     # a pair serves the datasets of its own task
             teacher = teachers[t_name]
             s_sched, s_res = students[s_name]["schedule"], students[s_name]["resources"]
@@ -337,7 +371,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                 teacher_trials[(ds["name"], t_name)] = spec
                 suite.trials.append(spec)
             t_spec = teacher_trials[(ds["name"], t_name)]
-            family = catalog.ARCHS.get(student["arch"])["family"]
+            family = catalog.arch_of(student)["family"]
             for label, (method, overrides, where) in methods.items():
                 if (only is not None and label not in only) or ds["task"] not in catalog.METHODS.get(method)["tasks"]:
                     continue

@@ -120,7 +120,12 @@ class Dataset(Strict):
 class Model(Strict):
     """A student (or the common part of a teacher): an architecture and config overrides."""
 
-    arch: str = Field(description="registered architecture (python -m harness ls)")
+    arch: str | None = Field(None, description="registered architecture (python -m harness ls): a short name "
+                                                "for a bundled config; give arch or config")
+    config: str | None = Field(None, min_length=1, description=(
+        "an OpenMMLab config: one bundled with the installed mmdet / mmseg (mmdet::gfl/gfl_r50_fpn_1x_coco.py, "
+        "mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py) or a YAML / JSON config file (a .py file "
+        "from disk only with --allow-python-configs); give arch or config"))
     backbone: dict[str, Any] | None = Field(None, description="overrides merged into the config's backbone")
     neck: dict[str, Any] | None = Field(None, description="overrides merged into the config's neck")
     head: dict[str, Any] | None = Field(None, description="overrides merged into the config's head")

@@ -33,7 +33,7 @@ def build_net(model: dict[str, Any], num_classes: int) -> nn.Module:
     from torchvision import models
 
     from harness import catalog
-    arch = catalog.ARCHS.get(model["arch"])
+    arch = catalog.arch_of(model)
     kwargs = dict(model.get("model", {}))
     return models.get_model(arch["torchvision"], weights=None, num_classes=num_classes, **kwargs)
 
@@ -93,7 +93,7 @@ def model_info(model: dict[str, Any], net: nn.Module | None, cfg: dict[str, Any]
     """:class:`methods._base.ModelInfo` of a classifier: a classification distiller is
     handed logits only (no feature maps), ``num_classes`` wide."""
     from harness import catalog
-    return ModelInfo(arch=model["arch"], family=catalog.ARCHS.get(model["arch"])["family"], channels=[], strides=[],
+    return ModelInfo(arch=model["arch"], family=catalog.arch_of(model)["family"], channels=[], strides=[],
                      task="cls", num_classes=num_classes)
 
 

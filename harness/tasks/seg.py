@@ -41,7 +41,7 @@ def segmentor_cfg(model: dict[str, Any], num_classes: int, crop: list[int] | Non
     says otherwise (:mod:`harness.tasks.pretrained`)."""
     from mmengine.config import Config
 
-    arch = catalog.ARCHS.get(model["arch"])
+    arch = catalog.arch_of(model)
     cfg = _no_syncbn(Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict())
     bundled = cfg["backbone"]
     cfg["backbone"] = _merge(bundled, model.get("backbone", {}))
@@ -98,7 +98,7 @@ def model_info(model: dict[str, Any], net: nn.Module, cfg: dict[str, Any], num_c
     finally:
         net.train(was_training)
     feats = [feats] if torch.is_tensor(feats) else list(feats)
-    return ModelInfo(arch=model["arch"], family=catalog.ARCHS.get(model["arch"])["family"],
+    return ModelInfo(arch=model["arch"], family=catalog.arch_of(model)["family"],
                      channels=[int(f.shape[1]) for f in feats], strides=[round(size / f.shape[2]) for f in feats],
                      task="seg", num_classes=num_classes)
 

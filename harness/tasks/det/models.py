@@ -29,7 +29,7 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The mmdet model config (a plain dict) for a suite model entry."""
     from mmengine.config import Config
 
-    arch = catalog.ARCHS.get(model["arch"])
+    arch = catalog.arch_of(model)
     cfg = Config.fromfile(str(resolve_config_path(arch["config"]))).model.to_dict()
     over = model.get("backbone", {})
     backbone = _merge(cfg["backbone"], over)
@@ -52,6 +52,10 @@ def detector_cfg(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
     for head in _nodes(cfg, head_path):      # Cascade R-CNN: one bbox head per stage
         head.update(_merge(head, overrides))
         head["num_classes"] = num_classes
+    for other in arch.get("class_heads") or ():          # a mask head classifies too
+        if other != head_path:
+            for head in _nodes(cfg, other):
+                head["num_classes"] = num_classes
     overridden = {f"{head_path}.{k}" for k in overrides}
     for key in arch["follows_neck"]:
         if key not in overridden:
@@ -88,7 +92,7 @@ def tapped_info(model: dict[str, Any], cfg: dict[str, Any], all_levels: bool = F
     (every neck output with ``all_levels``, for distillers that declare it)."""
     from methods._base import ModelInfo
 
-    arch = catalog.ARCHS.get(model["arch"])
+    arch = catalog.arch_of(model)
     levels = list(arch.get("neck_levels", arch["levels"]) if all_levels else arch["levels"])
     head = cfg["rpn_head"] if arch["stages"] == 2 else cfg["bbox_head"]
     layout = {"type": head["type"], "num_classes": head.get("num_classes", 1),
