@@ -211,6 +211,13 @@ class Distiller(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward(batch) -> dict of loss_* terms")
 
 
+def accumulated(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a dtype a sum over a whole feature map can be taken in: half precision
+    (float16, bfloat16: what autocast leaves) goes to float32, as autocast does for its
+    own reductions (float16 overflows at 65504); float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def adapter(c_in: int, c_out: int, kernel_size: int = 1) -> nn.Module:
     """A conv mapping student channels to teacher channels; identity when they agree."""
     if c_in == c_out and kernel_size == 1:

@@ -51,7 +51,7 @@ def focal_masks(boxes: torch.Tensor, valid: torch.Tensor, img_hw: torch.Tensor,
     in_cols = (cols >= wmin[..., None]) & (cols <= wmax[..., None])          # N x B x W
     in_rows = (rows >= hmin[..., None]) & (rows <= hmax[..., None])          # N x B x H
     cover = in_rows[..., :, None] & in_cols[..., None, :] & valid[..., None, None]
-    fg = torch.where(cover, weight[..., None, None], torch.zeros((), device=boxes.device))
+    fg = torch.where(cover, weight[..., None, None], weight.new_zeros(()))
     fg = fg.amax(dim=1) if fg.shape[1] else boxes.new_zeros(boxes.shape[0], height, width)
     bg = (fg <= 0).to(fg.dtype)
     bg = bg / bg.sum(dim=(1, 2), keepdim=True).clamp(min=1.0)   # an all-foreground image stays 0

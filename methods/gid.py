@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, roi_align
 
-from ._base import Distiller, ModelInfo, adapter
+from ._base import Distiller, ModelInfo, accumulated, adapter
 
 
 # --------------------------------------------------------------------------- selection
@@ -149,7 +149,7 @@ def feature_loss(pooled_s: torch.Tensor, pooled_t: torch.Tensor) -> torch.Tensor
     if len(pooled_t) == 0:
         return pooled_s.sum() * 0
     s = pooled_t.shape[-1]
-    return ((pooled_t - pooled_s) ** 2).sum() / (len(pooled_t) * s * s)
+    return (accumulated(pooled_t - pooled_s) ** 2).sum() / (len(pooled_t) * s * s)
 
 
 def _normalised_distances(flat: torch.Tensor) -> torch.Tensor:

@@ -118,8 +118,9 @@ def robustness_weights(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Tenso
     ``proto_cls`` (P); labels: M. Instances of a class without prototypes get w = 0.
     """
     with torch.no_grad():
-        cs = F.normalize(fs, dim=1) @ F.normalize(protos_s, dim=1).t()
-        ct = F.normalize(ft, dim=1) @ F.normalize(protos_t, dim=1).t()
+        # prototypes are made before the epoch (full precision): compared in the descriptors' dtype
+        cs = F.normalize(fs, dim=1) @ F.normalize(protos_s.to(fs), dim=1).t()
+        ct = F.normalize(ft, dim=1) @ F.normalize(protos_t.to(ft), dim=1).t()
         same = labels[:, None] == proto_cls[None, :]
         qs = cs.masked_fill(~same, -2.0).amax(dim=1)
         qt = ct.masked_fill(~same, -2.0).amax(dim=1)
@@ -134,8 +135,8 @@ def global_alignment_loss(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Te
     instances."""
     if len(fs) == 0:
         return fs.sum() * 0
-    cs = F.normalize(fs, dim=1) @ F.normalize(protos_s, dim=1).t()
-    ct = F.normalize(ft, dim=1) @ F.normalize(protos_t, dim=1).t()
+    cs = F.normalize(fs, dim=1) @ F.normalize(protos_s.to(fs), dim=1).t()
+    ct = F.normalize(ft, dim=1) @ F.normalize(protos_t.to(ft), dim=1).t()
     per = F.smooth_l1_loss(cs, ct.detach(), reduction="none").sum(dim=1)
     return (weights * per).sum() / len(fs)
 
@@ -146,8 +147,8 @@ def global_alignment_loss_released(fs: torch.Tensor, ft: torch.Tensor, protos_s:
     instances x prototypes (K x P), the weight inside."""
     if len(fs) == 0 or len(protos_s) == 0:
         return fs.sum() * 0
-    cs = F.normalize(fs, dim=1) @ F.normalize(protos_s, dim=1).t()
-    ct = F.normalize(ft, dim=1) @ F.normalize(protos_t, dim=1).t()
+    cs = F.normalize(fs, dim=1) @ F.normalize(protos_s.to(fs), dim=1).t()
+    ct = F.normalize(ft, dim=1) @ F.normalize(protos_t.to(ft), dim=1).t()
     return F.smooth_l1_loss(cs * weights[:, None], (ct * weights[:, None]).detach())
 
 
@@ -201,9 +202,9 @@ def instance_mask(boxes: torch.Tensor, on: torch.Tensor, weights: torch.Tensor, 
     order = torch.arange(boxes.shape[1], device=boxes.device)[None, :, None, None]
     last = torch.where(sets, order, -1).amax(dim=1, keepdim=True) if boxes.shape[1] else \
         torch.full((boxes.shape[0], 1, height, width), -1, device=boxes.device)   # N x 1 x H x W
-    w = weights[..., None, None].to(torch.float32).expand_as(sets)
-    base = torch.where(last >= 0, w.gather(1, last.clamp(min=0)), torch.zeros((), device=boxes.device))[:, 0]
-    later = torch.where(maxes & (order > last), w, torch.full((), float("-inf"), device=boxes.device))
+    w = weights[..., None, None].expand_as(sets)            # the mask takes the weights' dtype and device
+    base = torch.where(last >= 0, w.gather(1, last.clamp(min=0)), w.new_zeros(()))[:, 0]
+    later = torch.where(maxes & (order > last), w, w.new_full((), float("-inf")))
     top = later.amax(dim=1) if boxes.shape[1] else base
     return torch.maximum(base, top)
 
@@ -337,14 +338,14 @@ class GKP(Distiller):
         glob = batch.student_feats[0].sum() * 0
         fg_total, bg_total = 0.0, 0.0
         for lvl, (fs, ft) in enumerate(zip(batch.student_feats, batch.teacher_feats)):   # loop over levels only
-            weights = torch.ones(valid.shape, device=boxes.device)          # binary mask without prototypes
+            weights = ft.new_ones(valid.shape)          # binary mask without prototypes (the features' dtype)
             protos = self.prototypes[lvl] if self.prototypes is not None else None
             if protos is not None and len(flat_labels):
                 ps, pt, pc = protos
                 ds = instance_descriptors(batch.student_feats, s_strides, boxes, valid, lvl)
                 dt = instance_descriptors(batch.teacher_feats, strides, boxes, valid, lvl)
                 w = robustness_weights(ds, dt, ps, pt, pc, flat_labels)
-                weights = torch.zeros(valid.shape, device=boxes.device)
+                weights = w.new_zeros(valid.shape)
                 weights[valid] = w
                 if p["global_loss"] == "released":
                     glob = glob + global_alignment_loss_released(ds, dt, ps, pt, w)
@@ -372,14 +373,14 @@ class GKP(Distiller):
         rois = batch.rois
         labels = rois.labels[rois.valid]
         if self.prototypes is None or not len(labels):
-            return torch.ones(len(labels), device=rois.boxes.device)
+            return rois.student_logits.new_ones(len(labels))
         k = len(self.student_info.strides) - 1                       # the RoI head reads P2-P5
         s_strides, t_strides = self.student_info.strides[:k], self.teacher_info.strides[:k]
         ds = pool_instances(batch.student_feats[:k], s_strides, rois.boxes, rois.valid, 7, sampling_ratio=0)
         dt = pool_instances(batch.teacher_feats[:k], t_strides, rois.boxes, rois.valid, 7, sampling_ratio=0)
         ds, dt = ds.mean(dim=(2, 3)), dt.mean(dim=(2, 3))
         levels = roi_levels(rois.boxes[rois.valid], k)
-        weights = torch.zeros(len(labels), device=ds.device)
+        weights = ds.new_zeros(len(labels))
         for lvl in range(k):                                          # loop over levels only
             on = levels == lvl
             ps, pt, pc = self.prototypes[lvl]
