@@ -60,11 +60,13 @@ def _checked_suite(args: argparse.Namespace) -> "object":
     from harness.suite.load import load_suite
 
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
+    from harness.run.devices import check_devices
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         from harness.run.session import check_resources, local_capacity
         check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
+    check_devices(suite)                # mmcv's ops run on every device kind the trials ask for
     return suite
 
 

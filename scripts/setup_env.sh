@@ -4,11 +4,15 @@
 #   scripts/setup_env.sh          # runtime dependencies
 #   scripts/setup_env.sh test     # plus the test extras
 #
-# Pins come from pyproject.toml only. mmcv has no wheel for the pinned torch: it is
-# built once from its source archive (two fixes: setuptools<70 for pkg_resources, and
-# -std=c++20 for torch's headers; see shared/INSTALL-NOTES.md) and the wheel is cached
-# under $KD_HARNESS_CACHE (default ~/.cache/kd-harness) so later set-ups take seconds.
-# A stamp keyed by the hash of pyproject.toml and this script makes a second call a no-op.
+# The exact versions come from constraints.txt (the lock; pyproject.toml holds the
+# supported ranges). mmcv has no wheel for the locked torch: it is built once from its
+# source archive (two fixes: setuptools<70 for pkg_resources, and -std=c++20 for torch's
+# headers) and the wheel is cached under $KD_HARNESS_CACHE (default ~/.cache/kd-harness)
+# so later set-ups take seconds. Where a GPU and nvcc are present the build includes the
+# CUDA kernels for the visible GPUs (scripts/mmcv_build.py says how, and what to install
+# when nvcc is missing); the cache is keyed by torch, CUDA and the GPUs' architectures.
+# A stamp keyed by the hash of pyproject.toml, constraints.txt and the set-up scripts
+# makes a second call a no-op.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,7 +22,9 @@ cache="${KD_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kd-harness}"
 wheels="$cache/wheels"
 mkdir -p "$wheels"
 
-hash="$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
+constraints="$root/constraints.txt"
+hash="$(cat "$root/pyproject.toml" "$constraints" "$root/scripts/setup_env.sh" "$root/scripts/mmcv_build.py" \
+        | sha256sum | cut -c1-16)"
 stamp_key="$hash-${extras:-base}"
 stamp="$venv/.kd-harness-stamp"   # one line per installed set; a set with extras includes base
 if [[ -f "$stamp" ]] && grep -qx -- "$stamp_key" "$stamp" 2>/dev/null; then
@@ -34,28 +40,24 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip install --disable-pip-version-check -q)
 
-pin() {  # pin NAME -> the requirement string for NAME from pyproject.toml
-    "$py" - "$root/pyproject.toml" "$1" <<'PY'
-import re, sys, tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-name = sys.argv[2]
-for dep in deps:
-    if re.split(r"[\[=<>!~ ]", dep, maxsplit=1)[0].lower() == name:
-        print(dep)
-        break
-else:
-    sys.exit(f"pyproject.toml declares no dependency named {name}")
-PY
+pin() {  # pin NAME -> the locked requirement string for NAME from constraints.txt
+    local line
+    line="$(grep -i -E "^$1(\[[^]]*\])?==" "$constraints" | head -1)"
+    [[ -n "$line" ]] || { log "constraints.txt locks no version of $1"; exit 1; }
+    printf '%s\n' "$line"
 }
 
 log "torch and torchvision"
 "${pip[@]}" "$(pin torch)" "$(pin torchvision)"
 mmcv_req="$(pin mmcv)"
 mmcv_version="${mmcv_req#mmcv==}"
-torch_version="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
-mmcv_dir="$wheels/mmcv-$mmcv_version-torch$torch_version"
+# CPU ops, or CUDA ops for the visible GPUs (FORCE_CUDA, TORCH_CUDA_ARCH_LIST, MMCV_CACHE_TAG)
+build_env="$("$py" "$root/scripts/mmcv_build.py")" || exit 3
+eval "$build_env"
+mmcv_dir="$wheels/mmcv-$mmcv_version-$MMCV_CACHE_TAG"
 if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
-    log "building mmcv $mmcv_version with compiled ops against torch $torch_version (10-20 min on 2 cores, once)"
+    kind="CPU ops"; [[ "$FORCE_CUDA" == 1 ]] && kind="CUDA ops for sm ${TORCH_CUDA_ARCH_LIST}"
+    log "building mmcv $mmcv_version with $kind ($MMCV_CACHE_TAG; about 20 min on 2 cores, once)"
     # mmcv's setup.py imports pkg_resources (gone from current setuptools) and builds
     # without isolation against the torch just installed; torch itself wants a newer
     # setuptools, which the project install below brings back.
@@ -70,7 +72,8 @@ if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
     sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g' "$src/setup.py"
     grep -q -- '-std=c++20' "$src/setup.py" || { log "mmcv setup.py has no -std flag to patch"; exit 1; }
     mkdir -p "$mmcv_dir.tmp"
-    (cd "$src" && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    (cd "$src" && export FORCE_CUDA ${TORCH_CUDA_ARCH_LIST:+TORCH_CUDA_ARCH_LIST} ${CUDA_HOME:+CUDA_HOME} \
+        && MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "$py" -m pip wheel --disable-pip-version-check -q --no-build-isolation --no-deps . -w "$mmcv_dir.tmp")
     rm -rf "$mmcv_dir" && mv "$mmcv_dir.tmp" "$mmcv_dir"   # never leave a half-built cache
 fi
@@ -78,7 +81,7 @@ fi
 log "project and remaining dependencies"
 target="$root"
 [[ -n "$extras" ]] && target="$root[$extras]"
-"${pip[@]}" --find-links "$mmcv_dir" -e "$target"
+"${pip[@]}" -c "$constraints" --find-links "$mmcv_dir" -e "$target"
 "$py" -c 'import mmcv.ops, mmdet, mmseg, ray, pyarrow, pycocotools' \
     || { log "import check failed"; exit 1; }
 
