@@ -6,7 +6,9 @@
     each and the harness's overhead in percent, also as projected onto a 60-second trial
     (the fixed cost per trial over 60 s).
 (b) Scheduling and recording N no-op trials (`run --dry-run`), end to end: Ray start,
-    Tune, one Parquet row file per trial, the consolidated store.
+    Tune, one Parquet row file per trial, the consolidated store (skipped with --noop 0).
+(c) Start-up: from the command to the first trial running, for a dry run of the tiny
+    suite (the first row's start, to the second), and the whole dry run.
 
 Targets (issue 10): under 5% on a 60-second trial; 200 no-op trials in under 60 s on
 2 cores.
@@ -97,12 +99,26 @@ def main() -> None:
               f"the run's start-up ({once:.1f} s: process, Ray, Tune, store, report) spread over them, "
               f"{per_trial_run:.2f} s per trial without it = {100 * per_trial_run / 60:.1f}% of a 60-second trial")
         # (b) no-op trials
-        noop = work / "noop.yaml"
-        noop.write_text(SUITE.format(root=work / "data", seeds=list(range(args.noop)), epochs=1,
-                                     output=work / "noop"))
-        took = _harness(["run", str(noop), "--dry-run"], work)
-        print(f"(b) {args.noop + 1} no-op trials (dry run), scheduled and recorded: {took:.1f} s "
-              f"({took / (args.noop + 1) * 1000:.0f} ms per trial)")
+        if args.noop > 0:
+            noop = work / "noop.yaml"
+            noop.write_text(SUITE.format(root=work / "data", seeds=list(range(args.noop)), epochs=1,
+                                         output=work / "noop"))
+            took = _harness(["run", str(noop), "--dry-run"], work)
+            print(f"(b) {args.noop + 1} no-op trials (dry run), scheduled and recorded: {took:.1f} s "
+                  f"({took / (args.noop + 1) * 1000:.0f} ms per trial)")
+        else:
+            print("(b) skipped (--noop 0)")
+        # (c) start-up: the command's start to the first trial's (rows record it to the second)
+        import pandas as pd
+        from datetime import datetime, timezone
+        start_suite = work / "start.yaml"
+        start_suite.write_text(SUITE.format(root=work / "data", seeds=[0], epochs=1, output=work / "start"))
+        began = datetime.now(timezone.utc)
+        whole = _harness(["run", str(start_suite), "--dry-run"], work)
+        rows = pd.read_parquet(work / "start" / "rows")
+        first = min(datetime.fromisoformat(t) for t in rows["started_at"])
+        print(f"(c) start-up: the first trial ran {(first - began).total_seconds():.0f} s (+-1 s) after the "
+              f"command; the whole dry run of {len(rows)} trials took {whole:.1f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
