@@ -145,17 +145,10 @@ class SegDistillationModel(TeacherStudentModel):
             t = self.teacher.decode_head(t_feats)
             teacher_logits = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
         labels = torch.stack([ds.gt_sem_seg.data for ds in data_samples]).squeeze(1)
-        weight = self.distiller.student_loss_weight()
-        losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
         batch = SegBatch(student_logits, teacher_logits, labels, student_head_logits=self._logits,
                          teacher_head_logits=t, student_feats=self._feats,
                          teacher_feats=[t_feats] if torch.is_tensor(t_feats) else list(t_feats))
-        extra = self.distiller(batch)
-        clash = set(extra) & set(losses)
-        if clash:
-            raise KeyError(f"distiller losses {sorted(clash)} clash with the student's own losses")
-        losses.update(extra)
-        return losses
+        return self.with_distillation(losses, batch)
 
 
 def build_trial_model(spec: Any, load_weights: Any) -> tuple[SegDistillationModel, dict[str, Any]]:

@@ -62,6 +62,19 @@ class TeacherStudentModel(BaseModel):
             self.teacher.eval()
         return self
 
+    def with_distillation(self, own: dict[str, Any], batch: Any) -> dict[str, Any]:
+        """The student's own losses, scaled by the distiller's ``student_loss_weight()``
+        (1: unchanged), and the distiller's terms for ``batch`` added; a distiller term
+        named like one of the student's is an error, never an overwrite."""
+        weight = self.distiller.student_loss_weight()
+        if weight != 1.0:
+            own = {k: (v * weight if "loss" in k else v) for k, v in own.items()}
+        extra = self.distiller(batch)
+        clash = set(extra) & set(own)
+        if clash:
+            raise KeyError(f"distiller losses {sorted(clash)} clash with the student's own losses")
+        return {**own, **extra}
+
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The exported checkpoint's weights: the student alone (no teacher, no adapters)."""
         return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}

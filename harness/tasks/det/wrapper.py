@@ -116,15 +116,7 @@ class DistillationModel(TeacherStudentModel):
             batch.teacher_head = head_outputs(self.teacher, teacher_raw)
         if "rois" in captured:
             batch.rois = self._roi_batch(*captured["rois"], teacher_all)
-        weight = self.distiller.student_loss_weight()
-        if weight != 1.0:
-            losses = {k: (v * weight if "loss" in k else v) for k, v in losses.items()}
-        extra = self.distiller(batch)
-        clash = set(extra) & set(losses)
-        if clash:
-            raise KeyError(f"distiller losses {sorted(clash)} clash with the student's own losses")
-        losses.update(extra)
-        return losses
+        return self.with_distillation(losses, batch)
 
     def _roi_batch(self, sampling_results: Any, cls_score: torch.Tensor, teacher_feats: Any) -> RoIBatch:
         """Positive RoIs padded per image, their student logits, and the teacher's RoI
