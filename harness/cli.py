@@ -55,25 +55,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _checked_suite(args: argparse.Namespace) -> "object":
-    """The suite of ``run`` and ``tune``, with every check that needs no lock: the schema,
-    the ``type:`` names against the registries, and (locally) the per-trial resources."""
+    """The suite of ``run`` and ``tune``, with the checks that need no backend: the schema,
+    the ``type:`` names against the registries, (locally) the per-trial resources. The rest
+    (:func:`_prepare_data_and_models`) runs while Ray starts."""
     from harness.suite.load import load_suite
 
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
-    from harness.run.devices import check_devices
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         from harness.run.session import check_resources, local_capacity
-        check_resources(suite, local_capacity(args.num_cpus))   # a cluster's nodes are checked once joined
-    check_devices(suite)                # mmcv's ops run on every device kind the trials ask for
+        gpus = any(float(t.resources.get("gpu") or 0) > 0 for t in suite.trials)
+        check_resources(suite, local_capacity(args.num_cpus, count_gpus=gpus))   # a cluster's: once joined
     return suite
 
 
-def _prepare_data_and_models(suite: "object") -> None:
-    """With the run lock held: datasets written (synthetic) and readable, every model built."""
+def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
+    """With the run lock held, before any trial (while Ray starts): mmcv's ops on every
+    device kind the trials ask for, datasets written (synthetic) and readable, every
+    model built."""
     from harness.data.formats import dataset_format, ensure_dataset
+    from harness.run.devices import check_devices
     from harness.run.preflight import preflight
+
+    check_devices(suite)                # mmcv's ops run on every device kind the trials ask for
 
     for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
         ensure_dataset(ds)
@@ -90,17 +95,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.run.runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
-        _prepare_data_and_models(suite)
-        from harness.store.report import format_report
-        from harness.store.results import read_results, remove_stale_temporaries, suite_datasets
+        from harness.store.results import remove_stale_temporaries
         from harness.run.matrix import run_suite
         from harness.run.session import Interrupted
 
         remove_stale_temporaries(suite.output)     # a killed run's half-written files; we hold the lock
         start = time.perf_counter()
         try:
+            # the data and every model are checked while Ray starts, before any trial
             summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
-                                verbose=args.verbose, dry_run=args.dry_run)
+                                verbose=args.verbose, dry_run=args.dry_run,
+                                prepare=lambda: _prepare_data_and_models(suite, args))
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
             done = sum(not t["error"] for t in summary["trials"])
@@ -118,7 +123,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print("dry run: every trial was a no-op through Ray; its rows say status 'dry_run' and no "
                   "leaderboard counts them; a real run redoes them")
             return 1 if failed else 0
-        from harness.store.html_report import write_report
+        from harness.store.html_report import write_report     # (pandas, scipy: after the run, not before)
+        from harness.store.report import format_report
+        from harness.store.results import read_results, suite_datasets
         df = read_results(suite.output)
         md, page = write_report(df, suite.output)
         print(format_report(df, datasets=suite_datasets(suite.output)))
@@ -148,9 +155,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from harness.run.runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
-        _prepare_data_and_models(suite)
         from harness.run.search import run_search
-        summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
+        summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose,
+                             prepare=lambda: _prepare_data_and_models(suite, args))
     print(f"\nsearch {summary['search_id']}:")
     for cell in summary["cells"]:
         if cell.get("error"):

@@ -12,6 +12,7 @@ a re-run skips the trials whose rows say ``ok``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,8 @@ def _datasets(suite: Suite) -> dict[str, dict[str, Any]]:
 
 
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
-              num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False) -> dict[str, Any]:
+              num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False,
+              prepare: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
 
     One Tune run for the whole suite: teachers first, each student as soon as its own
@@ -168,20 +170,27 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     stop the run: the running trials are stopped, get rows with status ``interrupted`` (a
     later run resumes them from their last checkpoint), and :class:`Interrupted` is raised
     after the store is consolidated. ``dry_run``: every trial an instant no-op through
-    the same path, with ``dry_run`` rows.
+    the same path, with ``dry_run`` rows. ``prepare`` (the data written and checked, every
+    model built once) runs while Ray starts; its error stops the run before any trial.
     """
     import signal
 
     out = Path(suite.output)
-    out.mkdir(parents=True, exist_ok=True)
-    results.write_text_atomic(out / "suite.json", json.dumps(
-        {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
-         "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
+
+    def record() -> None:            # the suite as run (and its datasets' classes, once written)
+        out.mkdir(parents=True, exist_ok=True)
+        results.write_text_atomic(out / "suite.json", json.dumps(
+            {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
+             "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
     teachers, students = pending_trials(suite, resume)
     skipped = len(suite.trials) - len(teachers) - len(students)
     summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}
     specs = teachers + students
-    if specs:
+    if not specs:
+        if prepare is not None:
+            prepare()
+        record()
+    else:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"     # Ctrl-C reaches us, not Tune's own handler
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         received = _STOP
@@ -194,7 +203,8 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             received.append(name)
             raise Interrupted(name)
         try:
-            with _ray_session(address, num_cpus, verbose):
+            with _ray_session(address, num_cpus, verbose, alongside=prepare):
+                record()
                 for sig in previous:        # after ray.init, which installs its own (sys.exit)
                     signal.signal(sig, on_term)
                 check_resources(suite, _alive_nodes())

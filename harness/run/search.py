@@ -5,6 +5,7 @@ the best configuration of each cell is written as a suite ready for ``harness ru
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def _best_suite(suite: Suite, base: TrialSpec, params: dict[str, Any], sid: str)
 
 
 def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = None,
-               verbose: bool = False) -> dict[str, Any]:
+               verbose: bool = False, prepare: Callable[[], None] | None = None) -> dict[str, Any]:
     """``harness tune``: the suite's teachers (trained once, or reused), then per (dataset,
     pair) of the searched method a Ray Tune search (Optuna or random, ASHA early stopping
     on the validation metric); every search trial's rows go to the store with the search's
@@ -137,7 +138,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     teachers = [t for t in teachers if t.trial_id in needed]
     summary: dict[str, Any] = {"search_id": sid, "cells": []}
 
-    with _ray_session(address, num_cpus, verbose):
+    with _ray_session(address, num_cpus, verbose, alongside=prepare):     # checks run while Ray starts
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
         check_resources(suite, _alive_nodes())

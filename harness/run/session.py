@@ -211,7 +211,8 @@ def check_resources(suite: Suite, available: list[dict[str, float]]) -> None:
         need = {"CPU": float(res["cpu"]), "GPU": float(res["gpu"])}
         if any(all(node.get(k, 0.0) >= v for k, v in need.items() if v > 0) for node in available):
             continue
-        nodes = "; ".join(f"{n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for n in available) or "none"
+        nodes = "; ".join(f"{n.get('CPU', 0):g} CPU" + (f", {n['GPU']:g} GPU" if "GPU" in n else "")
+                          for n in available) or "none"
         per = "each of its workers" if int(res.get("workers", 1)) > 1 else "it"
         raise SuiteError(f"{suite.where.get('resources', suite.file)}: resources: trial {spec.name}: {per} asks for "
                          f"{res['cpu']:g} CPU and {res['gpu']:g} GPU, but no node of the cluster has that much "
@@ -225,10 +226,15 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def local_capacity(num_cpus: int | None = None) -> list[dict[str, float]]:
-    """What a local Ray instance would have: this machine's CPUs (or ``--num-cpus``) and GPUs."""
-    import torch
-    return [{"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+def local_capacity(num_cpus: int | None = None, count_gpus: bool = True) -> list[dict[str, float]]:
+    """What a local Ray instance would have: this machine's CPUs (or ``--num-cpus``) and,
+    with ``count_gpus``, its GPUs (counting them imports torch: a suite that asks for
+    none need not wait for it)."""
+    node = {"CPU": float(num_cpus or os.cpu_count() or 1)}
+    if count_gpus:
+        import torch
+        node["GPU"] = float(torch.cuda.device_count())
+    return [node]
 
 
 _MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -259,20 +265,46 @@ def _restore(previous: tuple[bool, str | None]) -> None:
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None, num_cpus: int | None, verbose: bool) -> Iterator[None]:
+def _ray_session(address: str | None, num_cpus: int | None, verbose: bool,
+                 alongside: Callable[[], None] | None = None) -> Iterator[None]:
     """Ray for one ``run`` or ``tune``: the cluster at ``address`` (or ``RAY_ADDRESS``), else
     a local instance on loopback only (an exposed Ray runs any code it is sent). What it
     started it shuts down on leaving, and the mode is restored. Tune writes no result
-    files of its own: the rows store is the record."""
+    files of its own: the rows store is the record.
+
+    ``alongside`` (the data and model checks before any trial) runs in a thread while a
+    local Ray starts, its processes taking the other cores: the first trial starts seconds
+    sooner. Its error is raised here, before any trial, and what Ray started is shut down.
+    Before joining an existing cluster the checks simply come first."""
+    import threading
+
     ray, mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
     started = not ray.is_initialized()
+    failure: list[BaseException] = []
+
+    def side() -> None:
+        try:
+            alongside()
+            import ray.tune  # noqa: F401 - Tune's import (a second or more) also overlaps Ray's start
+        except BaseException as exc:       # raised again in the caller's thread
+            failure.append(exc)
+    worker = threading.Thread(target=side, name="kd-harness-checks", daemon=True) if alongside else None
+    if worker is not None and (address or os.environ.get("RAY_ADDRESS") or not started):
+        alongside()              # joining a cluster is quick (and may fail): the checks come first
+        worker = None
     try:
+        if worker is not None:
+            worker.start()
         if started:
             ray.init(address=address, include_dashboard=False, num_cpus=None if address else num_cpus,
                      logging_level=logging.WARNING, log_to_driver=verbose)
+        if worker is not None:
+            worker.join()
+            if failure:
+                raise failure[0]
         yield
     finally:
         if started and ray.is_initialized():
