@@ -21,7 +21,8 @@ def _params(params: dict) -> str:
 def _classes_line(ds: dict) -> str:
     """A dataset's class count and first names, where they are known without importing a
     backend (the suite's list, synthetic data, COCO categories, image folders)."""
-    from harness.data.formats import dataset_format, preview
+    from harness.data.formats import dataset_format
+    from harness.registry import preview
     fmt = dataset_format(ds)
     if not ds.get("classes") and fmt.classes_from_library:
         return f"the {ds['format']} format's own classes"
@@ -44,7 +45,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"suite '{suite.name}' ({suite.file}): {len(suite.trials)} trials, "
           f"{len(suite.trials) - len(todo)} already done; per trial {res['cpu']} CPU, {res['gpu']} GPU; "
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
-    for ds in {t.dataset["name"]: t.dataset for t in suite.trials}.values():
+    for ds in suite.datasets():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
     width = max([len("trial")] + [len(t.name) for t in suite.trials]) + 2
     print(f"{'':2}{'trial':<{width}}{'id':<14}{'params'}")
@@ -82,9 +83,10 @@ def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
 
     for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
         ensure_dataset(ds)
+        fmt = dataset_format(ds)
         try:
-            dataset_format(ds).check(ds)
-            dataset_format(ds).check_classes(ds)
+            fmt.check(ds)
+            fmt.check_classes(ds)
         except ValueError as exc:
             raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
     preflight(suite)
@@ -126,9 +128,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from harness.store.html_report import write_report     # (pandas, scipy: after the run, not before)
         from harness.store.report import format_report
         from harness.store.results import read_results, suite_datasets
-        df = read_results(suite.output)
-        md, page = write_report(df, suite.output)
-        print(format_report(df, datasets=suite_datasets(suite.output)))
+        df, datasets = read_results(suite.output), suite_datasets(suite.output)
+        md, page = write_report(df, suite.output, datasets=datasets)
+        print(format_report(df, datasets=datasets))
         print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
@@ -142,8 +144,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.csv:
         leaderboard(df, args.best).to_csv(args.csv, index=False)
     target = Path(args.results)
-    md, page = write_report(df, target if target.is_dir() else target.parent, best=args.best)
-    print(format_report(df, best=args.best, datasets=suite_datasets(target if target.is_dir() else target.parent)))
+    where = target if target.is_dir() else target.parent
+    datasets = suite_datasets(where)
+    md, page = write_report(df, where, best=args.best, datasets=datasets)
+    print(format_report(df, best=args.best, datasets=datasets))
     print(f"\nwritten: {md}, {page}")
     return 0
 

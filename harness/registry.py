@@ -19,6 +19,13 @@ def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def preview(names: Any, n: int = 5) -> str:
+    """The first ``n`` of a list of names, and how many more (a class list in a message)."""
+    names = list(names)
+    head = ", ".join(map(str, names[:n]))
+    return head + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered thing: its name, where its implementation lives, and metadata."""

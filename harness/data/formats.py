@@ -50,13 +50,6 @@ def det_pipeline(train: bool, img_scale: list[int], with_mask: bool = False) -> 
         "img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
 
 
-def preview(names: Any, n: int = 5) -> str:
-    """The first ``n`` of a list of names, and how many more."""
-    names = list(names)
-    head = ", ".join(map(str, names[:n]))
-    return head + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
 class DatasetFormat:
     """How one on-disk layout becomes mmengine dataset and evaluator configs."""
 
@@ -90,7 +83,7 @@ class DatasetFormat:
         have = self.default_classes(ds)
         unknown = [c for c in wanted if c not in have]
         if unknown:
-            from harness.registry import suggest
+            from harness.registry import preview, suggest
             raise ValueError(f"classes: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} "
                              f"not among the {len(have)} classes of the data{suggest(unknown[0], list(have))}; "
                              f"the data has: {preview(have, 12)}")

@@ -12,8 +12,8 @@ a re-run skips the trials whose rows say ``ok``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ def _datasets(suite: Suite) -> dict[str, dict[str, Any]]:
     a wrong dataset set-up is visible after training too)."""
     from harness.data.formats import dataset_format
     out = {}
-    for ds in {t.dataset["name"]: t.dataset for t in suite.trials}.values():
+    for ds in suite.datasets():
         try:
             classes = list(dataset_format(ds).classes(ds))
         except (OSError, ValueError, KeyError):

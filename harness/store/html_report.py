@@ -164,12 +164,13 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     return "\n".join(parts)
 
 
-def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False) -> tuple[Path, Path]:
+def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False,
+                 datasets: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
-    The datasets of the suite last run there (its ``suite.json``) head both."""
+    The datasets (default: of the suite last run there, its ``suite.json``) head both."""
     from .results import suite_datasets, write_text_atomic
     directory = Path(directory)
-    datasets = suite_datasets(directory)
+    datasets = suite_datasets(directory) if datasets is None else datasets
     md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets))
     page = write_text_atomic(directory / "report.html", to_html(df, best, datasets))
     return md, page

@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from harness import catalog
+from harness.registry import preview
 
 #: p-value under which a gain is called distinguishable from seed noise (paired t-test)
 ALPHA = 0.05
@@ -242,8 +243,7 @@ def dataset_lines(datasets: dict[str, dict[str, Any]] | None) -> list[str]:
     out = []
     for name, ds in (datasets or {}).items():
         classes = ds.get("classes")
-        what = (f"{len(classes)} classes ({', '.join(map(str, classes[:5]))}{', ...' if len(classes) > 5 else ''})"
-                if classes else "classes unknown")
+        what = f"{len(classes)} classes ({preview(classes)})" if classes else "classes unknown"
         out.append(f"{name} ({ds.get('format', '?')}, {ds.get('root', '?')}): {what}")
     return out
 

@@ -61,6 +61,10 @@ class Suite:
     def student_trials(self) -> list[TrialSpec]:
         return [t for t in self.trials if t.role == "student"]
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """Each dataset of the matrix once (as its trials hold it), in the trials' order."""
+        return list({t.dataset["name"]: t.dataset for t in self.trials}.values())
+
 
 # ---------------------------------------------------------------------------- helpers
 def _check_keys(node: Any, allowed: set[str] | dict[str, str], what: str) -> None:
