@@ -57,8 +57,8 @@ def export_config(parts: dict[str, Any], scope: str | None, seed: int, train_cfg
         log_processor=dict(type="LogProcessor", window_size=50, by_epoch=not bool((train_cfg or {}).get("max_iters"))),
         log_level="INFO", load_from=None, resume=False, randomness=dict(seed=seed))
     if train_cfg is not None:
-        cfg.update(train_dataloader=train_loader, train_cfg=train_cfg, param_scheduler=param_scheduler,
-                   optim_wrapper=optim_wrapper)
+        cfg.update(train_dataloader=train_loader, train_cfg=copy.deepcopy(train_cfg),
+                   param_scheduler=copy.deepcopy(param_scheduler), optim_wrapper=copy.deepcopy(optim_wrapper))
     return cfg
 
 

@@ -138,7 +138,9 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     by_iter = bool(sched.get("iters"))
     metric = catalog.METRICS.get(catalog.task_metric(spec.dataset["format"]))
     # the complete OpenMMLab config of the trained model and its data, beside its weights
-    exported = None if evaluate_only else export_config(parts, scope, spec.seed, *_loop_cfgs(sched), _optim_cfg(sched))
+    train_cfg, param_scheduler = _loop_cfgs(sched)
+    exported = None if evaluate_only else export_config(parts, scope, spec.seed, train_cfg, param_scheduler,
+                                                        _optim_cfg(sched))
 
     def common(stage_dir: Path, stage: str) -> dict[str, Any]:
         interval = int(sched.get("checkpoint_interval") or (sched["val_interval"] if by_iter else 1))
@@ -184,7 +186,6 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         load_weights(model.student, spec.teacher_checkpoint)
         Runner(**common(work_dir, "val"), experiment_name=f"{spec.trial_id}-{stamp}").val()
     else:
-        train_cfg, param_scheduler = _loop_cfgs(sched)
         with torch.serialization.safe_globals(resumable):
             Runner(**common(work_dir, "train"), **resume_args(work_dir, "train"), experiment_name=f"{spec.trial_id}-{stamp}",
                    train_cfg=train_cfg, param_scheduler=param_scheduler, optim_wrapper=_optim_cfg(sched),
