@@ -1,11 +1,8 @@
-"""OpenMMLab config helpers shared by the task engines: where a ``package::path``
-config lives in the installed package (:func:`harness.suite.zoo.resolve`), and merging a
-suite's overrides into it."""
+"""OpenMMLab config helpers shared by the task engines: merging a suite's overrides into
+a config (where a ``package::path`` config lives is :func:`harness.suite.zoo.resolve`)."""
 from __future__ import annotations
 
 from typing import Any
-
-from harness.suite.zoo import resolve as resolve_config_path  # noqa: F401 - the engines' name for it
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import catalog
+from harness.suite.zoo import resolve as resolve_config_path
 from methods._base import SegBatch
 
 from .configs import merge as _merge
-from .configs import resolve_config_path
 from .pretrained import backbone_checkpoint
 from .teacher_student import TeacherStudentModel
 

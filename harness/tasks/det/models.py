@@ -9,8 +9,8 @@ import copy
 from typing import Any
 
 from harness import catalog
+from harness.suite.zoo import resolve as resolve_config_path
 from harness.tasks.configs import merge as _merge
-from harness.tasks.configs import resolve_config_path
 from harness.tasks.pretrained import backbone_checkpoint
 
 _RESNET_EXPANSION = {18: 1, 34: 1, 50: 4, 101: 4, 152: 4}
