@@ -176,7 +176,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from harness.suite.schema import reference
+    from harness.suite.reference import reference
 
     print(reference())
     return 0

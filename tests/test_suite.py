@@ -221,7 +221,7 @@ def test_every_shipped_suite_validates(path, monkeypatch, tmp_path):
 
 def test_the_key_reference_is_generated_from_the_schema():
     """docs/suite-schema.md is `python -m harness schema`'s output: regenerate it when a key changes."""
-    from harness.suite.schema import reference
+    from harness.suite.reference import reference
     assert (REPO / "docs" / "suite-schema.md").read_text() == reference() + "\n"
 
 
