@@ -16,7 +16,6 @@ import pytest
 from harness.run.trial import run_trial
 from harness.suite.load import load_suite
 
-from .conftest import TINY_SUITE
 from .test_seg import SEG_SUITE
 
 
