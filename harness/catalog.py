@@ -75,32 +75,33 @@ METRICS.register(
 # -------------------------------------------------------------------- dataset formats
 DATASET_FORMATS.register(
     "coco", target="harness.data.formats:CocoFormat", task="det", metric="coco_bbox",
-    synth="harness.data.synth:write_coco",
+    synth="harness.data.synth:write_coco", check="harness.data.check_det:check_coco",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="COCO layout: <root>/{train2017,val2017}/*.jpg, <root>/annotations/instances_{train,val}2017.json",
 )
 DATASET_FORMATS.register(
     "voc", target="harness.data.formats:VocFormat", task="det", metric="voc_bbox",
-    synth="harness.data.synth:write_voc",
+    synth="harness.data.synth:write_voc", check="harness.data.check_det:check_voc",
     synth_params=("train_images", "val_images", "image_size", "max_objects", "seed"),
     doc="Pascal VOC layout (root = VOCdevkit): VOC{2007,2012}/{JPEGImages,Annotations,ImageSets/Main}",
 )
 
 DATASET_FORMATS.register(
     "imagenet", target="harness.data.formats:ImageNetFormat", task="cls", metric="topk",
-    synth="harness.data.synth:write_imagenet",
+    synth="harness.data.synth:write_imagenet", check="harness.data.check_folders:check_image_folders",
     synth_params=("train_images", "val_images", "image_size", "unlabeled_images", "seed"),
     doc="ImageNet-style folders: <root>/{train,val}/<class>/*.jpg; unlabeled images in <root>/<unlabeled>/",
 )
 
 DATASET_FORMATS.register(
     "cityscapes", target="harness.data.formats:CityscapesFormat", task="seg", metric="seg_iou",
-    synth="harness.data.synth:write_cityscapes", synth_params=("train_images", "val_images", "image_size", "seed"),
+    synth="harness.data.synth:write_cityscapes", check="harness.data.check_seg:check_cityscapes",
+    synth_params=("train_images", "val_images", "image_size", "seed"),
     doc="Cityscapes: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/.../*_gtFine_labelTrainIds.png",
 )
 DATASET_FORMATS.register(
     "voc_seg", target="harness.data.formats:VocSegFormat", task="seg", metric="seg_iou",
-    synth="harness.data.synth:write_voc_seg",
+    synth="harness.data.synth:write_voc_seg", check="harness.data.check_seg:check_voc_seg",
     synth_params=("train_images", "val_images", "image_size", "aug_images", "seed"),
     doc="Pascal VOC 2012 segmentation (root = VOC2012); aug: true adds SegmentationClassAug",
 )

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 from harness import catalog
 from harness.registry import import_target
 
+from .synth import CITYSCAPES_CLASSES, VOC_SEG_CLASSES
+
 
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
@@ -197,10 +199,12 @@ class SegFormat(DatasetFormat):
 
     dataset_type = ""
     classes_from_library = True
+    #: mmseg's class list of ``dataset_type`` (its METAINFO, which a test compares), kept
+    #: here so that the data check and ``plan`` need not import mmseg
+    library_classes: tuple[str, ...] = ()
 
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
-        from mmseg import datasets
-        return tuple(getattr(datasets, self.dataset_type).METAINFO["classes"])
+        return self.library_classes
 
     def classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         # synthetic segmentation data uses the real class lists
@@ -215,6 +219,7 @@ class CityscapesFormat(SegFormat):
     ``*_gtFine_labelTrainIds.png`` (19 train ids)."""
 
     dataset_type = "CityscapesDataset"
+    library_classes = CITYSCAPES_CLASSES
 
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int], crop: list[int] | None = None) -> dict:
         return dict(type="CityscapesDataset", data_root=str(ds["root"]),
@@ -230,6 +235,7 @@ class VocSegFormat(SegFormat):
     listed in ``ImageSets/Segmentation/aug.txt``), as mmseg's voc12aug configs do."""
 
     dataset_type = "PascalVOCDataset"
+    library_classes = VOC_SEG_CLASSES
 
     def _one(self, ds: dict[str, Any], listing: str, seg_dir: str, train: bool, img_scale: list[int],
              crop: list[int] | None) -> dict:
