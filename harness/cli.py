@@ -47,6 +47,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
     for ds in suite.datasets():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
+    from harness.run.preflight import check_data
+    check_data(suite, write_cache=False, show=True)     # (synthetic data not written yet: checked by run)
     width = max([len("trial")] + [len(t.name) for t in suite.trials]) + 2
     print(f"{'':2}{'trial':<{width}}{'id':<14}{'params'}")
     for t in suite.trials:
@@ -64,7 +66,10 @@ def _checked_suite(args: argparse.Namespace) -> "object":
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.address or os.environ.get("RAY_ADDRESS"):   # a cluster that does not answer: say so now
+        from harness.run.session import probe_address
+        probe_address(args.address or os.environ["RAY_ADDRESS"])
+    else:
         from harness.run.session import check_resources, local_capacity
         gpus = any(float(t.resources.get("gpu") or 0) > 0 for t in suite.trials)
         check_resources(suite, local_capacity(args.num_cpus, count_gpus=gpus))   # a cluster's: once joined
@@ -77,19 +82,19 @@ def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
     model built."""
     from harness.data.formats import dataset_format, ensure_dataset
     from harness.run.devices import check_devices
-    from harness.run.preflight import preflight
+    from harness.run.preflight import check_data, check_pretrained, preflight
 
     check_devices(suite)                # mmcv's ops run on every device kind the trials ask for
 
-    for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
+    for ds in suite.datasets():
         ensure_dataset(ds)
-        fmt = dataset_format(ds)
         try:
-            fmt.check(ds)
-            fmt.check_classes(ds)
+            dataset_format(ds).check_classes(ds)
         except ValueError as exc:
             raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
+    check_data(suite)                   # annotations, images, boxes, labels: errors stop the run here
     preflight(suite)
+    check_pretrained(suite)             # every pretrained backbone had, read weights-only, and fitting
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -141,10 +146,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from harness.store.results import read_results, suite_datasets
 
     df = read_results(args.results, current_only=not args.all)
-    if args.csv:
-        leaderboard(df, args.best).to_csv(args.csv, index=False)
     target = Path(args.results)
     where = target if target.is_dir() else target.parent
+    _confined([args.csv, where / "leaderboard.md", where / "report.html"] if args.csv
+              else [where / "leaderboard.md", where / "report.html"], args)
+    if args.csv:
+        leaderboard(df, args.best).to_csv(args.csv, index=False)
     datasets = suite_datasets(where)
     md, page = write_report(df, where, best=args.best, datasets=datasets)
     print(format_report(df, best=args.best, datasets=datasets))
@@ -206,9 +213,23 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confined(paths: list, args: argparse.Namespace) -> None:
+    """Refuse (SuiteError, exit 2) a file the CLI would write outside the allowed roots: the
+    working directory, $KD_HARNESS_OUTPUT_ROOT, --output-root (links followed)."""
+    from harness.suite.paths import allowed_roots, outside
+    roots = allowed_roots(args.output_root)
+    for path in paths:
+        why = outside(Path(path).parent if not Path(path).is_dir() else path, roots) \
+            or (outside(path, roots) if Path(path).is_symlink() else None)
+        if why:
+            raise SuiteError(f"{args.command}: will not write {path}: {why}")
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from harness import catalog
     from harness.registry import import_target
+
+    _confined([args.out], args)
 
     entry = catalog.DATASET_FORMATS.get(args.format)
     kwargs = {k: v for k, v in dict(train_images=args.train_images, val_images=args.val_images,
@@ -261,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="best-epoch values instead of last-epoch ones (the table's title says which)")
     rep.add_argument("--all", action="store_true",
                      help="include rows of trials that are no longer in the suite as last run (never pooled by default)")
+    rep.add_argument("--output-root", action="append", default=[], metavar="DIR",
+                     help="also allow writing under DIR (the report beside the results, --csv)")
     rep.set_defaults(func=_cmd_report)
     data = sub.add_parser("data", help="dataset utilities")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -271,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-images", type=int, default=None)
     s.add_argument("--image-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--output-root", action="append", default=[], metavar="DIR",
+                   help="also allow writing under DIR (besides the working directory and $KD_HARNESS_OUTPUT_ROOT)")
     s.set_defaults(func=_cmd_synth)
     return p
 
@@ -280,11 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "allow_python_configs", False):
         from harness.suite.zoo import ALLOW_PYTHON_ENV
         os.environ[ALLOW_PYTHON_ENV] = "1"        # for this process and the trials it starts
-    from harness.store.results import NewerSchema
+    if args.command in ("run", "tune"):
+        from harness.run.weights import harden_loading
+        said = harden_loading()           # every torch.load weights-only, here and in the trials
+        if said:
+            print(f"warning: {said}", file=sys.stderr)
+    from harness.store.results import NewerSchema, NotResults
     from harness.run.runlock import Busy
+    from harness.run.session import Unreachable
     try:
         return int(args.func(args) or 0)
-    except (SuiteError, FileNotFoundError, KeyError, Busy, NewerSchema) as exc:
+    except (SuiteError, FileNotFoundError, KeyError, Busy, NewerSchema, NotResults, Unreachable) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -223,5 +223,6 @@ def test_a_class_the_annotations_do_not_have_is_refused(tmp_path, capsys, synth_
     assert "datasets.shapes: classes: 'dics' is not among the 4 classes of the data (did you mean 'disc'?)" in err, err
     assert "square, disc, triangle, cross" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    assert main(["plan", str(path)]) == 0                       # plan shows what the suite asked for
-    assert "2 classes (square, dics)" in capsys.readouterr().out
+    assert main(["plan", str(path)]) == 2             # plan shows what the suite asked for, and the data check's word
+    out, err = capsys.readouterr()
+    assert "2 classes (square, dics)" in out and "declares no category 'dics'" in err

@@ -184,17 +184,17 @@ def check_voc(ds: dict[str, Any], classes: tuple[str, ...], findings: Findings) 
         sizes = _sizes(findings, listing, entries)
         for img_id, size in sizes.items():
             xml_path, objects = boxes[img_id]
-            for k, (name, coords) in enumerate(objects):
-                entry = f"object {k} of {img_id}"
+            for k, (name, coords) in enumerate(objects):      # (one line per kind for the whole listing)
+                entry = f"object {k} of {img_id} ({findings._rel(xml_path)})"
                 if name not in known:
-                    findings.error("unknown-category", xml_path, entry, f"is a {name!r}, which is not a VOC class "
-                                                                        f"(mmdet would drop it silently)")
+                    findings.error("unknown-category", listing, entry, f"is a {name!r}, which is not a VOC class "
+                                                                       f"(mmdet would drop it silently)")
                     continue
                 if len(coords) != 4:
-                    findings.error("bad-box", xml_path, entry, "has no complete bndbox")
+                    findings.error("bad-box", listing, entry, "has no complete bndbox")
                     continue
                 # mmdet reads VOC's 1-based corners minus one
-                ok = _box(findings, xml_path, entry, coords[0] - 1, coords[1] - 1, coords[2] - 1, coords[3] - 1,
+                ok = _box(findings, listing, entry, coords[0] - 1, coords[1] - 1, coords[2] - 1, coords[3] - 1,
                           *size)
                 instances += ok and split == "train" and name in classes
     if instances == 0 and any(split == "train" for split, _, _ in listings):

@@ -24,6 +24,7 @@ from harness.suite.spec import TrialSpec
 from .session import (ROWS_KEY, _STOP, Interrupted, RunState, _alive_nodes, _callbacks, _concurrency, _placement,
                       _ray_session, _resources, _rows_message, _write_status_rows, check_resources,
                       pending_trials, with_teacher_sha)
+from .states import teacher_lock
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -37,7 +38,8 @@ def _trainable(config: dict[str, Any]) -> None:
     spec = TrialSpec.from_dict(config["trial"])
     if int(spec.resources.get("workers", 1)) > 1 and not config.get("dry_run"):
         from .workers import train_on_workers
-        train_on_workers(spec, resume=config.get("resume", True))      # its workers report the rows
+        with teacher_lock(spec):         # (its workers run under this lock: they do not take it)
+            train_on_workers(spec, resume=config.get("resume", True))      # its workers report the rows
         return
     rows, _ = execute_trial(spec, report=tune.report, placement=_placement(), write=False,
                             resume=config.get("resume", True), dry_run=bool(config.get("dry_run")),

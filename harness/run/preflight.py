@@ -6,6 +6,8 @@ failing every trial later.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from harness import catalog
@@ -98,3 +100,83 @@ def preflight(suite: Suite) -> None:
         except Exception as exc:
             raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "
                              f"{t.teacher['name']} -> {t.model['name']}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_data(suite: Suite, write_cache: bool = True, show: bool = False) -> None:
+    """Every dataset of the suite checked (:mod:`harness.data.checks`; the result cached by
+    the dataset's fingerprint under ``<teacher_cache>/datachecks``, written when
+    ``write_cache``): errors raise one SuiteError listing each kind with its file, entry
+    and count; warnings are printed and kept in ``suite.data_checks`` (the rows record
+    them). ``show``: print each dataset's summary line too (``plan``)."""
+    from harness.data.checks import check_dataset, report_lines, warnings_json
+    problems = []
+    for ds in suite.datasets():
+        if not Path(ds["root"]).exists():
+            continue                      # synthetic, written on first run (plan only)
+        findings, cached = check_dataset(ds, Path(suite.doc["teacher_cache"]) / "datachecks", write=write_cache)
+        suite.data_checks[ds["name"]] = {"summary": findings.summary() + (" (cached)" if cached else ""),
+                                         "warnings": warnings_json(findings), "errors": len(findings.errors)}
+        lines = report_lines(ds["name"], findings)
+        if show:
+            print(f"  data {ds['name']}: {suite.data_checks[ds['name']]['summary']}")
+        if findings.errors:
+            problems += lines
+        elif lines:
+            print("\n".join(f"warning: {line}" for line in lines), file=sys.stderr)
+    if problems:
+        raise SuiteError(f"{suite.file}: the data has problems that would train or score a wrong model; "
+                         f"nothing was trained:\n  " + "\n  ".join(problems))
+
+
+def _pretrained_inits(net: Any) -> list[tuple[str, Any, str, str]]:
+    """(module path, module, checkpoint, key prefix) of every module of a built network
+    that mmengine will initialise from a checkpoint (``init_cfg`` of type Pretrained)."""
+    out = []
+    for path, module in net.named_modules():
+        cfgs = getattr(module, "init_cfg", None)
+        for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
+            if isinstance(cfg, dict) and cfg.get("type") == "Pretrained" and cfg.get("checkpoint"):
+                out.append((path, module, str(cfg["checkpoint"]), str(cfg.get("prefix") or "")))
+    return out
+
+
+def check_pretrained(suite: Suite) -> None:
+    """Every ``pretrained`` checkpoint a model of the suite starts from (the config's own
+    or the suite's file / URI) is had now (a URI downloaded with a bounded wait), read
+    weights-only, and fits the module it initialises: every parameter of that module in
+    the file with its shape. A partial load (what mmengine does silently, with the
+    mismatch only in the trial's log) is an error naming the suite key and the file."""
+    from harness.suite.paths import pretrained_file
+
+    from .weights import read_state
+    seen: set[tuple[str, str]] = set()
+    for t in suite.trials:
+        for role, model in (("teachers" if t.role == "teacher" else "students", t.model),
+                            ("teachers", t.teacher)):
+            if not model or model.get("pretrained") is False or catalog.arch_of(model)["task"] == "cls":
+                continue
+            if (model["name"], str(model.get("pretrained"))) in seen:
+                continue
+            seen.add((model["name"], str(model.get("pretrained"))))
+            net, _ = catalog.task_engine(t.task, "build_model")(model, 2, t.schedule)
+            where = f"{suite.where.get(role, suite.file)}: {role}.{model['name']}.pretrained"
+            for path, module, ckpt, prefix in _pretrained_inits(net):
+                try:
+                    state = read_state(pretrained_file(ckpt))
+                except ValueError as exc:
+                    raise SuiteError(f"{where}: {exc}") from exc.__cause__
+                if prefix:
+                    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+                own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+                missing = [k for k in own if k not in state]
+                shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in own.items()
+                          if k in state and tuple(state[k].shape) != tuple(v.shape)]
+                if missing or shapes:
+                    what = "; ".join(x for x in (
+                        f"{len(missing)} of its {len(own)} tensors are not in the file (e.g. {missing[0]})"
+                        if missing else "", f"{len(shapes)} have another shape (e.g. {shapes[0]})" if shapes else "")
+                        if x)
+                    raise SuiteError(f"{where}: '{ckpt}' does not fit the {path or 'model'} of '{model['name']}': "
+                                     f"{what}; mmengine would load it partly and train the rest from scratch. "
+                                     f"Give weights of this architecture, or 'pretrained: false'")

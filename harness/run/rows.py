@@ -71,6 +71,7 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
         "wall_time_s": wall, "code_version": results.code_version(),
         "config_hash": content_hash(spec.to_dict()),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_warnings": "[]",          # the driver fills in its dataset check's (RunState.write_rows)
     }
     def best(name: str) -> tuple[float, int, str]:
         curve = [(int(p["epoch"]), float(p[name])) for p in outcome.history if name in p]

@@ -65,10 +65,19 @@ def with_teacher_sha(spec: TrialSpec) -> TrialSpec:
 
 def teacher_available(spec: TrialSpec) -> bool:
     """A teacher trial's weights are where students find them: in the run's storage, or
-    (without one) in the node-local cache."""
+    (without one) in the node-local cache, and they are the weights its rows recorded. A
+    cache entry another run replaced (a file whose hash is not the recorded one) is not:
+    the teacher trial runs again and, the file being complete (written atomically),
+    adopts it: it evaluates the file and records its hash, instead of failing every
+    student of every later run."""
+    from harness.suite.spec import file_sha256
+    want = results.teacher_sha256(spec.output_dir, spec.trial_id)
     if spec.storage:
-        return storage.stored_sha256(storage.teacher_uri(spec.storage, spec.trial_id)) is not None
-    return Path(spec.teacher_checkpoint or "").is_file()
+        have = storage.stored_sha256(storage.teacher_uri(spec.storage, spec.trial_id))
+    else:
+        path = Path(spec.teacher_checkpoint or "")
+        have = file_sha256(path) if path.is_file() else None
+    return have is not None and (want is None or have == want)
 
 
 class RunState:
@@ -85,6 +94,7 @@ class RunState:
     def write_rows(self, trial_id: str, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             row["attempts"] = 1 + self.retries.get(trial_id, 0)
+        with_data_warnings(self.suite, rows)
         results.write_trial_rows(self.suite.output, trial_id, rows)
         self.written.add(trial_id)
         if results.failed_rows(rows):
@@ -178,10 +188,17 @@ def _concurrency(requests: list[dict[str, Any]], nodes: list[dict[str, float]]) 
     return max([fits(r, 1) for r in requests] or [1])
 
 
+def with_data_warnings(suite: Suite, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the warnings their dataset's check gave before the run."""
+    for row in rows:
+        row["data_warnings"] = suite.data_checks.get(row["dataset"], {}).get("warnings", "[]")
+    return rows
+
+
 def _write_status_rows(suite: Suite, spec: TrialSpec, status: str, message: str, search_id: str = "") -> None:
     """The one row of a trial that ended without a result (error, interrupted, pruned)."""
     from .trial import result_rows
-    rows = result_rows(spec, None, message, 0.0, status=status, search_id=search_id)
+    rows = with_data_warnings(suite, result_rows(spec, None, message, 0.0, status=status, search_id=search_id))
     results.write_trial_rows(suite.output, spec.trial_id, rows)
 
 
@@ -264,6 +281,49 @@ def _restore(previous: tuple[bool, str | None]) -> None:
         os.environ[_MODE_ENV] = env
 
 
+#: seconds to wait for a cluster's address to answer before saying it does not
+CONNECT_TIMEOUT_S = float(os.environ.get("KD_HARNESS_CONNECT_TIMEOUT_S", "10"))
+
+
+class Unreachable(ConnectionError):
+    """The Ray cluster named by ``--address`` / ``RAY_ADDRESS`` does not answer."""
+
+
+def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`Unreachable` unless something accepts a connection at a cluster
+    address (``host:port`` or ``ray://host:port``) within ``timeout`` seconds: Ray itself
+    would wait for it for minutes. ``auto`` and ``local`` are Ray's own and not probed."""
+    import socket
+    from urllib.parse import urlsplit
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise Unreachable(f"Ray address '{address}' is not host:port (or ray://host:port for Ray Client)")
+    if parts.scheme == "ray":
+        try:
+            import ray.util.client  # noqa: F401
+            import grpc  # noqa: F401
+        except ImportError as exc:
+            raise Unreachable(f"Ray address '{address}' needs Ray Client, which this environment lacks ({exc}); "
+                              f"install it with: pip install 'ray[client]' (the same version as the cluster's "
+                              f"Ray), or give the head node's GCS address host:6379 from a machine in the "
+                              f"cluster") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise Unreachable(f"Ray address '{address}' does not answer ({exc.strerror or exc}; waited at most "
+                          f"{timeout:g} s): check that the cluster is up (ray status on its head node), that "
+                          f"host and port are the head's ({'Ray Client: 10001' if parts.scheme == 'ray' else 'GCS: 6379'}"
+                          f" by default) and that no firewall is in between; or leave --address and RAY_ADDRESS "
+                          f"unset to run on this machine") from None
+
+
 @contextlib.contextmanager
 def _ray_session(address: str | None, num_cpus: int | None, verbose: bool,
                  alongside: Callable[[], None] | None = None) -> Iterator[None]:
@@ -278,6 +338,8 @@ def _ray_session(address: str | None, num_cpus: int | None, verbose: bool,
     Before joining an existing cluster the checks simply come first."""
     import threading
 
+    if address or os.environ.get("RAY_ADDRESS"):
+        probe_address(address or os.environ["RAY_ADDRESS"])
     ray, mode = _loopback_ray(local=not (address or os.environ.get("RAY_ADDRESS")))
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

@@ -4,7 +4,9 @@ newest complete state mmengine's CheckpointHook saved, their copies in the run's
 teacher weights a student loads (checked against the sha256 its teacher trial reported)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +184,29 @@ def teacher_file(spec: TrialSpec) -> str:
                            f"wrote {want[:16]}…: the file was changed since; delete it and run the suite again "
                            f"(the teacher is retrained)")
     raise FileNotFoundError(f"teacher checkpoint '{ckpt}' is missing: {teacher} failed or has not run")
+
+
+@contextlib.contextmanager
+def teacher_lock(spec: TrialSpec) -> Iterator[None]:
+    """Held while a harness-trained teacher's cache entry is trained or evaluated: two
+    runs that need the same teacher (suites sharing a teacher cache) train it once; the
+    other waits here, then finds the file and evaluates it. A lock file beside the entry
+    (``fcntl``: across the processes of a machine, and across nodes on a shared
+    filesystem whose locks work, as NFS v4's do); it dies with its holder."""
+    import fcntl
+    if spec.role != "teacher" or not spec.teacher_checkpoint or spec.teacher_id:
+        yield                              # a given checkpoint (teacher_id: its sha256) is only evaluated
+        return
+    lock = Path(spec.teacher_checkpoint).parent / ".teacher.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"teacher {spec.name}: another run is training it; waiting for it (then its weights are "
+                  f"used)", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

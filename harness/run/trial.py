@@ -7,6 +7,8 @@ down, and writes the trial's rows to the results store either way.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 import traceback
@@ -23,8 +25,9 @@ from harness.suite.spec import TrialSpec
 from .export import export_config, write_config
 from .hooks import Diverged, Reporter, _trial_hook
 from .rows import TrialResult, result_rows
-from .states import _remove_training_states, _state_sync_hook, fetch_state, keep_logs, last_checkpoint, teacher_file
-from .weights import _checkpoint_globals, load_weights, save_weights, weights_hash
+from .states import (_remove_training_states, _state_sync_hook, fetch_state, keep_logs, last_checkpoint, teacher_file,
+                     teacher_lock)
+from .weights import _checkpoint_globals, harden_loading, load_weights, non_finite, save_weights, weights_hash
 
 
 def _reset_peak_memory() -> None:
@@ -115,6 +118,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
     from mmengine.dist import get_world_size, is_main_process
     from mmengine.runner import Runner
 
+    harden_loading()          # on a cluster's node too: every torch.load weights-only, whatever its environment
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
     _reset_peak_memory()
     seed_trial(spec)    # before any model or distiller part is initialised, not only in the Runner
@@ -203,9 +207,18 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                        optim_wrapper=_optim_cfg(ft), train_dataloader=finetune_loader).train()
     if not history:
         raise RuntimeError("the trial finished without an evaluation")
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    unreal = sorted(k for k, v in final.items() if not math.isfinite(float(v)))
+    if unreal:             # a NaN score is no score: the trial is not 'ok' (and a teacher's students wait for none)
+        raise RuntimeError(f"the evaluation gave values that are not finite: "
+                           f"{', '.join(f'{k}={final[k]}' for k in unreal)}")
+    student_state = model.student_state_dict()
+    if spec.role == "teacher" and non_finite(student_state):
+        raise RuntimeError(f"the teacher's weights are not finite (NaN or infinite) in "
+                           f"{len(non_finite(student_state))} tensor(s), e.g. {non_finite(student_state)[:3]}; "
+                           f"its students would learn from nothing real")
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
             "method": spec.method, "dataset": spec.dataset["name"], "code_version": results.code_version()}
-    student_state = model.student_state_dict()
     if not is_main_process():       # one worker exports; every worker holds the same weights
         ckpt = None
     elif spec.role == "teacher":
@@ -228,7 +241,6 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         device += f" ({torch.cuda.get_device_name()})"
     images, seconds = clock.get("images", 0), clock.get("seconds", 0.0)
     teacher_s = float(getattr(model, "teacher_seconds", 0.0))
-    final = {k: v for k, v in history[-1].items() if k != "epoch"}
     from harness.suite.spec import file_sha256
     if spec.role == "teacher" and ckpt:     # the weights it wrote (or evaluated), as a student will load them
         t_sha, t_hash = file_sha256(ckpt), weights_hash(model.student_state_dict())
@@ -264,12 +276,14 @@ def release_runner_state(trial_id: str) -> None:
 
 def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | None = None,
                   search_id: str = "", placement: dict[str, Any] | None = None, write: bool = True,
-                  resume: bool = True, dry_run: bool = False,
-                  progress: Reporter | None = None) -> tuple[list[dict[str, Any]], BaseException | None]:
+                  resume: bool = True, dry_run: bool = False, progress: Reporter | None = None,
+                  lock: bool = True) -> tuple[list[dict[str, Any]], BaseException | None]:
     """Run a trial and make its rows (ok or error); never raises for a failure of the
     trial itself, returns it instead. ``write``: write the rows to the store here (without
     Ray); under Ray the driver writes them. ``dry_run``: train nothing, return one
-    well-formed row with status ``dry_run``."""
+    well-formed row with status ``dry_run``. ``lock``: hold the teacher cache entry's lock
+    (:func:`~harness.run.states.teacher_lock`) while a teacher trial trains or evaluates
+    it (False on Ray Train's workers, whose trial holds it)."""
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     outcome, error, exc, status = None, "", None, "error"
     if dry_run:      # $KD_HARNESS_DRY_RUN_SECONDS: hold the trial's resources that long (to see packing)
@@ -278,7 +292,8 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
     else:
         (spec.trial_dir / "error.txt").unlink(missing_ok=True)        # an earlier attempt's
         try:
-            outcome = run_trial(spec, report=report, log_level=log_level, resume=resume, progress=progress)
+            with teacher_lock(spec) if lock else contextlib.nullcontext():
+                outcome = run_trial(spec, report=report, log_level=log_level, resume=resume, progress=progress)
         except Exception as e:   # a failing trial must not take the others down
             exc = e
             tb = traceback.format_exc()

@@ -22,6 +22,13 @@ def weights_hash(state: dict[str, Any]) -> str:
 
 
 
+def non_finite(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding a NaN or an infinity."""
+    import torch
+    return [name for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_weights(state_dict: dict[str, Any], path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Save ``{'state_dict', 'meta'}`` atomically (a reader never sees half a file)."""
     import torch
@@ -64,19 +71,71 @@ def _checkpoint_globals() -> list[Any]:
             type(np.dtype(np.int32)), collections.Counter, (_class_method, "builtins.getattr")]
 
 
-def load_weights(model: Any, path: str | os.PathLike) -> None:
-    """Load a checkpoint's weights strictly, with ``torch.load(weights_only=True)``.
+#: torch's switch that turns weights-only loading off where a call does not ask for it
+#: (mmengine's loaders do not): ignored by the harness, which loads every file weights-only
+_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
-    mmengine training checkpoints also pickle a few numpy and mmengine objects; those
-    types are allowed explicitly rather than turning the safety check off.
-    """
+
+def harden_loading() -> str | None:
+    """Make every ``torch.load`` of this process (and of the processes it starts: a local
+    Ray's workers) weights-only, mmengine's and torch hub's included, whatever the
+    environment says: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is removed and
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` set. Returns a message when the first was set."""
+    said = os.environ.pop(_UNSAFE_ENV, None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    if said is None:
+        return None
+    return (f"{_UNSAFE_ENV}={said} is set in the environment: ignored. kd-harness loads every checkpoint "
+            f"weights-only (a pickle that runs code is refused); a checkpoint that needs more is not one to train on")
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state dict of a checkpoint file, read with ``torch.load(weights_only=True)``
+    (mmengine's few training-state types allowed one by one): a mapping of names to
+    tensors, or mmengine's ``{'state_dict': ..., 'meta': ...}``. Anything else, a file
+    that is no checkpoint, or weights that are not finite raise ``ValueError`` in one
+    line; PyTorch's own message is the exception's cause."""
     import torch
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"cannot load checkpoint '{path}': {exc}") from exc
-    state = ckpt.get("state_dict", ckpt)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = ("it asks to run code or build objects a weights file never needs (refused by weights-only loading)"
+               if "Weights only load failed" in str(exc) else f"{type(exc).__name__}: {first[:200]}")
+        raise ValueError(f"'{path}' cannot be read as a checkpoint: {why}") from exc
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(state, dict) or not state \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"'{path}' holds {_describe(state)}, not a mapping of parameter names to tensors (or "
+                         f"mmengine's {{'state_dict': ..., 'meta': ...}})")
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"'{path}' holds weights that are not finite (NaN or infinite) in {len(bad)} tensor(s), "
+                         f"e.g. {bad[:3]}: a model with them scores nothing real")
+    return state
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        kinds = sorted({type(v).__name__ for v in obj.values()})
+        return f"a mapping of {len(obj)} entries ({', '.join(kinds[:4]) or 'empty'})"
+    return f"a {type(obj).__name__}"
+
+
+def load_weights(model: Any, path: str | os.PathLike) -> None:
+    """Load a checkpoint's weights strictly (:func:`read_state`: weights-only, a mapping of
+    finite tensors); missing or unexpected keys and shapes that differ are errors."""
+    try:
+        state = read_state(path)
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from exc.__cause__
+    own = model.state_dict()
+    shapes = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        raise RuntimeError(f"checkpoint '{path}' does not fit the model: {len(shapes)} tensor(s) of another shape, "
+                           f"e.g. {shapes[0]}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint '{path}' does not fit the model: missing keys "

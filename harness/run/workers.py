@@ -90,7 +90,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     search_id = config.get("search_id", "")
     rows, _ = execute_trial(spec, report=report, placement=_placement(), write=False,
                             resume=config.get("resume", True), search_id=search_id,
-                            progress=None if search_id else ray.train.report)   # a search's results are its metric's
+                            progress=None if search_id else ray.train.report,   # a search's results are its metric's
+                            lock=False)                                   # (the Tune trial holds the teacher's lock)
     # the first worker's rows are the trial's; the others report too (a barrier)
     ray.train.report(report.rows_result(_rows_message(rows) if ctx.get_world_rank() == 0 else "",
                                         config.get("metric")))

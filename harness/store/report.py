@@ -204,6 +204,27 @@ def warnings_for(df: pd.DataFrame, board: pd.DataFrame | None = None) -> list[st
 
 
 # ---------------------------------------------------------------------------- Markdown
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]|!~"} | {"&": "&amp;", "<": "&lt;", "\n": " ",
+                                                                "\r": " "})
+
+
+def md_text(value: Any) -> str:
+    """A string from the store as Markdown text that stays text: HTML (``<``, ``&``) as
+    entities, and the characters that make links, images, code, emphasis or table cells
+    escaped, on one line (a viewer that renders inline HTML renders none of ours)."""
+    return str(value).translate(_MD_SPECIAL)
+
+
+def _md_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """Every string of the store's rows as :func:`md_text` (the Markdown report's input):
+    a value without Markdown or HTML in it is unchanged, so grouping and labels are too."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = out[col].map(lambda v: md_text(v) if isinstance(v, str) else v)
+    return out
+
+
 def _f(v: Any, fmt: str) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
@@ -250,11 +271,12 @@ def dataset_lines(datasets: dict[str, dict[str, Any]] | None) -> list[str]:
 
 def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
-    failures."""
+    failures. Strings from the store are escaped (:func:`md_text`)."""
+    df = _md_safe(df)
     board = leaderboard(df, best)
     lines: list[str] = ["# Leaderboard", ""]
     if datasets:
-        lines += ["Datasets: " + "; ".join(dataset_lines(datasets)), ""]
+        lines += ["Datasets: " + "; ".join(map(md_text, dataset_lines(datasets))), ""]
     if board.empty:
         lines += ["no successful trials yet", ""]
     groups = [] if board.empty else board.groupby(["task", "dataset", "teacher", "student"], sort=False)
@@ -308,9 +330,10 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
         lines += [f"## Search {s['search_id']} ({s['cell']})", "",
                   f"{len(s['trials'])} configuration(s), {sum(t['status'] == 'pruned' for t in s['trials'])} "
                   f"stopped early by ASHA. Best: "
-                  + (f"`{s['best']['params']}` ({s['best']['score']:.2f})" if s["best"] else "none finished"), "",
-                  "| params | status | seeds | score |", "|---|---|---|---|"]
-        lines += [f"| `{t['params']}` | {t['status']} | {t['seeds']} | {_f(t['score'], '.2f')} |" for t in s["trials"]]
+                  + (f"{s['best']['params']} ({s['best']['score']:.2f})" if s["best"] else "none finished"),
+                  "", "| params | status | seeds | score |", "|---|---|---|---|"]
+        lines += [f"| {t['params']} | {t['status']} | {t['seeds']} | {_f(t['score'], '.2f')} |"
+                  for t in s["trials"]]
         lines.append("")
     return lines
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Parquet key-value metadata key holding the schema version of a file
 VERSION_KEY = b"kd_harness.schema_version"
 
@@ -87,8 +87,11 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "workers": (pa.int64(), "data-parallel workers the trial trained on (Ray Train); 1 for a single process"),
     "resumed_from": (pa.int64(), "epoch (or iteration) of the checkpoint the trial resumed from; 0 from scratch"),
     "attempts": (pa.int64(), "times the trial was started: 1, plus one per retry after its worker or node died"),
+    # ---- version 4: what the dataset check before the run let through
+    "data_warnings": (pa.string(), "JSON [{kind, file, entry, what, count}]: the warnings of the dataset's check "
+                                   "before the run (e.g. boxes partly outside their image, clipped); '[]' when none"),
 }
-#: columns a version-1 file lacks (added as nulls on read)
+#: columns a version-1 file lacks (added as nulls on read); later versions likewise
 V2_COLUMNS = list(COLUMNS)[list(COLUMNS).index("versions"):]
 #: columns a version-2 file lacks
 V3_COLUMNS = list(COLUMNS)[list(COLUMNS).index("node"):]
@@ -186,9 +189,25 @@ def file_version(table: pa.Table) -> int:
     return 1
 
 
+class NotResults(ValueError):
+    """A file that is not a results store (another Parquet file, wrong columns, no rows)."""
+
+
+#: the columns every version of the schema has: a file without them is not a results store
+V1_COLUMNS = list(COLUMNS)[:list(COLUMNS).index("versions")]
+
+
 def upgrade(table: pa.Table, source: str | os.PathLike = "<table>") -> pa.Table:
     """A table of any known schema version as the current :data:`SCHEMA`: version-1 rows
-    get the version-2 columns as nulls; a newer version is an error that says so."""
+    get the version-2 columns as nulls; a newer version is an error that says so, and so
+    is a table that is not a results store (columns of version 1 missing, none of its rows)."""
+    missing = [c for c in V1_COLUMNS if c not in table.column_names]
+    if missing:
+        raise NotResults(f"{source}: not a kd-harness results file: it lacks the column(s) "
+                         f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} (a results store has "
+                         f"the columns documented in harness/store/results.py)")
+    if table.num_rows == 0:
+        raise NotResults(f"{source}: a results file with no rows")
     version = file_version(table)
     if version > SCHEMA_VERSION:
         raise NewerSchema(f"{source}: written with results schema v{version}, but this harness reads up to "
@@ -204,8 +223,8 @@ def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
     moved to ``rows/corrupt/``) when it cannot be read: one bad file must not break plan,
     run or report. A file from a newer harness is an error, never quarantined."""
     try:
-        table = pq.read_table(f)
-    except (OSError, pa.ArrowException) as exc:
+        table = upgrade(pq.read_table(f), f)
+    except (OSError, pa.ArrowException, NotResults) as exc:
         quarantine = f.parent / "corrupt"
         try:
             quarantine.mkdir(exist_ok=True)
@@ -216,7 +235,6 @@ def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
         warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); {where}; "
                       f"its trial will be run again", stacklevel=2)
         return None
-    table = upgrade(table, f)
     return table.select(columns) if columns else table
 
 

@@ -57,13 +57,37 @@ def check_location(value: str) -> str | None:
     path, _, query = rest.partition("?")
     if not path.strip("/"):
         return "a URI without a bucket or path"
-    from urllib.parse import parse_qsl
-    secrets = [k for k, _ in parse_qsl(query, keep_blank_values=True) if k.lower() in SECRET_OPTIONS]
-    if secrets:
-        return (f"it carries the credential '{secrets[0]}' (the location is printed and recorded in the "
-                f"results): give credentials through the environment (AWS_ACCESS_KEY_ID / "
-                f"AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, GOOGLE_APPLICATION_CREDENTIALS, …) instead")
+    why = credentials_in(value)
+    if why:
+        return (f"it carries {why} (the location is printed and recorded in the results): give credentials "
+                f"through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, "
+                f"GOOGLE_APPLICATION_CREDENTIALS, …) instead")
     return None
+
+
+def credentials_in(uri: str) -> str | None:
+    """What credential a URI carries (user-info before its host, or a secret among its
+    query's options), in words that do not repeat it; None when it carries none."""
+    from urllib.parse import parse_qsl, urlsplit
+    if "://" not in uri:
+        return None
+    parts = urlsplit(uri)
+    if "@" in parts.netloc:
+        return "a user name or password before its host (user-info)"
+    secrets = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+               if k.lower() in SECRET_OPTIONS or any(w in k.lower() for w in ("secret", "password", "token", "key"))]
+    return f"the credential '{secrets[0]}' in its query" if secrets else None
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print: user-info and every query value replaced by '***'."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    netloc = ("***@" + parts.netloc.rsplit("@", 1)[1]) if "@" in parts.netloc else parts.netloc
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def local_path(value: str) -> str | None:

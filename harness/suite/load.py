@@ -22,14 +22,16 @@ from harness import catalog
 from harness.registry import suggest
 
 from .methods import _methods, _search
-from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _pretrained, _storage,
-                    allowed_roots, fetch_checkpoint)
+from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
+                    _storage, allowed_roots, fetch_checkpoint)
 from . import zoo
 from .schema import Resources, Schedule, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
 
 SCHEDULE_DEFAULTS: dict[str, Any] = Schedule().model_dump()
+#: the most trials one suite may expand to (a matrix this large is a mistake, not a benchmark)
+MAX_TRIALS = 100_000
 
 #: a ``type:`` in a model override names a registered class, optionally with its
 #: registry scope; never an import path (mmengine would import any dotted name)
@@ -50,6 +52,9 @@ class Suite:
     type_refs: list[tuple[str, str, str]] = field(default_factory=list)
     #: ``file:line`` of each top-level key, for errors found after loading
     where: dict[str, str] = field(default_factory=dict)
+    #: dataset name -> what its check found (summary, warnings as JSON, error count),
+    #: filled before any trial (``harness.cli.check_data``); the rows record the warnings
+    data_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -187,7 +192,8 @@ def _models(doc: Node, key: str, schedule: dict[str, Any], pretrained: Any, reso
                 _scan_types(m[part], m[part], f"{key}.{name}.{part}", refs)
                 model[part] = _plain(m[part])
         if m.get("checkpoint") and str(m["checkpoint"]).startswith(DOWNLOAD_SCHEMES):
-            model["checkpoint_url"] = str(m["checkpoint"])        # fetched into the cache once it is known
+            # fetched into the cache once it is known
+            model["checkpoint_url"] = _no_credentials(m, "checkpoint", f"{key}.{name}.checkpoint", str(m["checkpoint"]))
         elif m.get("checkpoint"):
             ckpt = os.path.abspath(_expand(m, "checkpoint", m["checkpoint"], f"{key}.{name}.checkpoint"))
             if not Path(ckpt).is_file():
@@ -300,9 +306,13 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     ``output_roots``.
     """
     path = Path(path)
-    if path.is_dir():
-        raise SuiteError(f"{path}: is a directory; give a suite file, e.g. suites/demo.yaml")
-    doc = _load_with_extends(path.resolve())
+    try:
+        if path.is_dir():
+            raise SuiteError(f"{path}: is a directory; give a suite file, e.g. suites/demo.yaml")
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:        # a symlink loop
+        raise SuiteError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    doc = _load_with_extends(resolved)
     file = str(path.resolve())
     validate(SuiteDoc, doc, doc, file)           # types and ranges of every key
     roots = allowed_roots(output_roots)
@@ -323,6 +333,11 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)
     seeds = list(doc.get("seeds", [0]))
+    bound = len(datasets) * len(pairs) * (len(methods) + 1) * len(seeds) + len(datasets) * len(pairs)
+    if bound > MAX_TRIALS:
+        raise _err(doc, "seeds", f"the matrix has up to {bound} trials ({len(datasets)} dataset(s) x {len(pairs)} "
+                                 f"pair(s) x {len(methods)} method(s) x {len(seeds)} seed(s)); a suite runs at most "
+                                 f"{MAX_TRIALS}: split it into several suites")
     # absolute: Ray trials may run in another working directory (or on another node)
     output = os.path.abspath(_expand(doc, "output", str(doc.get("output") or f"results/{name}"), "output"))
     _contained(output, doc, "output" if "output" in doc else None, "output", roots)

@@ -64,16 +64,45 @@ def allowed_roots(extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
 
 
 def _contained(path: str, node: Any, key: str, what: str, roots: list[Path]) -> str:
-    """``path`` made absolute, refused unless it resolves (symlinks followed) under a root."""
-    real = Path(path).resolve()
-    if not any(real == r or r in real.parents for r in roots):
-        raise _err(node, key, f"{what}: '{path}' is outside the places this run may write "
-                              f"({', '.join(map(str, roots))}); write a path under one of them, or allow its "
-                              f"parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
+    """``path`` made absolute, refused unless it resolves (symlinks followed) under a root,
+    and so does every link directly inside it (``rows/`` linked elsewhere, say)."""
+    why = outside(path, roots)
+    if why:
+        raise _err(node, key, f"{what}: {why}")
     return path
 
 
-def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
+def outside(path: str | os.PathLike, roots: list[Path]) -> str | None:
+    """Why writing at ``path`` would leave the allowed ``roots`` (it, or a symbolic link
+    inside it, resolves elsewhere), or None."""
+    def out(p: Path) -> bool:
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):          # a symlink loop
+            return True
+        return not any(real == r or r in real.parents for r in roots)
+    hint = (f"the places this run may write are {', '.join(map(str, roots))}; write a path under one of them, or "
+            f"allow its parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
+    if out(Path(path)):
+        return f"'{path}' is outside the places this run may write ({hint})"
+    if Path(path).is_dir():
+        for child in Path(path).iterdir():
+            if child.is_symlink() and out(child):
+                return f"'{child}' is a link to a place outside the ones this run may write ({hint})"
+    return None
+
+
+#: suite files one suite may load through ``extends:`` (itself included): chains and
+#: diamonds of bases that repeat would otherwise load and merge without end
+MAX_SUITE_FILES = 32
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = (), loaded: list[Path] | None = None) -> Node:
+    loaded = [] if loaded is None else loaded
+    loaded.append(path)
+    if len(loaded) > MAX_SUITE_FILES:
+        raise SuiteError(f"{loaded[0]}: loads more than {MAX_SUITE_FILES} suite files through 'extends' "
+                         f"(the last: {path}); a suite extends at most that many")
     doc = load_yaml(path)
     if doc is None:
         doc = Node()
@@ -91,7 +120,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> Node:
             raise _err(doc, "extends", f"'{base}' extends itself (cycle)")
         if not base_path.exists():
             raise _err(doc, "extends", f"extends: base suite '{base}' not found (looked at {base_path})")
-        base_doc = _load_with_extends(base_path, seen + (base_path,))
+        base_doc = _load_with_extends(base_path, seen + (base_path,), loaded)
         merged = base_doc if merged is None else deep_merge(merged, base_doc)
     return doc if merged is None else deep_merge(merged, doc)
 
@@ -104,13 +133,24 @@ def _pretrained(node: Any, key: str, what: str, default: Any = True) -> Any:
     if isinstance(value, bool):
         return value
     if is_uri(value):
-        return value
+        return _no_credentials(node, key, what, value)
     path = os.path.abspath(_expand(node, key, value, what))
     if not Path(path).is_file():
         raise _err(node, key, f"{what}: '{path}' is not a file; give a local checkpoint of the backbone, a URI "
                               f"(torchvision://, open-mmlab://, https://, ...), true for the config's own, "
                               f"or false to train from scratch")
     return path
+
+
+def _no_credentials(node: Any, key: str, what: str, uri: str) -> str:
+    """``uri``, refused (without repeating the secret) when it carries a credential: a suite's
+    URIs are printed by plan and recorded in the results."""
+    from harness.store import storage
+    why = storage.credentials_in(uri)
+    if why:
+        raise _err(node, key, f"{what}: '{storage.redact(uri)}' carries {why}; URIs are printed and recorded in "
+                              f"the results: give credentials through the environment (or a local copy of the file)")
+    return uri
 
 
 def _storage(doc: Any, roots: list[Path]) -> str | None:
@@ -123,7 +163,7 @@ def _storage(doc: Any, roots: list[Path]) -> str | None:
     value = _expand(doc, "storage", str(value), "storage")
     why = storage.check_location(value)
     if why is not None:
-        raise _err(doc, "storage", f"storage: '{value}' cannot be the run's storage: {why}")
+        raise _err(doc, "storage", f"storage: '{storage.redact(value)}' cannot be the run's storage: {why}")
     local = storage.local_path(value)
     if local is None:
         return storage.join(value)          # no trailing '/', its query (pyarrow's options) kept
@@ -159,8 +199,6 @@ def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
     (atomically; its sha256 recorded beside it) and reused while file and record agree.
     Returns (path, sha256). Raises ``ValueError`` saying why when it cannot be had."""
     import hashlib
-    import urllib.error
-    import urllib.request
 
     url = _zoo_url(uri)
     name = Path(url.split("?", 1)[0]).name or "checkpoint.pth"
@@ -171,6 +209,19 @@ def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
         want = record.read_text().split()[0]
         if file_sha256(local) == want:
             return str(local), want
+    digest = download(url, local)
+    record.write_text(f"{digest}  {url}\n")
+    return str(local), digest
+
+
+def download(url: str, local: Path) -> str:
+    """Download ``url`` to ``local`` atomically (no half file is ever at ``local``), waiting
+    at most :data:`DOWNLOAD_TIMEOUT_S` for the server at each step; returns the sha256.
+    Raises ``ValueError`` saying why when it cannot."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
     h = hashlib.sha256()
@@ -187,6 +238,23 @@ def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
                          f"its local path") from None
     finally:
         tmp.unlink(missing_ok=True)
-    record.write_text(f"{h.hexdigest()}  {url}\n")
-    return str(local), h.hexdigest()
+    return h.hexdigest()
+
+
+def pretrained_file(uri: str) -> str:
+    """The local file mmengine will load for a ``pretrained`` checkpoint: a path as it is;
+    a URI (``torchvision://``, ``open-mmlab://``, ``http(s)://``) downloaded now, with a
+    bounded wait, into torch hub's cache where mmengine's loader looks for it first (so a
+    trial on this machine does not download it again)."""
+    if not is_uri(uri):
+        return uri
+    if not uri.startswith(DOWNLOAD_SCHEMES):
+        raise ValueError(f"'{uri}': the harness cannot check a checkpoint of this scheme before the run; give "
+                         f"it as a local file or an http(s) / torchvision / open-mmlab URI")
+    import torch.hub
+    url = _zoo_url(uri)
+    local = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.split("?", 1)[0]).name
+    if not local.is_file():
+        download(url, local)
+    return str(local)
 

@@ -21,6 +21,8 @@ from .yamlio import Node, SuiteError
 
 #: names that become directory and file names: letters, digits, ``_ . + -``; no ``..``
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+#: the largest seed numpy's and torch's generators accept (numpy: below 2**32)
+MAX_SEED = 2**32 - 1
 NAME_HELP = "1-100 characters: letters, digits, '_', '.', '+', '-', starting with a letter or digit, no '..'"
 
 
@@ -95,7 +97,7 @@ class Synth(Strict):
     max_objects: StrictInt | None = Field(None, ge=1, le=100, description="objects per image (detection)")
     unlabeled_images: StrictInt | None = Field(None, ge=0, le=1_000_000, description="unlabelled images (SSLD)")
     aug_images: StrictInt | None = Field(None, ge=0, le=1_000_000, description="SBD-style extra images (VOC)")
-    seed: StrictInt | None = Field(None, ge=0, description="generator seed")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="generator seed")
 
 
 class Dataset(Strict):
@@ -205,9 +207,9 @@ class Search(Strict):
                                           "each maps some or all keys of the space to a value inside its range")
     budget: StrictInt = Field(8, ge=1, le=10_000, description="configurations to try (start_from included)")
     concurrency: StrictInt = Field(1, ge=1, le=1024, description="configurations trained at once")
-    seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field([0], min_length=1, description="seeds each configuration "
+    seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1, description="seeds each configuration "
                                                                                       "is scored on (mean)")
-    final_seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+    final_seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(
         [100, 101, 102], min_length=1, description="fresh seeds of the suite written for the best configuration")
 
 
@@ -223,7 +225,7 @@ class SuiteDoc(Strict):
     pairs: list[Pair] = Field(min_length=1, description="{teacher, student, methods} or [teacher, student]")
     methods: dict[str, MethodEntry] = Field(
         default_factory=dict, description="list of method names, or label -> {method, params}")
-    seeds: list[Annotated[StrictInt, Field(ge=0)]] = Field([0], min_length=1, max_length=1000, description="seeds of the student trials")
+    seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1, max_length=1000, description="seeds of the student trials")
     schedule: dict[str, Any] | None = Field(None, description="the schedule every trial shares (see Schedule)")
     resources: Resources = Field(default_factory=Resources, description="per-trial resources")
     output: str | None = Field(None, min_length=1, description="results directory (default results/<name>); "
@@ -236,7 +238,7 @@ class SuiteDoc(Strict):
                                 "hdfs://..., file:///...; pyarrow's options may follow as a query, e.g. "
                                 "?endpoint_override=host:9000&scheme=http; credentials come from the "
                                 "environment, never the URI); default: the node-local teacher_cache and output")
-    teacher_seed: StrictInt = Field(0, ge=0, description="seed of harness-trained teachers")
+    teacher_seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of harness-trained teachers")
     max_failures: StrictInt = Field(0, ge=0, le=100, description="retries of a trial whose worker or node died "
                                                                  "(not of one that raised or diverged); it resumes "
                                                                  "from its last checkpoint")

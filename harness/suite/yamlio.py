@@ -14,6 +14,9 @@ import yaml
 
 #: a suite is a short file; anything larger is a mistake (or an attempt to exhaust memory)
 MAX_BYTES = 1 << 20
+#: nodes a suite may hold once its aliases are expanded (``*anchor`` copies what it names:
+#: a few hundred bytes of nested aliases would otherwise expand to billions of nodes)
+MAX_NODES = 200_000
 
 
 class Node(dict):
@@ -63,8 +66,22 @@ def load_yaml(path: str | Path) -> Any:
             raise SuiteError(f"{path}: is a directory, not a suite file")
         if Path(path).stat().st_size > MAX_BYTES:
             raise SuiteError(f"{path}: {Path(path).stat().st_size} bytes; a suite is at most {MAX_BYTES} bytes")
+        if not Path(path).is_file():        # a FIFO, a device: reading it could block forever
+            raise SuiteError(f"{path}: not a regular file; a suite is a YAML file")
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_loader_for(path))  # noqa: S506 - SafeLoader subclass
+            loader = _loader_for(path)(f)   # (SafeLoader subclass)
+            try:
+                node = loader.get_single_node()
+                if node is None:
+                    return None
+                size = expanded_size(node)
+                if size > MAX_NODES:
+                    raise SuiteError(f"{path}: expands to {size if size < 10 * MAX_NODES else 'over ' + str(10 * MAX_NODES)}"
+                                     f" YAML nodes once its aliases (*name) are resolved; a suite holds at "
+                                     f"most {MAX_NODES}")
+                return loader.construct_document(node)
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise SuiteError(f"{path}: no such file") from None
     except PermissionError:
@@ -75,6 +92,32 @@ def load_yaml(path: str | Path) -> Any:
         raise SuiteError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:
         raise SuiteError(f"{path}: nested too deeply to be a suite") from None
+    except OSError as exc:            # a symlink loop, a name too long, ...
+        raise SuiteError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def expanded_size(root: yaml.Node, limit: int = 10 * MAX_NODES) -> int:
+    """How many nodes a composed YAML document holds with every alias expanded (an alias
+    is the same node object again), counted in time linear in the distinct nodes and
+    capped at ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = limit            # (a node reached again while being counted: a cycle)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total = min(limit, total + size(child))
+        sizes[id(node)] = total
+        return total
+    return size(root)
 
 
 def deep_merge(base: Any, over: Any) -> Any:
