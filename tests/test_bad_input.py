@@ -26,6 +26,15 @@ def _sub(old: str, new: str, count: int = 1):
     return apply
 
 
+def _sub_many(pairs):
+    def apply(text: str) -> str:
+        for old, new in pairs:
+            assert old in text, f"the tiny suite has no {old!r}"
+            text = text.replace(old, new, 1)
+        return text
+    return apply
+
+
 def _whole(body: str):
     return lambda text: body
 
@@ -141,7 +150,28 @@ CASES: dict[str, tuple] = {
     "type-unregistered": (_sub("head: {feat_channels: 16, stacked_convs: 1}",
                                "head: {feat_channels: 16, stacked_convs: 1, norm_cfg: {type: antigravity}}"), "type"),
     "scope-unknown": (_sub("neck: {out_channels: 16}", "neck: {out_channels: 16, _scope_: os}"), "_scope_"),
+    # --- bounds (issue: nothing unbounded)
+    "yaml-alias-bomb": (_append("x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n"
+                                + "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]\n" for i in range(1, 8))),
+                        "aliases"),
+    "seeds-above-2-32": (_sub("seeds: [0]", "seeds: [4294967296]"), "seeds"),
+    "teacher-seed-above-2-32": (_append("teacher_seed: 99999999999\n"), "teacher_seed"),
+    "matrix-over-the-bound": (_sub_many([("seeds: [0]", "seeds: [" + ", ".join(map(str, range(1000))) + "]"),
+                                         ("pairs:\n  - {teacher: t, student: s}",
+                                          "pairs:\n" + "".join(f"  - {{teacher: t, student: s{i}}}\n"
+                                                                for i in range(60))),
+                                         ("students:\n  s:\n", "students:\n" + "".join(
+                                             f"  s{i}: {{arch: retinanet}}\n" for i in range(60)) + "  s:\n")]),
+                              "at most 100000"),
+    # --- credentials and code
+    "storage-user-info": (_append("storage: s3://AKIAXXXX:s3cr3tvalue@bucket/kd\n"), "user-info"),
+    "storage-token-query": (_append("storage: s3://bucket/kd?session_token=s3cr3tvalue\n"), "session_token"),
+    "pretrained-url-user-info": (_sub("pretrained: false", "pretrained: https://me:s3cr3tvalue@example.org/r.pth"),
+                                 "user-info"),
+    "checkpoint-url-token": (_sub("  t:\n    arch: retinanet", "  t:\n    checkpoint: "
+                                  "https://example.org/t.pth?token=s3cr3tvalue\n    arch: retinanet"), "token"),
 }
+
 
 
 def _suite_text(tmp_path: Path, case: str) -> str:
@@ -170,6 +200,7 @@ def test_bad_input_is_refused_before_anything_is_written(case, tmp_path, capsys,
     assert CASES[case][1] in err, err                               # the key
     assert sorted(p.name for p in tmp_path.iterdir()) == before     # nothing written, nothing trained
     assert not Path("/tmp/pwned").exists()
+    assert "s3cr3tvalue" not in err                                 # a secret is never printed
 
 
 def test_the_corpus_is_large_enough():

@@ -220,7 +220,7 @@ def _md_safe(df: pd.DataFrame) -> pd.DataFrame:
     a value without Markdown or HTML in it is unchanged, so grouping and labels are too."""
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
             out[col] = out[col].map(lambda v: md_text(v) if isinstance(v, str) else v)
     return out
 

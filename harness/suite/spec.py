@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,15 @@ class TrialSpec:
     #: for a student: the sha256 its teacher trial reported for the weights it wrote
     teacher_sha256: str | None = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_trial_id", None)        # a field changed: the id is computed again
+        object.__setattr__(self, name, value)
+
     def identity(self) -> dict[str, Any]:
         """What determines the result: hashed into ``trial_id``."""
-        ident = {k: v for k, v in asdict(self).items()
-                 if k not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint", "storage",
-                              "teacher_sha256")}
+        ident = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint", "storage",
+                                   "teacher_sha256")}
         ident["dataset"] = {k: v for k, v in self.dataset.items() if k != "name"}
         if self.teacher is not None:
             ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "name"}
@@ -73,7 +77,13 @@ class TrialSpec:
 
     @property
     def trial_id(self) -> str:
-        return content_hash(self.identity())
+        """Computed once per spec (a suite of 20,000 trials asks for each id several
+        times); setting a field forgets it. Specs are not changed in place otherwise:
+        ``dataclasses.replace`` makes a new one."""
+        tid = self.__dict__.get("_trial_id")
+        if tid is None:
+            tid = self.__dict__["_trial_id"] = content_hash(self.identity())
+        return tid
 
     @property
     def name(self) -> str:
