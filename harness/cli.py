@@ -66,6 +66,13 @@ def _checked_suite(args: argparse.Namespace) -> "object":
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
+    storage = suite.doc.get("storage")
+    if storage and "://" in storage and not storage.startswith("file://"):
+        from harness.store.storage import StorageError, probe
+        try:
+            probe(storage)               # a store that does not answer: said in seconds, before Ray starts
+        except StorageError as exc:
+            raise SuiteError(f"{suite.where.get('storage', suite.file)}: storage: {exc}") from None
     if args.address or os.environ.get("RAY_ADDRESS"):   # a cluster that does not answer: say so now
         from harness.run.session import probe_address
         probe_address(args.address or os.environ["RAY_ADDRESS"])
@@ -318,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SuiteError, FileNotFoundError, KeyError, Busy, NewerSchema, NotResults, Unreachable) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
+        if exc.__cause__ is not None:     # e.g. PyTorch's own page on a checkpoint it would not load
+            if getattr(args, "verbose", False):
+                import traceback
+                traceback.print_exception(exc.__cause__, file=sys.stderr)
+            elif args.command in ("run", "tune"):
+                print("(--verbose shows the underlying error in full)", file=sys.stderr)
         return 2
     except OSError as exc:             # a full disk, a read-only store: say so, keep what is written
         print(f"error: {exc.strerror or exc} ({exc.filename or 'while writing results'}); finished trials' rows "

@@ -114,6 +114,8 @@ def test_run_refuses_a_gpu_suite_on_an_mmcv_without_cuda_ops_before_anything_sta
     from harness.cli import main
     path = write_suite(write_suite().read_text().replace("resources: {cpu: 1, gpu: 0}", "resources: {cpu: 1, gpu: 1}"))
     monkeypatch.setattr(ops, "get_compiling_cuda_version", lambda: "not available")
+    from harness.run import session
+    monkeypatch.setattr(session, "probe_address", lambda address: None)     # a cluster that answers
     assert main(["run", str(path), "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "built without CUDA ops" in err and "Traceback" not in err

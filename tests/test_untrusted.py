@@ -237,3 +237,55 @@ def test_seeds_are_bounded_to_what_numpy_accepts(tmp_path, capsys):
     assert main(["plan", str(_suite(tmp_path, text))]) == 0           # the largest numpy accepts
     import numpy as np
     np.random.seed(4294967295)
+
+
+def test_a_storage_that_accepts_but_never_answers_is_an_error_in_seconds(tmp_path, capsys, monkeypatch):
+    import socket
+    import threading
+
+    from harness.store import storage
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(storage, "TIMEOUT_S", 1.0)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:              # accepts every connection, answers none (bounded: until the test ends)
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out") + \
+            f"storage: s3://kd/runs?endpoint_override=127.0.0.1:{port}&scheme=http\n"
+        start = time.perf_counter()
+        err = _refused(capsys, "run", str(_suite(tmp_path, text)))
+        assert time.perf_counter() - start < 30
+        assert "storage 's3://kd/runs?endpoint_override=***&scheme=***' does not answer" in err
+        assert not (tmp_path / "out").exists()
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_ray_client_address_without_ray_client_says_how_to_install_it(tmp_path, capsys):
+    pytest.importorskip("ray")
+    try:
+        import grpc  # noqa: F401
+        pytest.skip("Ray Client is installed here")
+    except ImportError:
+        pass
+    err = _refused(capsys, "run", str(_suite(tmp_path)), "--address", "ray://127.0.0.1:10001")
+    assert "needs Ray Client" in err and "pip install 'ray[client]'" in err

@@ -41,9 +41,13 @@ def _trainable(config: dict[str, Any]) -> None:
         with teacher_lock(spec):         # (its workers run under this lock: they do not take it)
             train_on_workers(spec, resume=config.get("resume", True))      # its workers report the rows
         return
-    rows, _ = execute_trial(spec, report=tune.report, placement=_placement(), write=False,
-                            resume=config.get("resume", True), dry_run=bool(config.get("dry_run")),
-                            progress=tune.report)
+    try:
+        rows, _ = execute_trial(spec, report=tune.report, placement=_placement(), write=False,
+                                resume=config.get("resume", True), dry_run=bool(config.get("dry_run")),
+                                progress=tune.report)
+    except Exception as exc:     # what execute_trial could not catch (a full disk as it wrote): an error row
+        from .rows import result_rows
+        rows = result_rows(spec, None, f"{type(exc).__name__}: {exc}", 0.0, placement=_placement())
     tune.report({ROWS_KEY: _rows_message(rows)})
 
 
@@ -80,6 +84,21 @@ class _DependencyOrder:
                 self.ended.add(self.tune_ids.get(trial_id, ""))
 
         return DependencyOrder()
+
+
+def disk_full(path: str | os.PathLike) -> OSError | None:
+    """A "No space left on device" error naming ``path`` when its filesystem has (almost)
+    no room left: what a failure of Ray Tune's bookkeeping (its experiment state, a
+    trial's pickled error: read back empty, ``EOFError``) means on a full disk."""
+    import errno
+    import shutil
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    if free >= 1 << 20:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)", str(path))
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -125,7 +144,10 @@ def _fit(suite: Suite, specs: list[TrialSpec], multi_node: bool, dry_run: bool =
     )
     print(f"{len(specs)} trial(s) on Ray Tune{' (dry run: no-op trials)' if dry_run else ''}, "
           f"{_describe(requests)}", flush=True)
-    tuner.fit()
+    try:
+        tuner.fit()
+    except Exception as exc:     # Tune's own bookkeeping failed (its state on a full disk, say)
+        raise disk_full(suite.output) or exc from None
     summary = []
     for spec in specs:
         error = state.errors.get(spec.trial_id, "")

@@ -344,6 +344,9 @@ def _ray_session(address: str | None, num_cpus: int | None, verbose: bool,
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)    # (so no result.json)
+    if not verbose:     # Tune's tracebacks of what the harness reports itself (a trial's error row, a full disk)
+        for name in ("ray.tune.execution.experiment_state", "ray.tune.execution.tune_controller", "ray.tune.tune"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     started = not ray.is_initialized()
     failure: list[BaseException] = []
 

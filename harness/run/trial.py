@@ -296,16 +296,23 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
                 outcome = run_trial(spec, report=report, log_level=log_level, resume=resume, progress=progress)
         except Exception as e:   # a failing trial must not take the others down
             exc = e
-            tb = traceback.format_exc()
-            (spec.trial_dir).mkdir(parents=True, exist_ok=True)
-            (spec.trial_dir / "error.txt").write_text(tb)
             error = f"{type(e).__name__}: {e}"
             status = "diverged" if isinstance(e, Diverged) else "error"
+            try:
+                (spec.trial_dir).mkdir(parents=True, exist_ok=True)
+                (spec.trial_dir / "error.txt").write_text(traceback.format_exc())
+            except OSError as write_error:    # a full disk: the row still says why
+                error += f" (and its error.txt could not be written: {write_error.strerror or write_error})"
         finally:
             release_runner_state(spec.trial_id)
     rows = result_rows(spec, outcome, error, time.perf_counter() - start, status, started, search_id, placement)
     if not dry_run:
-        keep_logs(spec)
+        try:
+            keep_logs(spec)
+        except OSError as copy_error:         # the storage full or gone: the rows still travel to the driver
+            for row in rows:
+                row["error"] = (row["error"] + "; " if row["error"] else "") + \
+                    f"its logs could not be kept: {copy_error.strerror or copy_error}"
     if write:
         results.write_trial_rows(spec.output_dir, spec.trial_id, rows)
     return rows, exc

@@ -99,13 +99,37 @@ def local_path(value: str) -> str | None:
     return None
 
 
+#: seconds the storage's server may take to accept a connection and to answer a request
+#: (pyarrow's S3 client waits for minutes by default)
+TIMEOUT_S = float(os.environ.get("KD_HARNESS_STORAGE_TIMEOUT_S", "20"))
+
+
 def _fs(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for a location."""
+    """(pyarrow filesystem, path inside it) for a location; an S3 client waits at most
+    :data:`TIMEOUT_S` to connect and for each answer."""
     from pyarrow import fs
     local = local_path(uri)
     if local is not None:
         return fs.LocalFileSystem(), local
-    return fs.FileSystem.from_uri(uri)
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    if isinstance(filesystem, fs.S3FileSystem):      # (its URI takes no timeouts: rebuilt with them)
+        rebuild, (options,) = filesystem.__reduce__()
+        filesystem = rebuild({**options, "connect_timeout": TIMEOUT_S, "request_timeout": TIMEOUT_S})
+    return filesystem, path
+
+
+def probe(uri: str) -> None:
+    """Raise :class:`StorageError` (naming the location, never its credentials) unless
+    the storage answers, within its timeouts: asked before Ray starts, so that a store
+    that does not answer stops the run in seconds, not minutes in."""
+    try:
+        filesystem, path = _fs(uri)
+        filesystem.get_file_info(path)
+    except Exception as exc:             # pyarrow's OSError / ArrowInvalid, the SDK's messages
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StorageError(f"storage '{redact(uri)}' does not answer ({first}; each request waits at most "
+                           f"{TIMEOUT_S:g} s, KD_HARNESS_STORAGE_TIMEOUT_S): check the endpoint, the network and "
+                           f"the credentials in the environment") from None
 
 
 def join(root: str, *parts: str) -> str:
