@@ -48,7 +48,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for ds in suite.datasets():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
     from harness.run.preflight import check_data
-    check_data(suite, write_cache=False, show=True)     # (synthetic data not written yet: checked by run)
+    check_data(suite, show=True)        # (cached for the run; synthetic data not written yet: checked by run)
     width = max([len("trial")] + [len(t.name) for t in suite.trials]) + 2
     print(f"{'':2}{'trial':<{width}}{'id':<14}{'params'}")
     for t in suite.trials:

@@ -62,6 +62,21 @@ def _allow_writes_under_tmp(tmp_path_factory):
         os.environ["KD_HARNESS_OUTPUT_ROOT"] = old
 
 
+@pytest.fixture(autouse=True)
+def _loading_as_the_environment_had_it():
+    """``run_trial`` and the CLI make every ``torch.load`` of their process weights-only
+    (``harness.run.weights.harden_loading``, through the environment); in the test process
+    that would leak into the next test's own loads: restored after each test."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def write_suite(tmp_path: Path):
     """write_suite(text=None, name='suite.yaml', **fmt) -> path; defaults to the tiny suite."""

@@ -137,10 +137,11 @@ def test_getattr_in_a_checkpoint_reaches_nothing_but_the_message_hubs_methods(tm
         def __reduce__(self):
             return getattr, (self.obj, self.name)
     fine = tmp_path / "fine.pth"
-    torch.save({"state_dict": {}, "hub": Reach(HistoryBuffer, "min")}, fine)
-    load_weights(torch.nn.Module(), fine)
+    net = torch.nn.Linear(2, 1)
+    torch.save({"state_dict": net.state_dict(), "hub": Reach(HistoryBuffer, "min")}, fine)
+    load_weights(net, fine)
     for obj, name in ((HistoryBuffer, "__init__"), (collections.Counter, "fromkeys")):
         bad = tmp_path / "bad.pth"
-        torch.save({"state_dict": {}, "x": Reach(obj, name)}, bad)
+        torch.save({"state_dict": net.state_dict(), "x": Reach(obj, name)}, bad)
         with pytest.raises(RuntimeError, match="refused"):
-            load_weights(torch.nn.Module(), bad)
+            load_weights(net, bad)
