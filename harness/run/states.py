@@ -189,24 +189,37 @@ def teacher_file(spec: TrialSpec) -> str:
 @contextlib.contextmanager
 def teacher_lock(spec: TrialSpec) -> Iterator[None]:
     """Held while a harness-trained teacher's cache entry is trained or evaluated: two
-    runs that need the same teacher (suites sharing a teacher cache) train it once; the
-    other waits here, then finds the file and evaluates it. A lock file beside the entry
-    (``fcntl``: across the processes of a machine, and across nodes on a shared
-    filesystem whose locks work, as NFS v4's do); it dies with its holder."""
+    runs that need the same teacher (suites sharing a teacher cache, or a storage) train
+    it once; the other waits here, then finds the weights and evaluates them. A lock file
+    beside the node-local entry (``fcntl``: across the processes of a machine, and across
+    nodes on a shared filesystem whose locks work, as NFS v4's do; it dies with its
+    holder), and with a run's ``storage`` a lease beside the stored teacher
+    (:func:`harness.store.storage.lease`: across nodes); weights another run stored while
+    this one waited are fetched, so they are evaluated, not trained again."""
     import fcntl
     if spec.role != "teacher" or not spec.teacher_checkpoint or spec.teacher_id:
         yield                              # a given checkpoint (teacher_id: its sha256) is only evaluated
         return
+
+    def waiting(_: Any = None) -> None:
+        print(f"teacher {spec.name}: another run is training it; waiting for it (then its weights are used)",
+              flush=True)
     lock = Path(spec.teacher_checkpoint).parent / ".teacher.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"teacher {spec.name}: another run is training it; waiting for it (then its weights are "
-                  f"used)", flush=True)
+            waiting()
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            if not spec.storage:
+                yield
+                return
+            stored = storage.teacher_uri(spec.storage, spec.trial_id)
+            with storage.lease(storage.join(spec.storage, "teachers", f"{spec.trial_id}.lock"), on_wait=waiting):
+                if not Path(spec.teacher_checkpoint).is_file() and storage.stored_sha256(stored) is not None:
+                    storage.fetch(stored, spec.teacher_checkpoint)       # another run's: evaluated, not retrained
+                yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -23,8 +23,15 @@ teacher weights, against the one the teacher trial reported in its rows) before 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +220,80 @@ def delete(uri: str, tree: bool = False) -> None:
         (filesystem.delete_dir if tree else filesystem.delete_file)(path)
     except (FileNotFoundError, OSError):
         pass
+
+
+# ----------------------------------------------------------------------------- leases
+#: seconds a lease lasts without renewal (its holder renews it every third of that):
+#: a holder that died frees it after this long
+LEASE_TTL_S = float(os.environ.get("KD_HARNESS_LEASE_TTL_S", "300"))
+#: seconds a taker waits after writing a lease before reading it back
+LEASE_SETTLE_S = float(os.environ.get("KD_HARNESS_LEASE_SETTLE_S", "2"))
+
+
+def _read_lease(uri: str) -> dict[str, Any] | None:
+    filesystem, path = _fs(uri)
+    try:
+        with filesystem.open_input_stream(path) as src:
+            held = json.loads(src.read().decode())
+        return held if isinstance(held, dict) else None
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _write_lease(uri: str, holder: str, ttl: float) -> None:
+    filesystem, path = _fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    with filesystem.open_output_stream(path) as dst:
+        dst.write(json.dumps({"holder": holder, "expires": time.time() + ttl}).encode())
+
+
+@contextlib.contextmanager
+def lease(uri: str, ttl: float | None = None, settle: float | None = None, poll: float = 2.0,
+          on_wait: Callable[[dict[str, Any] | None], None] | None = None) -> Iterator[None]:
+    """Hold a lease on ``uri`` (any storage: an object store has no locks): read it; if
+    nobody holds it (or the holder's lease expired), write our name, wait ``settle``
+    seconds and read it back: the last writer wins and every other taker, reading a
+    name not its own, waits (``on_wait`` is told once) and tries again. A lease is
+    renewed while held and removed on release; one whose holder died expires after
+    ``ttl``. Two takers who both read it free and both wrote within ``settle`` of each
+    other still end with one holder; it needs the store's read-after-write consistency,
+    which S3, GCS and local or shared filesystems give."""
+    ttl = LEASE_TTL_S if ttl is None else ttl
+    settle = LEASE_SETTLE_S if settle is None else settle
+    me = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    told = False
+    while True:
+        held = _read_lease(uri)
+        if held is None or float(held.get("expires", 0)) < time.time():
+            _write_lease(uri, me, ttl)
+            time.sleep(settle)
+            held = _read_lease(uri)
+            if held is not None and held.get("holder") == me:
+                break
+        if on_wait is not None and not told:
+            on_wait(held)
+            told = True
+        time.sleep(poll)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                _write_lease(uri, me, ttl)
+            except Exception:        # a renewal that fails: the lease may expire; the work goes on
+                pass
+    keeper = threading.Thread(target=renew, name="kd-harness-lease", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join(timeout=5)
+        held = _read_lease(uri)
+        if held is not None and held.get("holder") == me:
+            delete(uri)
 
 
 # ----------------------------------------------------------------- the run's layout
