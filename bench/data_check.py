@@ -36,7 +36,10 @@ def write(root: Path, images: int, boxes: int, size: int = 640) -> None:
         imgs = []
         for i in range(n_img):
             name = f"{i:012d}.jpg"
-            os.link(one, root / split / name)
+            source = root / f"one-{i // 60000}.jpg"          # (a filesystem allows ~65,000 links to a file)
+            if not source.exists():
+                shutil.copy(one, source)
+            os.link(source, root / split / name)
             imgs.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         xy = rng.uniform(0, size * 0.8, (n_box, 2)).round(2)
         wh = rng.uniform(2, size * 0.2, (n_box, 2)).round(2)
@@ -47,7 +50,8 @@ def write(root: Path, images: int, boxes: int, size: int = 640) -> None:
                  "area": float(wh[j, 0] * wh[j, 1]), "iscrowd": 0} for j in range(n_box)]
         with open(root / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump({"images": imgs, "annotations": anns, "categories": cats}, f)
-    one.unlink()
+    for source in root.glob("one*.jpg"):
+        source.unlink()
 
 
 def main() -> None:

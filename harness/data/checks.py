@@ -100,24 +100,53 @@ class Findings:
 
 
 # ------------------------------------------------------------------------- helpers
-def image_sizes(paths: Iterable[Path], threads: int = 8) -> list[tuple[int, int] | str]:
-    """(width, height) of each image from its header (Pillow reads no pixel data for
-    this), or why it cannot be read: 'missing', or the reader's message."""
-    from PIL import Image
+def _header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first bytes of a PNG or a baseline / progressive JPEG, or
+    None (another format, or a JPEG whose frame header lies further on)."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:                     # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):     # a start-of-frame
+            return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+    return None
 
-    def one(path: Path) -> tuple[int, int] | str:
-        try:
-            with Image.open(path) as img:
-                return img.size
-        except FileNotFoundError:
-            return "missing"
-        except (OSError, ValueError, SyntaxError) as exc:     # Pillow's "cannot identify image file", ...
-            return f"not a readable image ({type(exc).__name__}: {exc})"
+
+def image_size(path: Path) -> tuple[int, int] | str:
+    """(width, height) of an image from its header (read from its first bytes for PNG
+    and JPEG, else by Pillow, which reads no pixel data for this), or why it cannot be
+    read: 'missing', or the reader's message."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            size = _header_size(f.read(1 << 16))
+        if size is not None and size[0] > 0 and size[1] > 0:
+            return size
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, SyntaxError) as exc:     # Pillow's "cannot identify image file", ...
+        return f"not a readable image ({type(exc).__name__}: {exc})"
+
+
+def image_sizes(paths: Iterable[Path], threads: int = 4) -> list[tuple[int, int] | str]:
+    """:func:`image_size` of each path (threads overlap the file system's waits)."""
     paths = list(paths)
-    if len(paths) < 64:
-        return [one(p) for p in paths]
+    if len(paths) < 256:
+        return [image_size(p) for p in paths]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(one, paths, chunksize=256))
+        chunks = [paths[i:i + 2048] for i in range(0, len(paths), 2048)]
+        return [size for chunk in pool.map(lambda c: [image_size(p) for p in c], chunks) for size in chunk]
 
 
 def label_facts(path: Path) -> tuple[tuple[int, int], int, list[int]] | str:
