@@ -253,3 +253,18 @@ def test_a_version_2_file_is_upgraded_with_the_placement_columns_empty(tmp_path)
     df = results.read_results(tmp_path / "v2.parquet")
     assert list(df.columns) == list(results.COLUMNS) and df["node"].isna().all() and df["attempts"].isna().all()
     assert df["curve"].iloc[0] == "[[1, 0.3]]"
+
+
+def test_the_report_opens_with_what_it_is():
+    """Suite, when it ran, harness and package versions, machines and devices, trials by
+    status and device-hours: at the top of leaderboard.md and report.html."""
+    from harness.store.html_report import to_html
+    df = _store()
+    df["versions"] = '{"torch": "2.14.1", "mmdet": "3.3.0"}'
+    md = format_report(df)
+    head = md.split("## ", 1)[0]
+    for text in ("Suite: s", "Ran: t0 to t1 UTC", "Harness: 0", "Packages: mmdet 3.3.0, torch 2.14.1",
+                 "Machines: 1 node(s) (127.0.0.1); devices: cpu x5", "Trials: 6 (5 ok, 1 error)",
+                 "0.060 device-hours in all"):
+        assert text in head, head
+    assert "Trials: 6 (5 ok, 1 error)" in to_html(df)

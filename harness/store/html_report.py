@@ -125,7 +125,8 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
-             f"<style>{CSS}</style></head><body><h1>Leaderboard</h1>"]
+             f"<style>{CSS}</style></head><body><h1>Leaderboard</h1>",
+             "<ul class='about'>" + "".join(f"<li>{html.escape(line)}</li>" for line in report.about(df)) + "</ul>"]
     if datasets:
         parts.append("<p class='datasets'>Datasets: "
                      + "; ".join(html.escape(line) for line in report.dataset_lines(datasets)) + "</p>")

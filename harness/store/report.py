@@ -259,6 +259,37 @@ def failures(df: pd.DataFrame) -> list[str]:
     return [f"{r.trial_name} [{r.trial_id}] {r.status}: {r.error}" for r in errors.itertuples()]
 
 
+def about(df: pd.DataFrame) -> list[str]:
+    """What the report is of, one line each: the suite, when it ran, the harness and
+    package versions, the machines and devices, the trials by status and the
+    device-hours they took."""
+    import json
+    trials = df.drop_duplicates("trial_id")
+    lines = [f"Suite: {', '.join(sorted(map(str, trials['suite'].dropna().unique()))) or '?'}"]
+    starts, ends = trials["started_at"].dropna(), trials["ended_at"].dropna()
+    if len(starts) and len(ends):
+        lines.append(f"Ran: {str(starts.min())[:19].replace('T', ' ')} to {str(ends.max())[:19].replace('T', ' ')} UTC")
+    code = sorted(map(str, trials["code_version"].dropna().unique()))
+    lines.append(f"Harness: {', '.join(code) or '?'}" + (" (several versions: compare with care)" if len(code) > 1 else ""))
+    versions: dict[str, set[str]] = {}
+    for blob in trials["versions"].dropna().unique():
+        try:
+            for name, version in json.loads(blob).items():
+                versions.setdefault(name, set()).add(str(version))
+        except (ValueError, AttributeError):
+            continue
+    if versions:
+        lines.append("Packages: " + ", ".join(f"{name} {' / '.join(sorted(v))}" for name, v in sorted(versions.items())))
+    nodes = trials["node_ip"].replace("", None).dropna().unique() if "node_ip" in trials else []
+    devices = trials[trials["status"] == "ok"]["device"].dropna().value_counts()
+    lines.append(f"Machines: {len(nodes) or 1} node(s)" + (f" ({', '.join(map(str, sorted(nodes)))})" if len(nodes) else "")
+                 + ("; devices: " + ", ".join(f"{d} x{n}" for d, n in devices.items()) if len(devices) else ""))
+    counts = trials["status"].value_counts()
+    lines.append(f"Trials: {len(trials)} (" + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")"
+                 f"; {trials['device_hours'].fillna(0).sum():.3f} device-hours in all")
+    return lines
+
+
 def dataset_lines(datasets: dict[str, dict[str, Any]] | None) -> list[str]:
     """One line per dataset: its format, class count and first class names."""
     out = []
@@ -274,7 +305,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
     board = leaderboard(df, best)
-    lines: list[str] = ["# Leaderboard", ""]
+    lines: list[str] = ["# Leaderboard", ""] + [f"- {line}" for line in about(df)] + [""]
     if datasets:
         lines += ["Datasets: " + "; ".join(map(md_text, dataset_lines(datasets))), ""]
     if board.empty:
