@@ -8,14 +8,17 @@ Prototype Generation Module (Sec. 3.2), before every epoch, per class and FPN le
 
 - candidates: descriptors (average-pooled box regions) of GT instances, teacher and
   student, L2-normalised;
-- density filter ``rho_i = sum_j exp(-((1 - cos_ij) / 0.1)^2)``; candidates above the
-  40th percentile of density in *both* spaces are kept (:func:`density_filter`);
+- density filter ``rho_i = sum_j exp(-((1 - cos_ij) / 0.1)^2)``; candidates strictly
+  above the ``int(0.4 n)``-th smallest density in *both* spaces are kept
+  (:func:`density_filter`, as released);
 - joint matching pursuit (:func:`joint_matching_pursuit`) picks M prototypes that share
-  their index across the two spaces. For residuals ``r_a, r_b`` of every candidate and a
+  their index across the two spaces, among the kept candidates, against the residuals
+  of every instance, a candidate possibly more than once (as released). For residuals
+  ``r_a, r_b`` of every instance and a
   candidate pair ``(p_a, p_b)`` the coefficients minimising
   ``||r_a - p_a w_a||^2 + ||r_b - p_b w_b||^2 + alpha (w_a - w_b)^2`` are
   ``w_a = (alpha (<p_a, r_a> + <p_b, r_b>) + <p_a, r_a>) / (1 + 2 alpha)`` (w_b
-  symmetric); the pair with the lowest total cost over all candidates is picked, the
+  symmetric); the pair with the lowest total cost over all instances is picked, the
   residuals deflated, and the step repeated. Matching pursuit, not k-means.
 
 Robust Distilling Module (Sec. 3.3), as the released code computes it
@@ -68,11 +71,12 @@ def density(x: torch.Tensor, width: float = 0.1) -> torch.Tensor:
 
 def density_filter(a: torch.Tensor, b: torch.Tensor, percentile: float = 40.0,
                    width: float = 0.1) -> torch.Tensor:
-    """Boolean mask of the candidates dense enough in both spaces (above the percentile)."""
+    """Boolean mask of the candidates dense enough in both spaces, as the released PGM
+    computes it: strictly above the ``int(n * percentile / 100)``-th smallest density
+    (``sorted[int(0.4 n)]``, no interpolation) in each space."""
     da, db = density(a, width), density(b, width)
-    qa = torch.quantile(da, percentile / 100.0)
-    qb = torch.quantile(db, percentile / 100.0)
-    return (da >= qa) & (db >= qb)
+    middle = int(len(da) * percentile / 100.0)
+    return (da > da.sort().values[middle]) & (db > db.sort().values[middle])
 
 
 def pursuit_coefficients(ca: torch.Tensor, cb: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,30 +86,34 @@ def pursuit_coefficients(ca: torch.Tensor, cb: torch.Tensor, alpha: float) -> tu
     return wa, wb
 
 
-def joint_matching_pursuit(a: torch.Tensor, b: torch.Tensor, m: int = 10,
-                           alpha: float = 10.0) -> torch.Tensor:
-    """Indices of ``m`` prototypes chosen among the candidates (rows of a: n x d_a and
-    b: n x d_b, L2-normalised, row i of both describing the same instance).
+def joint_matching_pursuit(a: torch.Tensor, b: torch.Tensor, m: int = 10, alpha: float = 10.0,
+                           candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (rows of a: n x d_a and b: n x d_b, L2-normalised, row i of both describing
+    the same instance) of ``m`` prototypes, as the released PGM picks them: the
+    residuals are those of every instance, the prototypes are drawn from ``candidates``
+    (a boolean mask, or all rows), and a candidate may be picked again (its residual
+    contribution is deflated, not removed).
 
-    Each step evaluates every unused candidate as the prototype pair for all residuals
-    at once (n x n projections), so the cost is one matrix product per step.
+    Each step evaluates every candidate as the prototype pair for all residuals at once
+    (k x n projections), so the cost is one matrix product per step.
     """
-    n = a.shape[0]
+    pool = torch.arange(a.shape[0], device=a.device) if candidates is None else \
+        torch.nonzero(candidates, as_tuple=False).flatten()
+    if pool.numel() == 0:
+        return pool
+    pa, pb = a[pool], b[pool]
     ra, rb = a.clone(), b.clone()
-    used = torch.zeros(n, dtype=torch.bool, device=a.device)
     picks = []
-    for _ in range(min(m, n)):                       # loop over prototypes, not instances
-        ca, cb = a @ ra.t(), b @ rb.t()              # [j, i] = <p_j, r_i>
+    for _ in range(m):                               # loop over prototypes, not instances
+        ca, cb = pa @ ra.t(), pb @ rb.t()            # [j, i] = <p_j, r_i>
         wa, wb = pursuit_coefficients(ca, cb, alpha)
         # ||r - p w||^2 = ||r||^2 - 2 w <p, r> + w^2 (unit p)
         cost = ((ra * ra).sum(1)[None] - 2 * wa * ca + wa ** 2
                 + (rb * rb).sum(1)[None] - 2 * wb * cb + wb ** 2 + alpha * (wa - wb) ** 2).sum(1)
-        cost = cost.masked_fill(used, float("inf"))
         j = int(torch.argmin(cost))
-        picks.append(j)
-        used[j] = True
-        ra = ra - wa[j][:, None] * a[j][None]
-        rb = rb - wb[j][:, None] * b[j][None]
+        picks.append(int(pool[j]))
+        ra = ra - wa[j][:, None] * pa[j][None]
+        rb = rb - wb[j][:, None] * pb[j][None]
     return torch.tensor(picks, dtype=torch.long, device=a.device)
 
 
@@ -306,10 +314,12 @@ class GKP(Distiller):
             for c, parts in sorted(per_level[lvl].items()):
                 a = F.normalize(torch.cat([x for x, _ in parts]), dim=1)
                 b = F.normalize(torch.cat([y for _, y in parts]), dim=1)
-                if len(a) >= 5:
-                    keep = density_filter(a, b, p["pgm_percentile"])
-                    a, b = a[keep], b[keep]
-                idx = joint_matching_pursuit(a, b, m=p["prototypes"], alpha=p["pursuit_alpha"])
+                # the released filter on any sample it is given; one so small that nothing is
+                # strictly denser than its 40th percentile (the released code fails there) has
+                # every instance as a candidate
+                keep = density_filter(a, b, p["pgm_percentile"])
+                idx = joint_matching_pursuit(a, b, m=p["prototypes"], alpha=p["pursuit_alpha"],
+                                             candidates=keep if keep.any() else None)
                 ps.append(a[idx])
                 pt.append(b[idx])
                 pc.append(torch.full((len(idx),), c, dtype=torch.long, device=a.device))
