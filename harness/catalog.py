@@ -250,8 +250,11 @@ METHODS.register(
 )
 METHODS.register(
     "ssld", target="methods.ssld:SSLD", tasks=("cls",),
-    params={"weight": 1.0, "unlabeled": True, "mine_topk": 0, "finetune_epochs": 0, "finetune_lr_factor": 0.01},
-    doc="SSLD: symmetric KL to the teacher, no labels; unlabeled folder, top-k mining, fine-tune stage",
+    params={"weight": 1.0, "unlabeled": True, "mine_topk": 0, "finetune_epochs": 0, "finetune_lr_factor": 0.01,
+            "teacher_mode": "eval"},
+    choices={"teacher_mode": ("eval", "train")},
+    doc="SSLD: symmetric KL to the teacher, no labels; unlabeled folder, top-k mining, fine-tune stage; "
+        "teacher_mode: train runs the teacher on batch statistics as PaddleClas does",
 )
 
 

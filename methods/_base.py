@@ -200,6 +200,13 @@ class Distiller(nn.Module):
         Called by detection and segmentation before each step."""
         return 1.0
 
+    def teacher_batch_statistics(self) -> bool:
+        """Whether the teacher runs in train mode while the student trains (its BN layers
+        normalise by the batch's statistics, as PaddleClas' SSLD does); its stored
+        running statistics are never changed. Default False: the teacher in eval mode,
+        the teacher that was evaluated."""
+        return False
+
     def before_epoch(self, batches: Iterator[Any]) -> None:
         """Called before every training epoch (detection) with an iterator of
         :class:`DetBatch` over the training data, both models' features computed lazily

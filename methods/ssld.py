@@ -64,6 +64,11 @@ class SSLD(Distiller):
     from this method's parameters (``unlabeled``, ``mine_topk``, ``finetune_epochs``)."""
 
 
+    def teacher_batch_statistics(self) -> bool:
+        """``teacher_mode: train``: the teacher's BN layers use each batch's statistics, as
+        PaddleClas' distillation runs its teacher (in train mode, deliberately)."""
+        return self.params.get("teacher_mode", "eval") == "train"
+
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         return {"loss_ssld": self.params["weight"] * ssld_loss(batch.student_logits, batch.teacher_logits)}
 

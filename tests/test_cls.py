@@ -29,6 +29,7 @@ pairs: [[r18, mnv3]]
 methods:
   hinton_kd: {{}}
   ssld: {{params: {{mine_topk: 1, finetune_epochs: 1}}}}
+  ssld-bn: {{method: ssld, params: {{teacher_mode: train}}}}
 seeds: [0]
 schedule: {{epochs: 1, val_interval: 1, batch_size: 8, lr: 0.05, warmup_iters: 0, img_scale: [32, 32]}}
 resources: {{cpu: 1, gpu: 0}}
@@ -141,7 +142,10 @@ def test_cls_suite_through_ray_gives_top1_rows(cls_e2e):
     assert not [t for t in summary["trials"] if t["error"]]
     df = pd.read_parquet(summary["results"])
     assert set(df["status"]) == {"ok"} and set(df["task"]) == {"cls"}
-    assert set(df["method"]) == {"teacher", "none", "hinton_kd", "ssld"}
+    assert set(df["method"]) == {"teacher", "none", "hinton_kd", "ssld", "ssld-bn"}
+    # a teacher run on batch statistics (PaddleClas' way) is still the teacher that was evaluated
+    teacher_hash = set(df[df["role"] == "teacher"]["teacher_weights_hash"])
+    assert set(df[df["method"] == "ssld-bn"]["teacher_weights_hash"]) == teacher_hash
     assert set(df[df["primary"]]["metric"]) == {"top1"}
     assert df["value"].between(0, 1).all()
     ssld = df[df["method"] == "ssld"]
@@ -166,3 +170,37 @@ def test_a_trial_builds_the_same_initial_weights_for_the_same_seed(tmp_path):
         weights.append(prepare_trial(spec, load_weights)["model"].student_state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_ssld_teacher_mode_train_uses_batch_statistics_and_keeps_the_teacher_unchanged():
+    """PaddleClas runs SSLD's teacher in train mode (BN batch statistics): offered as
+    ``teacher_mode: train``; the teacher's stored weights and statistics stay those of
+    the teacher that was evaluated (its hash unchanged), and the default stays eval."""
+    import torch
+    from torch import nn
+
+    from harness.run.weights import weights_hash
+    from harness.tasks.teacher_student import TeacherStudentModel
+    from methods._base import ModelInfo
+    from methods.ssld import SSLD
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3))
+    info = ModelInfo(arch="tiny", family="cls", channels=[], strides=[], task="cls", num_classes=3)
+    x = torch.randn(6, 3, 8, 8) * 3 + 1
+    for mode, batch_stats in (("eval", False), ("train", True)):
+        teacher = net()
+        before = weights_hash(teacher.state_dict())
+        distiller = SSLD({"weight": 1.0, "teacher_mode": mode}, info, info)
+        model = type("Model", (TeacherStudentModel,), {"forward": lambda self, *a, **k: None})(
+            net(), teacher, distiller, nn.Identity())
+        model.train()
+        assert model.teacher.training == batch_stats
+        with torch.no_grad():
+            out = model.teacher(x)
+        model.eval()
+        with torch.no_grad():
+            evaluated = model.teacher(x)
+        assert torch.allclose(out, evaluated) != batch_stats       # batch statistics differ from the stored ones
+        assert weights_hash(model.teacher.state_dict()) == before   # nothing of the teacher changed

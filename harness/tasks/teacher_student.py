@@ -2,7 +2,9 @@
 optional distiller, as one mmengine ``BaseModel``.
 
 The teacher is frozen once (``requires_grad=False``) and stays in eval mode whatever
-``train()`` is called with, so its BN statistics and dropout never change; the export
+``train()`` is called with, so its BN statistics and dropout never change (unless the
+distiller asks for batch statistics: SSLD's ``teacher_mode: train``, its running
+statistics still unchanged); the export
 (:meth:`student_state_dict`) is the student alone.
 """
 from __future__ import annotations
@@ -59,7 +61,12 @@ class TeacherStudentModel(BaseModel):
     def train(self, mode: bool = True) -> "TeacherStudentModel":
         super().train(mode)
         if self.teacher is not None:
-            self.teacher.eval()
+            batch_stats = mode and self.distiller is not None and self.distiller.teacher_batch_statistics()
+            self.teacher.train(batch_stats)
+            if batch_stats:       # batch statistics, but its running statistics stay the evaluated teacher's
+                for module in self.teacher.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.track_running_stats = False     # (nor its batch counter)
         return self
 
     def with_distillation(self, own: dict[str, Any], batch: Any) -> dict[str, Any]:
