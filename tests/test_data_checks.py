@@ -189,3 +189,22 @@ def test_warnings_are_printed_and_recorded_in_the_rows(tmp_path, capsys):
     [row] = with_data_warnings(suite, [{"dataset": "shapes"}])
     [warning] = json.loads(row["data_warnings"])
     assert warning["kind"] == "box-clipped" and warning["count"] == 1
+
+
+def test_a_synthetic_root_written_with_other_parameters_is_refused(tmp_path, capsys):
+    """A suite asking for 64 validation images scored on the 32 an earlier suite wrote
+    to the same root: the writer records its parameters there, and another set (or no
+    record) is an error naming the key, before anything runs."""
+    root = tmp_path / "data" / "shapes"
+    synth.write_coco(root, train_images=8, val_images=3, image_size=64, max_objects=3, seed=1)
+    path = tmp_path / "suite.yaml"
+    path.write_text(TINY_SUITE.format(root=root, output=tmp_path / "out"))          # asks val_images: 4
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "datasets.shapes.synth" in err and "val_images: 3 there, 4 asked" in err
+    (root / ".kd-synth.json").unlink()
+    assert main(["plan", str(path)]) == 2
+    assert "holds no record of how it was written" in capsys.readouterr().err
+    shutil.rmtree(root)
+    synth.write_coco(root, train_images=8, val_images=4, image_size=64, max_objects=3, seed=1)   # the same
+    assert main(["plan", str(path)]) == 0

@@ -268,3 +268,17 @@ def test_the_report_opens_with_what_it_is():
                  "0.060 device-hours in all"):
         assert text in head, head
     assert "Trials: 6 (5 ok, 1 error)" in to_html(df)
+
+
+def test_the_report_closes_with_one_sentence_made_from_the_board():
+    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.50)]
+    for seed, (alone, fgd, gid) in enumerate([(0.30, 0.40, 0.31), (0.32, 0.41, 0.30), (0.31, 0.42, 0.33)]):
+        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone),
+                 _row(trial_id=f"f{seed}", method="fgd", seed=seed, value=fgd),
+                 _row(trial_id=f"g{seed}", method="gid", seed=seed, value=gid)]
+    rows.append(_row(trial_id="k0", method="gkp", seed=0, value=0.5))
+    text = format_report(pd.DataFrame(rows))
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("In one sentence: fgd on d (+10.0) beats the student alone beyond seed noise; "
+                           "gid on d (+0.3) cannot be told from the student alone; gkp on d (+20.0) had too few "
+                           "seeds to tell"), last

@@ -30,13 +30,14 @@ def _lock(path: Path) -> Iterator[None]:
 
 def ensure_dataset(ds: dict[str, Any]) -> Path:
     """Return the dataset root, writing the synthetic dataset first when the suite asks
-    for one (``synth:``) and it is absent. Safe when several trials race for it."""
+    for one (``synth:``) and it is absent (the writer records how, ``harness.suite.paths.SYNTH_MARKER``). Safe
+    when several trials race for it."""
     root = Path(ds["root"])
     if ds.get("synth") is None or root.exists():
         return root
     with _lock(root.parent / f".{root.name}.lock"):
         if not root.exists():
-            import_target(catalog.DATASET_FORMATS.get(ds["format"])["synth"])(root, **ds["synth"])
+            import_target(catalog.DATASET_FORMATS.get(ds["format"])["synth"])(root, **ds["synth"])   # (and its record)
     return root
 
 

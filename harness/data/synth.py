@@ -10,14 +10,37 @@ one of :data:`SHAPES` (distinct shape and colour per class), at sizes from about
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from harness.suite.paths import SYNTH_MARKER
+
+def _recorded(writer: Callable[..., Path]) -> Callable[..., Path]:
+    """A writer that also records, in the root it wrote, its name and every parameter
+    (defaults included): a suite naming the root with other parameters is then refused
+    instead of scored on data it did not ask for (``harness.suite.paths.synth_mismatch``)."""
+    signature = inspect.signature(writer)
+
+    @functools.wraps(writer)
+    def write(root: str | os.PathLike, **params: Any) -> Path:
+        out = writer(root, **params)
+        bound = signature.bind(root, **params)
+        bound.apply_defaults()
+        record = {"writer": writer.__name__, **{k: v for k, v in bound.arguments.items() if k != "root"}}
+        (Path(out) / SYNTH_MARKER).write_text(json.dumps(record, sort_keys=True))
+        return out
+    return write
+
 
 # class name -> RGB colour; the shape is drawn by `_draw`
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -98,6 +121,7 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+@_recorded
 def write_coco(root: str | os.PathLike, train_images: int = 64, val_images: int = 16,
                image_size: int = 128, max_objects: int = 4, seed: int = 0) -> Path:
     """Write a COCO-layout detection dataset to ``root`` and return it.
@@ -148,6 +172,7 @@ def _voc_xml(file_name: str, size: int, objects: list) -> str:
     return "\n".join(parts) + "\n"
 
 
+@_recorded
 def write_voc(root: str | os.PathLike, train_images: int = 64, val_images: int = 16,
               image_size: int = 128, max_objects: int = 4, seed: int = 0) -> Path:
     """Write a Pascal VOC-layout detection dataset (the ``VOCdevkit`` folder) to ``root``.
@@ -183,6 +208,7 @@ def shape_classes() -> tuple[str, ...]:
     return tuple(SHAPES)
 
 
+@_recorded
 def write_imagenet(root: str | os.PathLike, train_images: int = 16, val_images: int = 4,
                    image_size: int = 64, unlabeled_images: int = 0, seed: int = 0) -> Path:
     """Write an ImageNet-style classification dataset to ``root``.
@@ -257,6 +283,7 @@ def _seg_scene(rng: np.random.RandomState, h: int, w: int, classes: int, regions
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
+@_recorded
 def write_cityscapes(root: str | os.PathLike, train_images: int = 8, val_images: int = 4,
                      image_size: int = 64, seed: int = 0) -> Path:
     """Write a Cityscapes-layout dataset: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``
@@ -276,6 +303,7 @@ def write_cityscapes(root: str | os.PathLike, train_images: int = 8, val_images:
     return root
 
 
+@_recorded
 def write_voc_seg(root: str | os.PathLike, train_images: int = 8, val_images: int = 4,
                   image_size: int = 64, aug_images: int = 0, seed: int = 0) -> Path:
     """Write a Pascal VOC 2012 segmentation layout (``root`` = ``VOC2012``): ``JPEGImages``,

@@ -161,6 +161,9 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     if fails:
         parts.append(f"<h2>{len(fails)} trial(s) without a result</h2><ul>"
                      + "".join(f"<li>{html.escape(f)}</li>" for f in fails) + "</ul>")
+    sentence = report.in_one_sentence(board)
+    if sentence:
+        parts.append(f"<p class='summary'><b>{html.escape(sentence)}</b></p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -331,7 +331,39 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
     if fails:
         lines += [f"## {len(fails)} trial(s) without a result (not in the leaderboard)", ""]
         lines += [f"- {f}" for f in fails] + [""]
+    sentence = in_one_sentence(board)
+    if sentence:
+        lines += [sentence, ""]
     return "\n".join(lines)
+
+
+def in_one_sentence(board: pd.DataFrame) -> str:
+    """What the leaderboard shows, in one sentence made from it: which distillers'
+    gains over the student alone are distinguishable from seed noise (the paired test,
+    at least MIN_SEEDS seeds), which are not, and which cells have too few seeds."""
+    if board.empty:
+        return ""
+    cells = board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
+    if cells.empty:
+        return ""
+
+    def name(r: Any) -> str:
+        return f"{r.method} on {r.dataset} ({r.gain:+.1f})"
+    up = [name(r) for r in cells.itertuples() if r.distinguishable == "yes" and r.gain > 0]
+    down = [name(r) for r in cells.itertuples() if r.distinguishable == "yes" and r.gain < 0]
+    unclear = [name(r) for r in cells.itertuples() if r.distinguishable == "no"]
+    few = [name(r) for r in cells.itertuples() if r.distinguishable not in ("yes", "no")]
+    parts = []
+    if up:
+        parts.append(f"{', '.join(up)} {'beats' if len(up) == 1 else 'beat'} the student alone beyond seed noise")
+    if down:
+        parts.append(f"{', '.join(down)} {'does' if len(down) == 1 else 'do'} worse than the student alone "
+                     f"beyond seed noise")
+    if unclear:
+        parts.append(f"{', '.join(unclear)} cannot be told from the student alone")
+    if few:
+        parts.append(f"{', '.join(few)} had too few seeds to tell (fewer than {MIN_SEEDS})")
+    return "In one sentence: " + "; ".join(parts) + f" (paired t-test over seeds, p < {ALPHA})."
 
 
 def searches(df: pd.DataFrame) -> list[dict[str, Any]]:

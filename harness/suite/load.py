@@ -23,7 +23,7 @@ from harness.registry import suggest
 
 from .methods import _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
-                    _storage, allowed_roots, fetch_checkpoint)
+                    _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
 from . import zoo
 from .schema import Resources, Schedule, SuiteDoc, check_name, validate
 from .spec import TrialSpec, file_sha256, teacher_key
@@ -115,6 +115,10 @@ def _datasets(doc: Node, roots: list[Path]) -> dict[str, dict[str, Any]]:
             _check_keys(synth, set(entry["synth_params"]), f"datasets.{name}.synth ({fmt})")
             if not Path(root).exists():      # it will be written: only where this run may write
                 _contained(root, ds, "root", f"datasets.{name}.root (synthetic, written on first use)", roots)
+        if synth is not None and Path(root).exists():
+            why = synth_mismatch({"root": root, "format": fmt, "synth": dict(synth)})
+            if why:
+                raise _err(ds, "synth", f"datasets.{name}.synth: {why}")
         if synth is None and not Path(root).exists():
             raise _err(ds, "root", f"datasets.{name}.root: '{root}' does not exist. Point it at a "
                                    f"{fmt}-layout dataset, or write a synthetic one with: "

@@ -258,3 +258,43 @@ def pretrained_file(uri: str) -> str:
         download(url, local)
     return str(local)
 
+
+#: written into a synthetic dataset's root: the format and every parameter it was written with
+SYNTH_MARKER = ".kd-synth.json"
+
+
+def synth_params(fmt: str, given: dict[str, Any]) -> dict[str, Any]:
+    """A synthetic dataset's parameters with the writer's defaults filled in: what the
+    data on disk is, whichever of them a suite spelt out."""
+    import inspect
+
+    from harness import catalog
+    from harness.registry import import_target
+    writer = import_target(catalog.DATASET_FORMATS.get(fmt)["synth"])
+    defaults = {k: p.default for k, p in inspect.signature(writer).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {"writer": writer.__name__, **defaults, **given}
+
+
+def synth_mismatch(ds: dict[str, Any]) -> str | None:
+    """Why an existing root cannot be the synthetic dataset a suite describes (it was
+    written with other parameters, or by no kd-harness writer), or None. Without this a
+    suite asking for 64 validation images silently scores on the 32 an earlier suite
+    wrote there."""
+    import json
+    root = Path(ds["root"])
+    if ds.get("synth") is None or not root.exists():
+        return None
+    want = synth_params(ds["format"], ds["synth"])
+    try:
+        have = json.loads((root / SYNTH_MARKER).read_text())
+    except (OSError, ValueError):
+        return (f"'{root}' exists but holds no record of how it was written ({SYNTH_MARKER}), so it cannot be "
+                f"told from the synthetic data the suite describes; delete it (it is written again) or remove "
+                f"'synth:' to use it as it is")
+    if have != want:
+        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+        return (f"'{root}' holds synthetic data written with other parameters "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); delete it (it is "
+                f"written again), or point root elsewhere")
+    return None
