@@ -158,10 +158,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _confined([args.csv, where / "leaderboard.md", where / "report.html"] if args.csv
               else [where / "leaderboard.md", where / "report.html"], args)
     if args.csv:
-        leaderboard(df, args.best).to_csv(args.csv, index=False)
+        leaderboard(df, args.best, args.interval, args.olympic).to_csv(args.csv, index=False)
     datasets = suite_datasets(where)
-    md, page = write_report(df, where, best=args.best, datasets=datasets)
-    print(format_report(df, best=args.best, datasets=datasets))
+    md, page = write_report(df, where, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic)
+    print(format_report(df, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic))
     print(f"\nwritten: {md}, {page}")
     return 0
 
@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="best-epoch values instead of last-epoch ones (the table's title says which)")
     rep.add_argument("--all", action="store_true",
                      help="include rows of trials that are no longer in the suite as last run (never pooled by default)")
+    rep.add_argument("--interval", choices=("t", "bootstrap"), default="t",
+                     help="95%% intervals by Student's t (default) or a bootstrap of the mean (10,000 resamples)")
+    rep.add_argument("--olympic", action="store_true",
+                     help="MLPerf's olympic scoring: drop each cell's best and worst seed (for gains: the best and "
+                          "worst paired differences) before averaging")
     rep.add_argument("--output-root", action="append", default=[], metavar="DIR",
                      help="also allow writing under DIR (the report beside the results, --csv)")
     rep.set_defaults(func=_cmd_report)

@@ -282,3 +282,29 @@ def test_the_report_closes_with_one_sentence_made_from_the_board():
     assert last.startswith("In one sentence: fgd on d (+10.0) beats the student alone beyond seed noise; "
                            "gid on d (+0.3) cannot be told from the student alone; gkp on d (+20.0) had too few "
                            "seeds to tell"), last
+
+
+def test_bootstrap_intervals_and_olympic_scoring_as_report_options(tmp_path, capsys):
+    """``report --interval bootstrap`` (lm-evaluation-harness' way) and ``--olympic``
+    (MLPerf's: a cell's best and worst runs dropped) change what they say they change."""
+    from harness.cli import main
+    from harness.store.stats import olympic, paired_gain
+    alone = pd.Series([0.30, 0.31, 0.29, 0.30, 0.32], index=range(5))
+    method = pd.Series([0.40, 0.41, 0.39, 0.90, 0.40], index=range(5))     # one wild seed
+    assert olympic(method).tolist() == [0.40, 0.40, 0.41]
+    gain_t = paired_gain(method, alone)
+    gain_o = paired_gain(method, alone, trim=True)
+    gain_b = paired_gain(method, alone, how="bootstrap")
+    assert gain_t[0] == pytest.approx(0.196) and gain_o[0] == pytest.approx(0.10)      # diffs .10 .10 .10 (.60, .08 dropped)
+    assert gain_b[0] == gain_t[0] and (gain_b[1], gain_b[2]) != (gain_t[1], gain_t[2])
+    assert gain_b[1] >= 0.08 and gain_b[2] <= 0.6                  # within the values' range, unlike t's
+    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.95)]
+    rows += [_row(trial_id=f"n{s}", teacher="", method="none", seed=s, value=v) for s, v in alone.items()]
+    rows += [_row(trial_id=f"f{s}", method="fgd", seed=s, value=v) for s, v in method.items()]
+    for r in rows:
+        r["suite"] = "s"
+    results.write_trial_rows(tmp_path, "all", rows)
+    assert main(["report", str(tmp_path), "--olympic", "--interval", "bootstrap"]) == 0
+    out = capsys.readouterr().out
+    assert "| fgd | 40.33 |" in out and "| +10.00 |" in out
+    assert "bootstrap, 10,000 resamples, percentile" in out and "olympic scoring (MLPerf)" in out

@@ -121,9 +121,10 @@ figure { margin: 1em 0; }
 """
 
 
-def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None) -> str:
+def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
+            interval: str = "t", trim: bool = False) -> str:
     """The whole report page (one string, no external resource)."""
-    board = report.leaderboard(df, best)
+    board = report.leaderboard(df, best, interval, trim)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
              f"<style>{CSS}</style></head><body><h1>Leaderboard</h1>",
              "<ul class='about'>" + "".join(f"<li>{html.escape(line)}</li>" for line in report.about(df)) + "</ul>"]
@@ -140,6 +141,8 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
             parts.append(f"<tr class='{html.escape(cells[7])}'>"
                          + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         parts.append("</tbody></table>")
+    if not board.empty:
+        parts.append(f"<p class='note'>{html.escape(report.estimate_line(interval, trim))}</p>")
     warns = report.warnings_for(df, board)
     if warns:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)
@@ -169,12 +172,12 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
 
 
 def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False,
-                 datasets: dict[str, Any] | None = None) -> tuple[Path, Path]:
+                 datasets: dict[str, Any] | None = None, interval: str = "t", trim: bool = False) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
     The datasets (default: of the suite last run there, its ``suite.json``) head both."""
     from .results import suite_datasets, write_text_atomic
     directory = Path(directory)
     datasets = suite_datasets(directory) if datasets is None else datasets
-    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets))
-    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets))
+    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets, interval, trim))
+    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim))
     return md, page

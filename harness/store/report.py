@@ -17,63 +17,11 @@ import math
 from typing import Any
 
 import pandas as pd
-from scipy import stats
 
 from harness import catalog
 from harness.registry import preview
 
-#: p-value under which a gain is called distinguishable from seed noise (paired t-test)
-ALPHA = 0.05
-#: fewer paired seeds than this cannot tell a gain from noise
-MIN_SEEDS = 3
-
-
-def paired_gain(method: pd.Series, alone: pd.Series, higher_is_better: bool = True) -> tuple[float, float, float, int]:
-    """Mean gain over the student alone on the seeds both ran, its 95% confidence
-    interval (Student's t on the per-seed differences) and the number of pairs.
-    ``method`` and ``alone`` are indexed by seed. Fewer than two pairs give no interval."""
-    diff = (method - alone).dropna() * (1.0 if higher_is_better else -1.0)
-    n = len(diff)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(diff.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, n
-    sem = float(stats.sem(diff))
-    if sem == 0:
-        return mean, mean, mean, n
-    lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
-    return mean, float(lo), float(hi), n
-
-
-def paired_p_value(method: pd.Series, alone: pd.Series) -> float:
-    """Two-sided paired t-test (scipy.stats.ttest_rel) on the seeds both ran."""
-    both = pd.concat([method, alone], axis=1, join="inner").dropna()
-    if len(both) < 2:
-        return math.nan
-    diff = both.iloc[:, 0] - both.iloc[:, 1]
-    if float(diff.std(ddof=1)) == 0:
-        return 0.0 if float(diff.mean()) != 0 else 1.0
-    return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue)
-
-
-def mean_interval(values: pd.Series) -> tuple[float, float]:
-    """95% confidence interval of the mean over seeds (Student's t); NaN below two seeds."""
-    values = values.dropna()
-    if len(values) < 2:
-        return math.nan, math.nan
-    sem = float(stats.sem(values))
-    if sem == 0:
-        return float(values.mean()), float(values.mean())
-    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=float(values.mean()), scale=sem)
-    return float(lo), float(hi)
-
-
-def verdict(p: float, n: int) -> str:
-    """Whether a gain is distinguishable from noise: 'yes', 'no', or 'n<3' (too few seeds)."""
-    if n < MIN_SEEDS:
-        return f"n<{MIN_SEEDS}"
-    return "yes" if p < ALPHA else "no"
+from .stats import ALPHA, MIN_SEEDS, INTERVALS, olympic, mean_interval, paired_gain, paired_p_value, verdict  # noqa: F401
 
 
 def _scale(metric: str) -> float:
@@ -102,8 +50,9 @@ def suite_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["search_id"].fillna("") == ""] if "search_id" in df else df
 
 
-def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
-    """One row per (task, dataset, teacher, student, method) on the primary metric."""
+def leaderboard(df: pd.DataFrame, best: bool = False, interval: str = "t", trim: bool = False) -> pd.DataFrame:
+    """One row per (task, dataset, teacher, student, method) on the primary metric.
+    ``interval``: Student's t or a bootstrap; ``trim``: olympic scoring (:mod:`.stats`)."""
     ok = suite_rows(df)
     ok = ok[(ok["status"] == "ok") & (ok["primary"])].copy()
     ok["v"] = _value_column(ok, best)
@@ -129,7 +78,7 @@ def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
             t_score = teachers.get(teacher, math.nan)
             base_seeds = (alone_seeds[student] if student in alone_seeds.index.get_level_values(0)
                           else pd.Series(dtype=float))
-            base = base_seeds.mean() if len(base_seeds) else math.nan
+            base = (olympic(base_seeds) if trim else base_seeds).mean() if len(base_seeds) else math.nan
             gap = sign * (t_score - base)
             common = dict(task=task, dataset=dataset, teacher=teacher, student=student, metric=metric,
                           best=best)
@@ -144,12 +93,13 @@ def leaderboard(df: pd.DataFrame, best: bool = False) -> pd.DataFrame:
                            & ((students["teacher"] == teacher) | (students["method"] == "none"))]
             for method, m in sel.groupby("method", sort=False):
                 values = m.groupby("seed")["v"].mean() * scale
-                mean = float(values.mean())
-                lo, hi = mean_interval(values)
+                kept = olympic(values) if trim else values
+                mean = float(kept.mean())
+                lo, hi = mean_interval(kept, interval)
                 distilled = method != "none"
-                gain, g_lo, g_hi, n_pairs = paired_gain(values, base_seeds, higher) if distilled else (
-                    0.0, math.nan, math.nan, 0)
-                p = paired_p_value(values, base_seeds) if distilled else math.nan
+                gain, g_lo, g_hi, n_pairs = paired_gain(values, base_seeds, higher, interval, trim) \
+                    if distilled else (0.0, math.nan, math.nan, 0)
+                p = paired_p_value(values, base_seeds, trim) if distilled else math.nan
                 per_trial = m.groupby("trial_id")
                 rows.append(dict(
                     common, method=method, mean=mean, ci_lo=lo, ci_hi=hi,
@@ -300,11 +250,23 @@ def dataset_lines(datasets: dict[str, dict[str, Any]] | None) -> list[str]:
     return out
 
 
-def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None) -> str:
+def estimate_line(interval: str = "t", trim: bool = False) -> str:
+    """How the cells' means, intervals and tests were made, in words."""
+    how = "bootstrap, 10,000 resamples, percentile" if interval == "bootstrap" else "Student's t"
+    olympic_words = ("; olympic scoring (MLPerf): each cell's best and worst seed dropped, and for gains the best "
+                     "and worst paired differences" if trim else "")
+    return (f"Mean and its 95% confidence interval over seeds ({how}){olympic_words}; gain over the student alone "
+            f"with its 95% interval and a paired t-test over the seeds both ran; distinguishable: p < {ALPHA} "
+            f"with at least {MIN_SEEDS} seeds (n<{MIN_SEEDS}: too few seeds to tell); gap closed: "
+            f"(method - student) / (teacher - student).")
+
+
+def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
+                interval: str = "t", trim: bool = False) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
-    board = leaderboard(df, best)
+    board = leaderboard(df, best, interval, trim)
     lines: list[str] = ["# Leaderboard", ""] + [f"- {line}" for line in about(df)] + [""]
     if datasets:
         lines += ["Datasets: " + "; ".join(map(md_text, dataset_lines(datasets))), ""]
@@ -317,10 +279,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
         lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(part)]
         lines.append("")
     if not board.empty:
-        lines += [f"Mean and its 95% confidence interval over seeds (Student's t); gain over the student alone "
-                  f"with its 95% interval and a paired t-test over the seeds both ran; distinguishable: p < {ALPHA} "
-                  f"with at least {MIN_SEEDS} seeds (n<{MIN_SEEDS}: too few seeds to tell); gap closed: "
-                  f"(method - student) / (teacher - student).", ""]
+        lines += [estimate_line(interval, trim), ""]
         if ((board["n"] < MIN_SEEDS) & (board["method"] != "teacher")).any():
             lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
     warns = warnings_for(df, board)
@@ -401,6 +360,7 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None) -> str:
+def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
+                  interval: str = "t", trim: bool = False) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best, datasets)
+    return to_markdown(df, best, datasets, interval, trim)

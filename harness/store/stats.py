@@ -1,0 +1,94 @@
+"""The statistics of a leaderboard cell, over seeds: the mean and its 95% interval, the
+gain over the student alone on the paired seeds with its interval and a paired t-test,
+and the verdict. Intervals are Student's t (default) or a bootstrap of the mean
+(scipy.stats.bootstrap, percentile, 10,000 resamples, fixed seed), as lm-evaluation-harness
+reports; ``olympic`` applies MLPerf's olympic scoring first (a cell's best and worst
+runs dropped, for gains the best and worst paired differences). The paired t-test (and
+so the verdict) is computed on the same values either way."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: p-value under which a gain is called distinguishable from seed noise (paired t-test)
+ALPHA = 0.05
+#: fewer paired seeds than this cannot tell a gain from noise
+MIN_SEEDS = 3
+
+
+#: the intervals a report can give
+INTERVALS = ("t", "bootstrap")
+
+
+def olympic(values: pd.Series) -> pd.Series:
+    """MLPerf's olympic scoring: the values without the best and the worst one (three or
+    more values; fewer are left as they are)."""
+    values = values.dropna()
+    return values.sort_values().iloc[1:-1] if len(values) >= 3 else values
+
+
+def _interval(values: pd.Series, how: str) -> tuple[float, float]:
+    """95% interval of the mean of ``values`` (two or more): Student's t, or a bootstrap."""
+    mean = float(values.mean())
+    if float(values.std(ddof=1)) == 0:
+        return mean, mean
+    if how == "bootstrap":
+        res = stats.bootstrap((np.asarray(values, dtype=float),), np.mean, confidence_level=0.95,
+                              n_resamples=10_000, method="percentile", random_state=0)
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=float(stats.sem(values)))
+    return float(lo), float(hi)
+
+
+def paired_gain(method: pd.Series, alone: pd.Series, higher_is_better: bool = True, how: str = "t",
+                trim: bool = False) -> tuple[float, float, float, int]:
+    """Mean gain over the student alone on the seeds both ran, its 95% confidence
+    interval (``how``: Student's t or a bootstrap, on the per-seed differences; ``trim``:
+    olympic, the best and worst differences dropped first) and the number of pairs.
+    ``method`` and ``alone`` are indexed by seed. Fewer than two pairs give no interval."""
+    diff = (method - alone).dropna() * (1.0 if higher_is_better else -1.0)
+    n = len(diff)
+    if trim:
+        diff = olympic(diff)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(diff.mean())
+    if len(diff) < 2:
+        return mean, math.nan, math.nan, n
+    lo, hi = _interval(diff, how)
+    return mean, lo, hi, n
+
+
+def paired_p_value(method: pd.Series, alone: pd.Series, trim: bool = False) -> float:
+    """Two-sided paired t-test (scipy.stats.ttest_rel) on the seeds both ran; ``trim``:
+    on the differences left by olympic scoring (a one-sample t-test of them)."""
+    both = pd.concat([method, alone], axis=1, join="inner").dropna()
+    diff = both.iloc[:, 0] - both.iloc[:, 1]
+    if trim:
+        diff = olympic(diff)
+    if len(diff) < 2:
+        return math.nan
+    if float(diff.std(ddof=1)) == 0:
+        return 0.0 if float(diff.mean()) != 0 else 1.0
+    if trim:
+        return float(stats.ttest_1samp(diff, 0.0).pvalue)
+    return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue)
+
+
+def mean_interval(values: pd.Series, how: str = "t") -> tuple[float, float]:
+    """95% confidence interval of the mean over seeds (``how``: Student's t or a
+    bootstrap); NaN below two seeds."""
+    values = values.dropna()
+    if len(values) < 2:
+        return math.nan, math.nan
+    return _interval(values, how)
+
+
+def verdict(p: float, n: int) -> str:
+    """Whether a gain is distinguishable from noise: 'yes', 'no', or 'n<3' (too few seeds)."""
+    if n < MIN_SEEDS:
+        return f"n<{MIN_SEEDS}"
+    return "yes" if p < ALPHA else "no"
