@@ -230,7 +230,12 @@ def check_dataset(ds: dict[str, Any], cache_dir: str | os.PathLike | None = None
         except (OSError, ValueError, KeyError, TypeError):
             pass                                     # a damaged cache entry: check again
     findings = Findings(ds["root"])
-    check: Callable[..., None] = import_target(catalog.DATASET_FORMATS.get(ds["format"])["check"])
+    target = catalog.DATASET_FORMATS.get(ds["format"]).get("check")
+    if target is None:                  # a format registered without one: said, never silently passed
+        findings.warning("unchecked", ds["root"], ds["format"], "this dataset format registers no check: its "
+                                                               "data was not read before the run")
+        return findings, False
+    check: Callable[..., None] = import_target(target)
     try:
         classes = dataset_format(ds).classes(ds)
     except (ValueError, OSError) as exc:          # the file that lists the classes cannot be read

@@ -71,10 +71,6 @@ class DatasetFormat:
     def default_classes(self, ds: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def check(self, ds: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the file when the layout cannot be read (before
-        any trial starts); formats with annotation files override it."""
-
     def check_classes(self, ds: dict[str, Any]) -> None:
         """Raise ``ValueError`` when the suite's ``classes`` name a class the data does not
         have: the libraries' datasets drop such a name silently and train a model with
@@ -111,16 +107,6 @@ class CocoFormat(DatasetFormat):
         """The categories of the train json, in id order."""
         cats = _read_json(Path(ds["root"]) / self.splits["train"][0])["categories"]
         return tuple(c["name"] for c in sorted(cats, key=lambda c: c["id"]))
-
-    def check(self, ds: dict[str, Any]) -> None:
-        for ann_file, img_dir in self.splits.values():
-            doc = _read_json(Path(ds["root"]) / ann_file)
-            missing = [k for k in ("images", "annotations", "categories") if not isinstance(doc.get(k), list)]
-            if missing:
-                raise ValueError(f"{Path(ds['root']) / ann_file}: not a COCO annotation file (no list "
-                                 f"{', '.join(map(repr, missing))})")
-            if not (Path(ds["root"]) / img_dir).is_dir():
-                raise ValueError(f"{Path(ds['root']) / img_dir}: the image folder is missing")
 
     def dataset(self, ds: dict[str, Any], split: str, img_scale: list[int],
                 crop: list[int] | None = None, with_mask: bool = False) -> dict[str, Any]:
