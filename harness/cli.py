@@ -139,10 +139,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         from harness.store.html_report import write_report     # (pandas, scipy: after the run, not before)
         from harness.store.report import format_report
-        from harness.store.results import read_results, suite_datasets
-        df, datasets = read_results(suite.output), suite_datasets(suite.output)
-        md, page = write_report(df, suite.output, datasets=datasets)
-        print(format_report(df, datasets=datasets))
+        from harness.store.results import read_results, suite_datasets, suite_trials
+        df, datasets, trials = read_results(suite.output), suite_datasets(suite.output), suite_trials(suite.output)
+        md, page = write_report(df, suite.output, datasets=datasets, trials=trials)
+        print(format_report(df, datasets=datasets, trials=trials))
         print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
@@ -150,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from harness.store.html_report import write_report
     from harness.store.report import format_report, leaderboard
-    from harness.store.results import read_results, suite_datasets
+    from harness.store.results import read_results, suite_datasets, suite_trials
 
     df = read_results(args.results, current_only=not args.all)
     target = Path(args.results)
@@ -159,9 +159,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
               else [where / "leaderboard.md", where / "report.html"], args)
     if args.csv:
         leaderboard(df, args.best, args.interval, args.olympic).to_csv(args.csv, index=False)
-    datasets = suite_datasets(where)
-    md, page = write_report(df, where, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic)
-    print(format_report(df, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic))
+    datasets, trials = suite_datasets(where), suite_trials(where)
+    md, page = write_report(df, where, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
+                            trials=trials)
+    print(format_report(df, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
+                        trials=trials))
     print(f"\nwritten: {md}, {page}")
     return 0
 

@@ -308,3 +308,40 @@ def test_bootstrap_intervals_and_olympic_scoring_as_report_options(tmp_path, cap
     out = capsys.readouterr().out
     assert "| fgd | 40.33 |" in out and "| +10.00 |" in out
     assert "bootstrap, 10,000 resamples, percentile" in out and "olympic scoring (MLPerf)" in out
+
+
+def test_the_papers_number_beside_a_cell_whose_setup_matches():
+    """A cell trained in the setup of a paper's headline result (method, format, both
+    configs) gets the paper's baseline -> distilled beside ours; another says no paper
+    setup matches."""
+    from harness.store.papers import paper_lines
+    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.41)]
+    for seed, (alone, fgd) in enumerate([(0.370, 0.400), (0.372, 0.405), (0.368, 0.401)]):
+        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone),
+                 _row(trial_id=f"f{seed}", method="fgd", seed=seed, value=fgd),
+                 _row(trial_id=f"x{seed}", method="fgd-x", seed=seed, value=fgd)]
+    board = leaderboard(pd.DataFrame(rows))
+    ds = {"name": "d", "format": "coco"}
+    teacher = {"name": "T", "config": "mmdet::retinanet/retinanet_x101-64x4d_fpn_1x_coco.py"}
+    trials = [{"dataset": ds, "model": {"name": "S", "config": "mmdet::retinanet/retinanet_r50_fpn_2x_coco.py"},
+               "teacher": teacher, "method": "fgd", "method_name": "fgd", "schedule": {"epochs": 24}},
+              {"dataset": ds, "model": {"name": "S", "config": "mmdet::retinanet/retinanet_r50_fpn_2x_coco.py"},
+               "teacher": dict(teacher, config="mmdet::retinanet/retinanet_r101_fpn_2x_coco.py"),
+               "method": "fgd-x", "method_name": "fgd", "schedule": {"epochs": 12}}]
+    trials[1]["teacher"]["name"] = "T"
+    lines = paper_lines(board, trials)
+    [fgd] = [line for line in lines if line.startswith("fgd on d")]
+    assert "the paper's 37.4 -> 40.7 (+3.3), ours 37.0 -> 40.2 (+3.2): the gain differs by -0.1" in fgd
+    assert "yzd-v/FGD README" in fgd
+    [other] = [line for line in lines if line.startswith("fgd-x on d")]
+    assert "no paper result was measured in this setup" in other
+    assert "## The papers' numbers" in format_report(pd.DataFrame(rows), trials=trials)
+
+
+def test_every_paper_setup_names_configs_the_installed_mmdet_bundles():
+    from harness import catalog
+    from harness.suite import zoo
+    for entry in catalog.PAPER_RESULTS:
+        for ref in (entry["teacher"], entry["student"]):
+            assert zoo.check_reference(ref) is None, (entry.name, ref, zoo.check_reference(ref))
+        assert entry["distilled"] > entry["baseline"] and entry["source"]

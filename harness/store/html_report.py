@@ -122,7 +122,7 @@ figure { margin: 1em 0; }
 
 
 def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
-            interval: str = "t", trim: bool = False) -> str:
+            interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best, interval, trim)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
@@ -143,6 +143,11 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
         parts.append("</tbody></table>")
     if not board.empty:
         parts.append(f"<p class='note'>{html.escape(report.estimate_line(interval, trim))}</p>")
+    from .papers import paper_lines
+    papers = paper_lines(board, trials)
+    if papers:
+        parts.append("<h2>The papers' numbers</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in papers)
+                     + "</ul>")
     warns = report.warnings_for(df, board)
     if warns:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)
@@ -172,12 +177,14 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
 
 
 def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False,
-                 datasets: dict[str, Any] | None = None, interval: str = "t", trim: bool = False) -> tuple[Path, Path]:
+                 datasets: dict[str, Any] | None = None, interval: str = "t", trim: bool = False,
+                 trials: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
     The datasets (default: of the suite last run there, its ``suite.json``) head both."""
-    from .results import suite_datasets, write_text_atomic
+    from .results import suite_datasets, suite_trials, write_text_atomic
     directory = Path(directory)
     datasets = suite_datasets(directory) if datasets is None else datasets
-    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets, interval, trim))
-    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim))
+    trials = suite_trials(directory) if trials is None else trials
+    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets, interval, trim, trials))
+    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim, trials))
     return md, page

@@ -262,7 +262,7 @@ def estimate_line(interval: str = "t", trim: bool = False) -> str:
 
 
 def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
-                interval: str = "t", trim: bool = False) -> str:
+                interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
@@ -282,6 +282,10 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
         lines += [estimate_line(interval, trim), ""]
         if ((board["n"] < MIN_SEEDS) & (board["method"] != "teacher")).any():
             lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
+    from .papers import paper_lines
+    papers = paper_lines(board, trials)
+    if papers:
+        lines += ["## The papers' numbers", ""] + [f"- {md_text(p)}" for p in papers] + [""]
     warns = warnings_for(df, board)
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
@@ -361,6 +365,6 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
 
 
 def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
-                  interval: str = "t", trim: bool = False) -> str:
+                  interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best, datasets, interval, trim)
+    return to_markdown(df, best, datasets, interval, trim, trials)

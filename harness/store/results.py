@@ -283,6 +283,16 @@ def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def suite_trials(output: str | os.PathLike) -> list[dict[str, Any]]:
+    """The trial specs of the suite as last run in ``output`` (its ``suite.json``); empty
+    when there is none."""
+    try:
+        trials = json.loads((Path(output) / "suite.json").read_text()).get("trials") or []
+        return [t for t in trials if isinstance(t, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 FAILED = ("error", "diverged")
 
 
