@@ -104,6 +104,33 @@ def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
     check_pretrained(suite)             # every pretrained backbone had, read weights-only, and fitting
 
 
+def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dict) -> "object":
+    """Under a seed rule (``seeds: {first, max, until}``): rounds that add seeds to the
+    cells whose gain is not yet precise (:mod:`harness.run.seeds`), each a run of the
+    pending trials; their trials join ``summary``. Returns the suite as last run."""
+    from harness.run.matrix import run_suite
+    from harness.run.seeds import more_seeds, rule_of
+    from harness.suite.load import load_suite
+    rule = rule_of(suite.doc)
+    round_no = 1
+    while rule and not args.dry_run:
+        plan = more_seeds(suite, rule)
+        if plan is None:
+            break
+        round_no += 1
+        had: dict = {}
+        for t in suite.student_trials():
+            if t.teacher:
+                had.setdefault((t.dataset["name"], t.teacher["name"], t.model["name"], t.method), set()).add(t.seed)
+        grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had.get(k, ()))} -> {len(v)} seeds"
+                 for k, v in plan.items() if k[3] != "none" and len(v) > len(had.get(k, ()))]
+        print(f"\nseeds until precise, round {round_no}: {'; '.join(grown)}", flush=True)
+        suite = load_suite(args.suite, args.output_root, seeds_for=plan)
+        more = run_suite(suite, address=args.address, resume=True, num_cpus=args.num_cpus, verbose=args.verbose)
+        summary["trials"] += more["trials"]
+    return suite
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     suite = _checked_suite(args)
     from harness.run.runlock import run_lock
@@ -120,6 +147,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
                                 verbose=args.verbose, dry_run=args.dry_run,
                                 prepare=lambda: _prepare_data_and_models(suite, args))
+            suite = _seeds_until_precise(suite, args, summary)
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
             done = sum(not t["error"] for t in summary["trials"])
@@ -139,10 +167,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         from harness.store.html_report import write_report     # (pandas, scipy: after the run, not before)
         from harness.store.report import format_report
-        from harness.store.results import read_results, suite_datasets, suite_trials
+        from harness.store.results import read_results, suite_datasets, suite_seed_rule, suite_trials
         df, datasets, trials = read_results(suite.output), suite_datasets(suite.output), suite_trials(suite.output)
-        md, page = write_report(df, suite.output, datasets=datasets, trials=trials)
-        print(format_report(df, datasets=datasets, trials=trials))
+        rule = suite_seed_rule(suite.output)
+        md, page = write_report(df, suite.output, datasets=datasets, trials=trials, seed_rule=rule)
+        print(format_report(df, datasets=datasets, trials=trials, seed_rule=rule))
         print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
@@ -150,7 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from harness.store.html_report import write_report
     from harness.store.report import format_report, leaderboard
-    from harness.store.results import read_results, suite_datasets, suite_trials
+    from harness.store.results import read_results, suite_datasets, suite_seed_rule, suite_trials
 
     df = read_results(args.results, current_only=not args.all)
     target = Path(args.results)
@@ -159,11 +188,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
               else [where / "leaderboard.md", where / "report.html"], args)
     if args.csv:
         leaderboard(df, args.best, args.interval, args.olympic).to_csv(args.csv, index=False)
-    datasets, trials = suite_datasets(where), suite_trials(where)
+    datasets, trials, rule = suite_datasets(where), suite_trials(where), suite_seed_rule(where)
     md, page = write_report(df, where, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
-                            trials=trials)
+                            trials=trials, seed_rule=rule)
     print(format_report(df, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
-                        trials=trials))
+                        trials=trials, seed_rule=rule))
     print(f"\nwritten: {md}, {page}")
     return 0
 

@@ -122,7 +122,8 @@ figure { margin: 1em 0; }
 
 
 def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
-            interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
+            interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
+            seed_rule: dict[str, Any] | None = None) -> str:
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best, interval, trim)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
@@ -143,6 +144,10 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
         parts.append("</tbody></table>")
     if not board.empty:
         parts.append(f"<p class='note'>{html.escape(report.estimate_line(interval, trim))}</p>")
+    seeds = report.seed_lines(board, seed_rule)
+    if seeds:
+        parts.append("<h2>Seeds until precise</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in seeds)
+                     + "</ul>")
     from .papers import paper_lines
     papers = paper_lines(board, trials)
     if papers:
@@ -178,13 +183,16 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
 
 def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False,
                  datasets: dict[str, Any] | None = None, interval: str = "t", trim: bool = False,
-                 trials: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
+                 trials: list[dict[str, Any]] | None = None, seed_rule: dict[str, Any] | None = None
+                 ) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
     The datasets (default: of the suite last run there, its ``suite.json``) head both."""
-    from .results import suite_datasets, suite_trials, write_text_atomic
+    from .results import suite_datasets, suite_seed_rule, suite_trials, write_text_atomic
     directory = Path(directory)
     datasets = suite_datasets(directory) if datasets is None else datasets
     trials = suite_trials(directory) if trials is None else trials
-    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, datasets, interval, trim, trials))
-    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim, trials))
+    seed_rule = suite_seed_rule(directory) if seed_rule is None else seed_rule
+    md = write_text_atomic(directory / "leaderboard.md",
+                           report.to_markdown(df, best, datasets, interval, trim, trials, seed_rule))
+    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim, trials, seed_rule))
     return md, page

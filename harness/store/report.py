@@ -21,7 +21,8 @@ import pandas as pd
 from harness import catalog
 from harness.registry import preview
 
-from .stats import ALPHA, MIN_SEEDS, INTERVALS, olympic, mean_interval, paired_gain, paired_p_value, verdict  # noqa: F401
+from .stats import (ALPHA, MIN_SEEDS, INTERVALS, mean_interval, olympic, paired_gain, paired_p_value,  # noqa: F401
+                    stop_reason, verdict)
 
 
 def _scale(metric: str) -> float:
@@ -261,8 +262,18 @@ def estimate_line(interval: str = "t", trim: bool = False) -> str:
             f"(method - student) / (teacher - student).")
 
 
+def seed_lines(board: pd.DataFrame, rule: dict[str, Any] | None) -> list[str]:
+    """Under a seed rule: each distilled cell's seed count and why it stopped there."""
+    if not rule or board.empty:
+        return []
+    cells = board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
+    return [f"{r.method} on {r.dataset} ({r.teacher} -> {r.student}): {r.n} seeds; "
+            f"{stop_reason(int(r.n), r.gain_lo, r.gain_hi, rule)}" for r in cells.itertuples()]
+
+
 def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
-                interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
+                interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
+                seed_rule: dict[str, Any] | None = None) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
@@ -282,6 +293,11 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
         lines += [estimate_line(interval, trim), ""]
         if ((board["n"] < MIN_SEEDS) & (board["method"] != "teacher")).any():
             lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
+    seeds = seed_lines(board, seed_rule)
+    if seeds:
+        lines += [f"## Seeds until precise (first {seed_rule.get('first', 3)}, max {seed_rule.get('max', 10)}, "
+                  f"until the gain's interval is within +-{seed_rule['until']['gain_ci_half_width']:g})", ""]
+        lines += [f"- {md_text(line)}" for line in seeds] + [""]
     from .papers import paper_lines
     papers = paper_lines(board, trials)
     if papers:
@@ -365,6 +381,7 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
 
 
 def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
-                  interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None) -> str:
+                  interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
+                  seed_rule: dict[str, Any] | None = None) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best, datasets, interval, trim, trials)
+    return to_markdown(df, best, datasets, interval, trim, trials, seed_rule)

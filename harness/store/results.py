@@ -293,6 +293,15 @@ def suite_trials(output: str | os.PathLike) -> list[dict[str, Any]]:
         return []
 
 
+def suite_seed_rule(output: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``seeds:`` rule of the suite as last run in ``output``, or None (a seed list)."""
+    try:
+        seeds = json.loads((Path(output) / "suite.json").read_text())["suite"].get("seeds")
+        return seeds if isinstance(seeds, dict) else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
 FAILED = ("error", "diverged")
 
 

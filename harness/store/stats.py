@@ -92,3 +92,14 @@ def verdict(p: float, n: int) -> str:
     if n < MIN_SEEDS:
         return f"n<{MIN_SEEDS}"
     return "yes" if p < ALPHA else "no"
+
+
+def stop_reason(n: int, gain_lo: float, gain_hi: float, rule: dict) -> str:
+    """Why a cell of a seed rule's run has the seeds it has."""
+    half = (gain_hi - gain_lo) / 2
+    target, most = float(rule["until"]["gain_ci_half_width"]), int(rule.get("max", 10))
+    if math.isfinite(half) and half <= target:
+        return f"precise: the gain's interval is +-{half:.2f}, within +-{target:g}"
+    if n >= most:
+        return f"max seeds ({most}) reached: the interval is +-{half:.2f}, wider than +-{target:g}"
+    return f"not finished: {n} seed(s), the interval +-{half:.2f} (a failed trial, or the run was stopped)"

@@ -21,7 +21,7 @@ from typing import Any
 from harness import catalog
 from harness.registry import suggest
 
-from .methods import _methods, _search
+from .methods import _check_serves, _check_tasks, _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
                     _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
 from . import zoo
@@ -254,56 +254,12 @@ def _pairs(doc: Node, teachers: dict, students: dict,
     return out
 
 
-def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
-                 pairs: list[tuple[str, str, list[str] | None]], methods: dict[str, Any]) -> None:
-    """Pairs and methods apply to the datasets of their task; one that matches no dataset
-    of the suite (or a pair mixing tasks) is an error."""
-    tasks = {ds["task"] for ds in datasets.values()}
-    listing = ", ".join(f"'{d['name']}' ({d['format']}) is a {d['task']} dataset" for d in datasets.values())
-    for t_name, s_name, _ in pairs:
-        t_arch, s_arch = catalog.arch_of(teachers[t_name]), catalog.arch_of(students[s_name])
-        if t_arch["task"] != s_arch["task"]:
-            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} mixes tasks: the teacher ({t_arch.name}) is a "
-                                     f"{t_arch['task']} model, the student ({s_arch.name}) a {s_arch['task']} model")
-        if t_arch["task"] not in tasks:
-            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} is a {t_arch['task']} pair but no dataset of the "
-                                     f"suite is: {listing}")
-    for label, (method, _, where) in methods.items():
-        entry = catalog.METHODS.get(method)
-        if not tasks & set(entry["tasks"]):
-            raise _err(where, label, f"method '{label}' ({method}) is for task {'/'.join(entry['tasks'])} "
-                                     f"but no dataset of the suite is: {listing}")
-
-
-def _check_serves(label: str, method: str, where: Any, teacher: dict, student: dict) -> None:
-    entry = catalog.METHODS.get(method)
-    t_arch, s_arch = catalog.arch_of(teacher), catalog.arch_of(student)
-    t_heads, s_heads = zoo.head_types(teacher, t_arch), zoo.head_types(student, s_arch)
-    for side, model, arch, heads in (("teacher", teacher, t_arch, t_heads), ("student", student, s_arch, s_heads)):
-        if entry.get("dense_heads") and heads[0] not in entry["dense_heads"]:
-            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': it "
-                                     f"distils the dense head's per-prior predictions, and its {heads[0]} is not "
-                                     f"one it reads; supported: {', '.join(entry['dense_heads'])}")
-        if entry.get("roi_heads") and arch.get("stages") == 2 and heads[1] not in entry["roi_heads"]:
-            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': its "
-                                     f"per-RoI distillation needs one of {', '.join(entry['roi_heads'])}, and the "
-                                     f"{side}'s RoI head is a {heads[1]}")
-    same_head = t_arch.name == s_arch.name or (t_heads[0] == s_heads[0] and t_arch["family"] == s_arch["family"])
-    if entry.get("needs_same_head") and not same_head:
-        raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
-                                 f"{teacher['name']} -> {student['name']}: it compares the two heads' "
-                                 f"predictions one to one, which needs the same head and anchor layout, but "
-                                 f"the teacher is a {t_arch.name} and the student a {s_arch.name}")
-    if entry.get("needs_same_levels") and tuple(t_arch["levels"]) != tuple(s_arch["levels"]):
-        raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
-                                 f"{teacher['name']} -> {student['name']}: it matches feature levels one to "
-                                 f"one, but the teacher's {t_arch.name} has strides {list(t_arch['levels'])} "
-                                 f"and the student's {s_arch.name} has {list(s_arch['levels'])}")
-
-
 # ------------------------------------------------------------------------------- main
-def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ()) -> Suite:
+def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
+               seeds_for: dict[tuple[str, str, str, str], list[int]] | None = None) -> Suite:
     """Load, merge and validate a suite and expand its trial matrix. Imports no backend.
+    ``seeds_for``: (dataset, teacher, student, method label) -> the seeds of that cell,
+    instead of the suite's (a run adding seeds until each gain is precise).
 
     Every place the run will write (``output``, ``teacher_cache``, synthetic datasets)
     must resolve under the working directory, ``$KD_HARNESS_OUTPUT_ROOT`` or one of
@@ -336,11 +292,13 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)
-    seeds = list(doc.get("seeds", [0]))
-    bound = len(datasets) * len(pairs) * (len(methods) + 1) * len(seeds) + len(datasets) * len(pairs)
+    rule = doc.get("seeds") if isinstance(doc.get("seeds"), dict) else None    # seeds until precise
+    seeds = list(range(int(rule.get("first", 3)))) if rule else list(doc.get("seeds", [0]))
+    most = int(rule.get("max", 10)) if rule else len(seeds)
+    bound = len(datasets) * len(pairs) * (len(methods) + 1) * most + len(datasets) * len(pairs)
     if bound > MAX_TRIALS:
         raise _err(doc, "seeds", f"the matrix has up to {bound} trials ({len(datasets)} dataset(s) x {len(pairs)} "
-                                 f"pair(s) x {len(methods)} method(s) x {len(seeds)} seed(s)); a suite runs at most "
+                                 f"pair(s) x {len(methods)} method(s) x {most} seed(s)); a suite runs at most "
                                  f"{MAX_TRIALS}: split it into several suites")
     # absolute: Ray trials may run in another working directory (or on another node)
     output = os.path.abspath(_expand(doc, "output", str(doc.get("output") or f"results/{name}"), "output"))
@@ -400,7 +358,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = ())
                     continue
                 _check_serves(label, method, where, teacher, student)
                 distilled = method != "none"
-                for seed in seeds:
+                for seed in (seeds_for or {}).get((ds["name"], t_name, s_name, label), seeds):
                     suite.trials.append(TrialSpec(
                         task=ds["task"], role="student", dataset=ds_id, model=dict(student),
                         method=label, method_name=method,

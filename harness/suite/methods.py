@@ -1,6 +1,7 @@
 """A suite's ``methods:`` (labels, method names, parameter overrides checked against the
 catalog's defaults, choices and ranges) and its ``search:`` block (the searched method,
-its space, starting points and seeds)."""
+its space, starting points and seeds), and whether each method serves the datasets and
+pairs it is given (``_check_tasks``, ``_check_serves``)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ from typing import Any
 from harness import catalog
 from harness.registry import suggest
 
+from . import zoo
 from .paths import _err
 from .schema import Search, validate
 from .yamlio import Node
@@ -122,3 +124,50 @@ def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
         raise _err(node, "start_from", f"search.start_from: {len(full['start_from'])} configurations but a "
                                        f"budget of {full['budget']}; raise search.budget")
     return full | {"method_name": name}
+
+
+def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,
+                 pairs: list[tuple[str, str, list[str] | None]], methods: dict[str, Any]) -> None:
+    """Pairs and methods apply to the datasets of their task; one that matches no dataset
+    of the suite (or a pair mixing tasks) is an error."""
+    tasks = {ds["task"] for ds in datasets.values()}
+    listing = ", ".join(f"'{d['name']}' ({d['format']}) is a {d['task']} dataset" for d in datasets.values())
+    for t_name, s_name, _ in pairs:
+        t_arch, s_arch = catalog.arch_of(teachers[t_name]), catalog.arch_of(students[s_name])
+        if t_arch["task"] != s_arch["task"]:
+            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} mixes tasks: the teacher ({t_arch.name}) is a "
+                                     f"{t_arch['task']} model, the student ({s_arch.name}) a {s_arch['task']} model")
+        if t_arch["task"] not in tasks:
+            raise _err(doc, "pairs", f"pair {t_name} -> {s_name} is a {t_arch['task']} pair but no dataset of the "
+                                     f"suite is: {listing}")
+    for label, (method, _, where) in methods.items():
+        entry = catalog.METHODS.get(method)
+        if not tasks & set(entry["tasks"]):
+            raise _err(where, label, f"method '{label}' ({method}) is for task {'/'.join(entry['tasks'])} "
+                                     f"but no dataset of the suite is: {listing}")
+
+
+def _check_serves(label: str, method: str, where: Any, teacher: dict, student: dict) -> None:
+    entry = catalog.METHODS.get(method)
+    t_arch, s_arch = catalog.arch_of(teacher), catalog.arch_of(student)
+    t_heads, s_heads = zoo.head_types(teacher, t_arch), zoo.head_types(student, s_arch)
+    for side, model, arch, heads in (("teacher", teacher, t_arch, t_heads), ("student", student, s_arch, s_heads)):
+        if entry.get("dense_heads") and heads[0] not in entry["dense_heads"]:
+            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': it "
+                                     f"distils the dense head's per-prior predictions, and its {heads[0]} is not "
+                                     f"one it reads; supported: {', '.join(entry['dense_heads'])}")
+        if entry.get("roi_heads") and arch.get("stages") == 2 and heads[1] not in entry["roi_heads"]:
+            raise _err(where, label, f"method '{label}' ({method}) cannot serve the {side} '{model['name']}': its "
+                                     f"per-RoI distillation needs one of {', '.join(entry['roi_heads'])}, and the "
+                                     f"{side}'s RoI head is a {heads[1]}")
+    same_head = t_arch.name == s_arch.name or (t_heads[0] == s_heads[0] and t_arch["family"] == s_arch["family"])
+    if entry.get("needs_same_head") and not same_head:
+        raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
+                                 f"{teacher['name']} -> {student['name']}: it compares the two heads' "
+                                 f"predictions one to one, which needs the same head and anchor layout, but "
+                                 f"the teacher is a {t_arch.name} and the student a {s_arch.name}")
+    if entry.get("needs_same_levels") and tuple(t_arch["levels"]) != tuple(s_arch["levels"]):
+        raise _err(where, label, f"method '{label}' ({method}) cannot serve the pair "
+                                 f"{teacher['name']} -> {student['name']}: it matches feature levels one to "
+                                 f"one, but the teacher's {t_arch.name} has strides {list(t_arch['levels'])} "
+                                 f"and the student's {s_arch.name} has {list(s_arch['levels'])}")

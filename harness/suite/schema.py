@@ -213,6 +213,32 @@ class Search(Strict):
         [100, 101, 102], min_length=1, description="fresh seeds of the suite written for the best configuration")
 
 
+class SeedsUntil(Strict):
+    """When a cell has seeds enough: a target on the width of its gain's interval only
+    (never on whether the interval excludes zero: stopping on significance biases the
+    result)."""
+
+    gain_ci_half_width: float = Field(gt=0, le=100, description="stop once the 95% interval of the cell's gain "
+                                      "over the student alone is at most this wide on each side, in the "
+                                      "leaderboard's units (AP, mIoU or top-1 points)")
+
+
+class SeedRule(Strict):
+    """``seeds:`` as a stopping rule instead of a list: every cell (a method and the
+    student alone, paired) starts with seeds 0 .. first-1; the run then adds seeds to each
+    cell whose gain's interval is wider than the target, up to ``max``."""
+
+    first: StrictInt = Field(3, ge=2, le=1000, description="seeds each cell starts with (0 .. first-1)")
+    max: StrictInt = Field(10, ge=2, le=1000, description="the most seeds a cell gets")
+    until: SeedsUntil = Field(description="the target on the interval's width")
+
+    @model_validator(mode="after")
+    def _order(self) -> "SeedRule":
+        if self.max < self.first:
+            raise ValueError(f"max ({self.max}) is below first ({self.first})")
+        return self
+
+
 class SuiteDoc(Strict):
     """A suite: datasets x (teacher, student) pairs x methods x seeds."""
 
@@ -225,7 +251,9 @@ class SuiteDoc(Strict):
     pairs: list[Pair] = Field(min_length=1, description="{teacher, student, methods} or [teacher, student]")
     methods: dict[str, MethodEntry] = Field(
         default_factory=dict, description="list of method names, or label -> {method, params}")
-    seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field([0], min_length=1, max_length=1000, description="seeds of the student trials")
+    seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] | SeedRule = Field(
+        [0], description="seeds of the student trials (1 to 1000 of them), or a rule that adds seeds until each "
+                         "cell's gain is precise (see SeedRule)")
     schedule: dict[str, Any] | None = Field(None, description="the schedule every trial shares (see Schedule)")
     resources: Resources = Field(default_factory=Resources, description="per-trial resources")
     output: str | None = Field(None, min_length=1, description="results directory (default results/<name>); "
@@ -259,9 +287,26 @@ class SuiteDoc(Strict):
             check_name(key)
         return v
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_rule(cls, v: Any) -> Any:
+        """A mapping is a rule: checked as one, so an error names the rule's key."""
+        if isinstance(v, dict):
+            try:
+                return SeedRule.model_validate(v)
+            except ValidationError as exc:
+                said = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"the rule {{first, max, until: {{gain_ci_half_width}}}} (it stops on the gain's "
+                                 f"interval width only, never on significance): {said}") from None
+        return v
+
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, SeedRule):
+            return v
+        if not 1 <= len(v) <= 1000:
+            raise ValueError(f"{len(v)} seeds; give 1 to 1000 (or a rule: {{first, max, until}})")
         if len(set(v)) != len(v):
             raise ValueError(f"seeds repeat: {sorted({s for s in v if v.count(s) > 1})} (each seed once)")
         return v
