@@ -44,7 +44,7 @@ def cls_root(tmp_path_factory):
 
 
 def test_imagenet_layout(cls_root):
-    assert sorted(p.name for p in cls_root.iterdir()) == ["train", "unlabeled", "val"]
+    assert sorted(p.name for p in cls_root.iterdir()) == [".kd-synth.json", "train", "unlabeled", "val"]
     assert sorted(p.name for p in (cls_root / "train").iterdir()) == sorted(SHAPES)
     assert len(list((cls_root / "val" / "disc").glob("*.jpg"))) == 2
     assert len(list((cls_root / "unlabeled").glob("*.jpg"))) == 5

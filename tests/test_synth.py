@@ -18,7 +18,9 @@ def _digest(root):
 
 def test_layout_and_annotations(tmp_path):
     root = write_coco(tmp_path / "c", train_images=6, val_images=3, image_size=96, max_objects=4, seed=3)
-    assert sorted(p.name for p in root.iterdir()) == ["annotations", "train2017", "val2017"]
+    assert sorted(p.name for p in root.iterdir()) == [".kd-synth.json", "annotations", "train2017", "val2017"]
+    assert json.loads((root / ".kd-synth.json").read_text()) == {          # how it was written
+        "writer": "write_coco", "train_images": 6, "val_images": 3, "image_size": 96, "max_objects": 4, "seed": 3}
     train = json.loads((root / "annotations" / "instances_train2017.json").read_text())
     assert [c["name"] for c in train["categories"]] == list(SHAPES)
     assert len(train["images"]) == 6 and len(list((root / "train2017").glob("*.jpg"))) == 6
