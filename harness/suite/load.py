@@ -25,7 +25,8 @@ from .methods import _check_serves, _check_tasks, _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
                     _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
 from . import zoo
-from .schema import Resources, Schedule, SuiteDoc, check_name, validate
+from .schema import Resources, Schedule, SuiteDoc, check_name
+from .validation import validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
 

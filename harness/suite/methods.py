@@ -12,7 +12,8 @@ from harness.registry import suggest
 
 from . import zoo
 from .paths import _err
-from .schema import Search, validate
+from .schema import Search
+from .validation import validate
 from .yamlio import Node
 
 METHOD_ENTRY_KEYS = {"method", "params"}
