@@ -208,3 +208,13 @@ def test_a_synthetic_root_written_with_other_parameters_is_refused(tmp_path, cap
     shutil.rmtree(root)
     synth.write_coco(root, train_images=8, val_images=4, image_size=64, max_objects=3, seed=1)   # the same
     assert main(["plan", str(path)]) == 0
+
+
+def test_a_problem_shared_by_many_label_maps_is_one_line_with_a_count(tmp_path):
+    root = _write("cityscapes", tmp_path / "cs", val_images=3)
+    for label in sorted((root / "gtFine" / "val").rglob("*_labelTrainIds.png")):
+        values = np.asarray(Image.open(label)).copy()
+        values[0, 0] = 40
+        Image.fromarray(values).save(label)
+    [line] = [f for f in check_dataset(_ds("cityscapes", root))[0].errors if f.kind == "label-values"]
+    assert line.count == 3 and line.file == "leftImg8bit/val" and "(3 entries like it)" in line.line()

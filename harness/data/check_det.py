@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .checks import Findings, image_sizes
+from .checks import Findings, image_sizes, read_listing
 
 
 def _box(findings: Findings, file: Path, entry: str, x1: float, y1: float, x2: float, y2: float,
@@ -41,12 +41,12 @@ def _sizes(findings: Findings, file: Path, entries: list[tuple[str, Path, tuple[
     for (entry, path, declared), got in zip(entries, image_sizes([e[1] for e in entries])):
         if isinstance(got, str):
             findings.error("missing-image" if got == "missing" else "bad-image", file, entry,
-                           f"its image '{findings._rel(path)}' "
+                           f"its image '{findings.rel(path)}' "
                            + ("does not exist" if got == "missing" else f"is {got}"))
             continue
         if declared is not None and tuple(declared) != tuple(got):
             findings.error("image-size", file, entry, f"says {declared[0]}x{declared[1]} but its image "
-                                                      f"'{findings._rel(path)}' is {got[0]}x{got[1]}: every box "
+                                                      f"'{findings.rel(path)}' is {got[0]}x{got[1]}: every box "
                                                       f"would be scaled wrongly")
             continue
         out[entry] = got
@@ -162,7 +162,7 @@ def check_voc(ds: dict[str, Any], classes: tuple[str, ...], findings: Findings) 
     instances = 0
     for split, listing, year in listings:
         try:
-            ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+            ids = read_listing(listing)
         except OSError:
             findings.error("missing-listing", listing, split, "the image list does not exist")
             continue
@@ -173,7 +173,7 @@ def check_voc(ds: dict[str, Any], classes: tuple[str, ...], findings: Findings) 
                 declared, objects = _voc_objects(xml_path)
             except FileNotFoundError:
                 findings.error("missing-annotation", listing, img_id, f"its annotation "
-                                                                      f"'{findings._rel(xml_path)}' does not exist")
+                                                                      f"'{findings.rel(xml_path)}' does not exist")
                 continue
             except (ET.ParseError, ValueError, TypeError, OSError) as exc:
                 findings.error("bad-annotation", xml_path, img_id, f"cannot be read ({type(exc).__name__}: {exc})")
@@ -185,7 +185,7 @@ def check_voc(ds: dict[str, Any], classes: tuple[str, ...], findings: Findings) 
         for img_id, size in sizes.items():
             xml_path, objects = boxes[img_id]
             for k, (name, coords) in enumerate(objects):      # (one line per kind for the whole listing)
-                entry = f"object {k} of {img_id} ({findings._rel(xml_path)})"
+                entry = f"object {k} of {img_id} ({findings.rel(xml_path)})"
                 if name not in known:
                     findings.error("unknown-category", listing, entry, f"is a {name!r}, which is not a VOC class "
                                                                        f"(mmdet would drop it silently)")

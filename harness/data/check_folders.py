@@ -36,9 +36,9 @@ def check_image_folders(ds: dict[str, Any], classes: tuple[str, ...], findings: 
                 continue
             files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
             others = [p for p in files if p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES]
-            for p in others:
-                findings.error("not-an-image", p, findings._rel(p), "is not an image: a class folder holds only "
-                                                                    "images (it would be skipped silently)")
+            for p in others:            # (counted per split, one line per kind)
+                findings.error("not-an-image", split_dir, findings.rel(p), "is not an image: a class folder holds "
+                                                                           "only images (it would be skipped silently)")
             kept = [p for p in files if p not in others]
             if not kept:
                 findings.error("empty-class", folder, name, f"the class has no image in '{split}' (a classifier "
@@ -47,7 +47,7 @@ def check_image_folders(ds: dict[str, Any], classes: tuple[str, ...], findings: 
         findings.count(f"{split} images", len(images))
         for path, got in zip(images, image_sizes(images)):
             if isinstance(got, str):
-                findings.error("bad-image", path, findings._rel(path), got)
+                findings.error("bad-image", split_dir, findings.rel(path), got)
     if ds.get("unlabeled"):
         folder = root / ds["unlabeled"]
         n = sum(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")) if folder.is_dir() else 0

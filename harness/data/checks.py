@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 #: bump when a check changes what it finds: cached results of older checks are ignored
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 
 
 @dataclass
@@ -50,14 +50,15 @@ class Findings:
         self._by: dict[tuple[str, str, str], Finding] = {}
         self.stats: dict[str, int] = {}
 
-    def _rel(self, file: str | os.PathLike) -> str:
+    def rel(self, file: str | os.PathLike) -> str:
+        """A path as the findings name it: relative to the dataset root where it lies inside."""
         try:
             return Path(file).relative_to(self.root).as_posix()
         except ValueError:
             return str(file)
 
     def add(self, severity: str, kind: str, file: str | os.PathLike, entry: str, what: str) -> None:
-        key = (severity, kind, self._rel(file))
+        key = (severity, kind, self.rel(file))
         if key in self._by:
             self._by[key].count += 1
         else:
@@ -165,39 +166,45 @@ def label_facts(path: Path) -> tuple[tuple[int, int], int, list[int]] | str:
         return f"not a readable image ({type(exc).__name__}: {exc})"
 
 
-def check_label_maps(pairs: list[tuple[Path, Path, str]], valid: set[int], ignore: int,
+def read_listing(path: Path) -> list[str]:
+    """The ids of an image list (``ImageSets/...txt``): the first word of each line."""
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_label_maps(pairs: list[tuple[Path, Path]], source: Path, valid: set[int], ignore: int,
                      findings: Findings, split: str, threads: int = 4) -> None:
-    """Segmentation: each (image, label, listing) pair's label exists, has one channel,
-    the image's size and only values among ``valid`` or ``ignore``."""
+    """Segmentation: each (image, label) pair's label exists, has one channel, the image's
+    size and only values among ``valid`` or ``ignore``. The findings of a split are
+    counted under ``source`` (its image list or folder), one line per kind."""
     if not pairs:
-        findings.error("empty-split", pairs and pairs[0][2] or split, f"split '{split}'",
-                       "lists no image: nothing to train or score on")
+        findings.error("empty-split", source, f"split '{split}'", "lists no image: nothing to train or score on")
         return
-    sizes = image_sizes([p[0] for p in pairs])
+    sizes = image_sizes([img for img, _ in pairs])
     with ThreadPoolExecutor(max_workers=threads) as pool:     # (Pillow's decoder releases the GIL)
-        facts = list(pool.map(label_facts, [p[1] for p in pairs], chunksize=16))
+        facts = list(pool.map(label_facts, [label for _, label in pairs], chunksize=16))
     findings.count(f"{split} images", len(pairs))
-    for (img, label, listing), size, fact in zip(pairs, sizes, facts):
+    for (img, label), size, fact in zip(pairs, sizes, facts):
+        image, entry = findings.rel(img), findings.rel(label)
         if isinstance(size, str):
-            findings.error("missing-image" if size == "missing" else "bad-image", img, findings._rel(img),
+            findings.error("missing-image" if size == "missing" else "bad-image", source, image,
                            "does not exist" if size == "missing" else size)
             continue
         if isinstance(fact, str):
-            findings.error("missing-label" if fact == "missing" else "bad-label", label, findings._rel(label),
-                           f"the label of {findings._rel(img)} does not exist" if fact == "missing" else fact)
+            findings.error("missing-label" if fact == "missing" else "bad-label", source, entry,
+                           f"the label of {image} does not exist" if fact == "missing" else fact)
             continue
         (w, h), bands, values = fact
         if bands != 1:
-            findings.error("label-channels", label, findings._rel(label),
+            findings.error("label-channels", source, entry,
                            f"has {bands} channels; a label map holds one class index per pixel")
             continue
         if (w, h) != size:
-            findings.error("label-size", label, findings._rel(label),
-                           f"is {w}x{h} but its image {findings._rel(img)} is {size[0]}x{size[1]} "
+            findings.error("label-size", source, entry,
+                           f"is {w}x{h} but its image {image} is {size[0]}x{size[1]} "
                            f"(the pipeline would resize one of them: every pixel's class would move)")
         bad = sorted(set(values) - valid - {ignore})
         if bad:
-            findings.error("label-values", label, findings._rel(label),
+            findings.error("label-values", source, entry,
                            f"holds value(s) {bad[:8]} that are neither a class index (0-{max(valid)}) nor the "
                            f"ignore value {ignore}: they would be scored as classes that do not exist")
 
