@@ -100,8 +100,8 @@ def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise SuiteError(f"{suite.file}: datasets.{ds['name']}: {exc}") from None
     check_data(suite)                   # annotations, images, boxes, labels: errors stop the run here
-    preflight(suite)
-    check_pretrained(suite)             # every pretrained backbone had, read weights-only, and fitting
+    nets = preflight(suite)
+    check_pretrained(suite, nets)       # every pretrained backbone had, read weights-only, and fitting
 
 
 def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dict) -> "object":

@@ -52,16 +52,19 @@ def check_types(suite: Suite) -> None:
                              f"mmcv{suggest(name, sorted(known))}")
 
 
-def preflight(suite: Suite) -> None:
+def preflight(suite: Suite) -> dict[str, Any]:
     """Build every model of the suite once, load every given checkpoint and build every
     distiller for its pair (each task's engine, ``catalog.TASKS``), so that a bad config
-    override, checkpoint or pair fails here, in seconds, before Ray starts."""
+    override, checkpoint or pair fails here, in seconds, before Ray starts. Returns the
+    networks built, by the content hash of their model entry (:func:`check_pretrained`
+    reads their pretrained inits instead of building them again)."""
     from harness.data.formats import num_classes
     from harness.tasks.det.wrapper import inherit_neck_and_head
 
     from .weights import load_weights
 
     built: dict[str, tuple[Any, dict[str, Any]]] = {}
+    nets: dict[str, Any] = {}
 
     def build(model: dict[str, Any], ds: dict[str, Any], role: str, schedule: dict[str, Any],
               task: str) -> tuple[Any, dict[str, Any]]:
@@ -77,6 +80,7 @@ def preflight(suite: Suite) -> None:
                     load_weights(built[key][0], model["checkpoint"])
                 except Exception as exc:
                     raise SuiteError(f"{suite.file}: teachers.{model['name']}.checkpoint: {exc}") from exc
+            nets.setdefault(content_hash(model), built[key][0])
         return built[key]
 
     distillers: set[str] = set()
@@ -100,6 +104,7 @@ def preflight(suite: Suite) -> None:
         except Exception as exc:
             raise SuiteError(f"{suite.file}: method '{t.method}' cannot be built for "
                              f"{t.teacher['name']} -> {t.model['name']}: {type(exc).__name__}: {exc}") from exc
+    return nets
 
 
 def check_data(suite: Suite, write_cache: bool = True, show: bool = False) -> None:
@@ -140,15 +145,16 @@ def _pretrained_inits(net: Any) -> list[tuple[str, Any, str, str]]:
     return out
 
 
-def check_pretrained(suite: Suite) -> None:
+def check_pretrained(suite: Suite, nets: dict[str, Any] | None = None) -> None:
     """Every ``pretrained`` checkpoint a model of the suite starts from (the config's own
     or the suite's file / URI) is had now (a URI downloaded with a bounded wait), read
     weights-only, and fits the module it initialises: every parameter of that module in
     the file with its shape. A partial load (what mmengine does silently, with the
-    mismatch only in the trial's log) is an error naming the suite key and the file."""
+    mismatch only in the trial's log) is an error naming the suite key and the file.
+    ``nets``: the networks :func:`preflight` built (any model missing there is built)."""
     from harness.suite.paths import pretrained_file
 
-    from .weights import read_state
+    from .weights import read_state, shape_mismatches
     seen: set[tuple[str, str]] = set()
     for t in suite.trials:
         for role, model in (("teachers" if t.role == "teacher" else "students", t.model),
@@ -158,7 +164,8 @@ def check_pretrained(suite: Suite) -> None:
             if (model["name"], str(model.get("pretrained"))) in seen:
                 continue
             seen.add((model["name"], str(model.get("pretrained"))))
-            net, _ = catalog.task_engine(t.task, "build_model")(model, 2, t.schedule)
+            net = (nets or {}).get(content_hash(model)) or \
+                catalog.task_engine(t.task, "build_model")(model, 2, t.schedule)[0]
             where = f"{suite.where.get(role, suite.file)}: {role}.{model['name']}.pretrained"
             for path, module, ckpt, prefix in _pretrained_inits(net):
                 try:
@@ -170,8 +177,7 @@ def check_pretrained(suite: Suite) -> None:
                 state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
                 own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
                 missing = [k for k in own if k not in state]
-                shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in own.items()
-                          if k in state and tuple(state[k].shape) != tuple(v.shape)]
+                shapes = shape_mismatches(state, own)
                 if missing or shapes:
                     what = "; ".join(x for x in (
                         f"{len(missing)} of its {len(own)} tensors are not in the file (e.g. {missing[0]})"

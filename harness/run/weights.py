@@ -123,6 +123,12 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
+def shape_mismatches(state: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """``name: file (shape), model (shape)`` for each tensor both hold in another shape."""
+    return [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)]
+
+
 def load_weights(model: Any, path: str | os.PathLike) -> None:
     """Load a checkpoint's weights strictly (:func:`read_state`: weights-only, a mapping of
     finite tensors); missing or unexpected keys and shapes that differ are errors."""
@@ -130,9 +136,7 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
         state = read_state(path)
     except ValueError as exc:
         raise RuntimeError(str(exc)) from exc.__cause__
-    own = model.state_dict()
-    shapes = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = shape_mismatches(state, model.state_dict())
     if shapes:
         raise RuntimeError(f"checkpoint '{path}' does not fit the model: {len(shapes)} tensor(s) of another shape, "
                            f"e.g. {shapes[0]}")
