@@ -109,7 +109,7 @@ def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dic
     cells whose gain is not yet precise (:mod:`harness.run.seeds`), each a run of the
     pending trials; their trials join ``summary``. Returns the suite as last run."""
     from harness.run.matrix import run_suite
-    from harness.run.seeds import more_seeds, rule_of
+    from harness.run.seeds import cell_seeds, more_seeds, rule_of
     from harness.suite.load import load_suite
     rule = rule_of(suite.doc)
     round_no = 1
@@ -118,12 +118,9 @@ def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dic
         if plan is None:
             break
         round_no += 1
-        had: dict = {}
-        for t in suite.student_trials():
-            if t.teacher:
-                had.setdefault((t.dataset["name"], t.teacher["name"], t.model["name"], t.method), set()).add(t.seed)
-        grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had.get(k, ()))} -> {len(v)} seeds"
-                 for k, v in plan.items() if k[3] != "none" and len(v) > len(had.get(k, ()))]
+        had = cell_seeds(suite)
+        grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had[k])} -> {len(v)} seeds"
+                 for k, v in plan.items() if k in had and len(v) > len(had[k])]
         print(f"\nseeds until precise, round {round_no}: {'; '.join(grown)}", flush=True)
         suite = load_suite(args.suite, args.output_root, seeds_for=plan)
         more = run_suite(suite, address=args.address, resume=True, num_cpus=args.num_cpus, verbose=args.verbose)

@@ -39,15 +39,21 @@ def _projected(n: int, half: float, target: float, most: int) -> int:
     return most
 
 
+def cell_seeds(suite: Suite) -> dict[Cell, set[int]]:
+    """The seeds of each distilled cell of the suite's matrix."""
+    current: dict[Cell, set[int]] = defaultdict(set)
+    for t in suite.student_trials():
+        if t.method_name != "none" and t.teacher:
+            current[(t.dataset["name"], t.teacher["name"], t.model["name"], t.method)].add(t.seed)
+    return current
+
+
 def more_seeds(suite: Suite, rule: dict[str, Any]) -> dict[Cell, list[int]] | None:
     """Every cell's seeds for the next round (None when no cell needs more): a cell whose
     gain's interval is wider than the target, and which has fewer than ``max`` seeds and
     no failed trial, gets seeds up to its projected count; the student alone of each
     pair gets the union of its methods' seeds (the gains are paired)."""
-    current: dict[Cell, set[int]] = defaultdict(set)
-    for t in suite.student_trials():
-        if t.method_name != "none" and t.teacher:
-            current[(t.dataset["name"], t.teacher["name"], t.model["name"], t.method)].add(t.seed)
+    current = cell_seeds(suite)
     if not current:
         return None
     board = leaderboard(results.read_results(suite.output))

@@ -213,10 +213,10 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
         raise RuntimeError(f"the evaluation gave values that are not finite: "
                            f"{', '.join(f'{k}={final[k]}' for k in unreal)}")
     student_state = model.student_state_dict()
-    if spec.role == "teacher" and non_finite(student_state):
-        raise RuntimeError(f"the teacher's weights are not finite (NaN or infinite) in "
-                           f"{len(non_finite(student_state))} tensor(s), e.g. {non_finite(student_state)[:3]}; "
-                           f"its students would learn from nothing real")
+    bad = non_finite(student_state) if spec.role == "teacher" else []
+    if bad:
+        raise RuntimeError(f"the teacher's weights are not finite (NaN or infinite) in {len(bad)} tensor(s), "
+                           f"e.g. {bad[:3]}; its students would learn from nothing real")
     meta = {"arch": spec.model["arch"], "model_cfg": model_cfg, "trial_id": spec.trial_id,
             "method": spec.method, "dataset": spec.dataset["name"], "code_version": results.code_version()}
     if not is_main_process():       # one worker exports; every worker holds the same weights
