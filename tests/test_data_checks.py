@@ -218,3 +218,10 @@ def test_a_problem_shared_by_many_label_maps_is_one_line_with_a_count(tmp_path):
         Image.fromarray(values).save(label)
     [line] = [f for f in check_dataset(_ds("cityscapes", root))[0].errors if f.kind == "label-values"]
     assert line.count == 3 and line.file == "leftImg8bit/val" and "(3 entries like it)" in line.line()
+
+
+def test_the_voc_check_knows_mmdets_voc_classes():
+    """check_voc reads VOC's 20 detection classes without importing mmdet (plan imports no
+    backend): they must be mmdet's own."""
+    from mmdet.datasets import VOCDataset
+    assert tuple(VOCDataset.METAINFO["classes"]) == synth.VOC_SEG_CLASSES[1:]

@@ -61,8 +61,7 @@ def check_location(value: str) -> str | None:
     scheme = scheme.lower()
     if scheme not in SCHEMES:
         return f"the scheme '{scheme}://' (valid: {', '.join(s + '://' for s in SCHEMES)}, or a local directory)"
-    path, _, query = rest.partition("?")
-    if not path.strip("/"):
+    if not rest.partition("?")[0].strip("/"):
         return "a URI without a bucket or path"
     why = credentials_in(value)
     if why:
@@ -151,14 +150,19 @@ def exists(uri: str) -> bool:
     return filesystem.get_file_info(path).type == fs.FileType.File
 
 
+def _make_parent(filesystem: Any, path: str) -> None:
+    """Create the directory a stored file goes into (a no-op on object stores' prefixes)."""
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+
+
 def put(local: str | os.PathLike, uri: str, checksum: bool = True) -> str:
     """Copy a local file to ``uri`` (a temporary name first, then moved into place, so a
     reader never sees half a file), then (``checksum``) its sha256 beside it, which
     :func:`fetch` checks; returns the sha256."""
     filesystem, path = _fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
+    _make_parent(filesystem, path)
     digest = hashlib.sha256()
     tmp = f"{path}.{os.getpid()}.partial"
     with open(local, "rb") as src, filesystem.open_output_stream(tmp) as dst:
@@ -242,9 +246,7 @@ def _read_lease(uri: str) -> dict[str, Any] | None:
 
 def _write_lease(uri: str, holder: str, ttl: float) -> None:
     filesystem, path = _fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
+    _make_parent(filesystem, path)
     with filesystem.open_output_stream(path) as dst:
         dst.write(json.dumps({"holder": holder, "expires": time.time() + ttl}).encode())
 
