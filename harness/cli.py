@@ -164,11 +164,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         from harness.store.html_report import write_report     # (pandas, scipy: after the run, not before)
         from harness.store.report import format_report
-        from harness.store.results import read_results, suite_datasets, suite_seed_rule, suite_trials
-        df, datasets, trials = read_results(suite.output), suite_datasets(suite.output), suite_trials(suite.output)
-        rule = suite_seed_rule(suite.output)
-        md, page = write_report(df, suite.output, datasets=datasets, trials=trials, seed_rule=rule)
-        print(format_report(df, datasets=datasets, trials=trials, seed_rule=rule))
+        from harness.store.results import read_results, suite_record
+        df, record = read_results(suite.output), suite_record(suite.output)
+        md, page = write_report(df, suite.output, record=record)
+        print(format_report(df, **record))
         print(f"\nwritten: {md}, {page}")
         return 1 if failed else 0
 
@@ -176,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from harness.store.html_report import write_report
     from harness.store.report import format_report, leaderboard
-    from harness.store.results import read_results, suite_datasets, suite_seed_rule, suite_trials
+    from harness.store.results import read_results, suite_record
 
     df = read_results(args.results, current_only=not args.all)
     target = Path(args.results)
@@ -185,11 +184,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
               else [where / "leaderboard.md", where / "report.html"], args)
     if args.csv:
         leaderboard(df, args.best, args.interval, args.olympic).to_csv(args.csv, index=False)
-    datasets, trials, rule = suite_datasets(where), suite_trials(where), suite_seed_rule(where)
-    md, page = write_report(df, where, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
-                            trials=trials, seed_rule=rule)
-    print(format_report(df, best=args.best, datasets=datasets, interval=args.interval, trim=args.olympic,
-                        trials=trials, seed_rule=rule))
+    record = suite_record(where)
+    md, page = write_report(df, where, best=args.best, interval=args.interval, trim=args.olympic, record=record)
+    print(format_report(df, best=args.best, interval=args.interval, trim=args.olympic, **record))
     print(f"\nwritten: {md}, {page}")
     return 0
 

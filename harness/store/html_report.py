@@ -181,18 +181,15 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     return "\n".join(parts)
 
 
-def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False,
-                 datasets: dict[str, Any] | None = None, interval: str = "t", trim: bool = False,
-                 trials: list[dict[str, Any]] | None = None, seed_rule: dict[str, Any] | None = None
-                 ) -> tuple[Path, Path]:
+def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False, interval: str = "t",
+                 trim: bool = False, record: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``leaderboard.md`` and ``report.html`` into ``directory``; return both paths.
-    The datasets (default: of the suite last run there, its ``suite.json``) head both."""
-    from .results import suite_datasets, suite_seed_rule, suite_trials, write_text_atomic
+    ``record``: the suite as last run there (``results.suite_record``: its datasets, trials
+    and seed rule; read from the directory when not given)."""
+    from .results import suite_record, write_text_atomic
     directory = Path(directory)
-    datasets = suite_datasets(directory) if datasets is None else datasets
-    trials = suite_trials(directory) if trials is None else trials
-    seed_rule = suite_seed_rule(directory) if seed_rule is None else seed_rule
-    md = write_text_atomic(directory / "leaderboard.md",
-                           report.to_markdown(df, best, datasets, interval, trim, trials, seed_rule))
-    page = write_text_atomic(directory / "report.html", to_html(df, best, datasets, interval, trim, trials, seed_rule))
+    record = suite_record(directory) if record is None else record
+    extra = (record["datasets"], interval, trim, record["trials"], record["seed_rule"])
+    md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, *extra))
+    page = write_text_atomic(directory / "report.html", to_html(df, best, *extra))
     return md, page

@@ -11,6 +11,8 @@ import pandas as pd
 
 from harness import catalog
 
+from .stats import distilled_cells
+
 
 def _setup(trials: list[dict[str, Any]], row: Any) -> dict[str, Any] | None:
     """The setup of a board cell, from one of its trials."""
@@ -41,7 +43,7 @@ def paper_lines(board: pd.DataFrame, trials: list[dict[str, Any]] | None) -> lis
     if board.empty or not trials:
         return []
     out = []
-    cells = board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
+    cells = distilled_cells(board)
     for row in cells.itertuples():
         setup = _setup(trials, row)
         cell = f"{row.method} on {row.dataset} ({row.teacher} -> {row.student})"

@@ -21,8 +21,8 @@ import pandas as pd
 from harness import catalog
 from harness.registry import preview
 
-from .stats import (ALPHA, MIN_SEEDS, INTERVALS, mean_interval, olympic, paired_gain, paired_p_value,  # noqa: F401
-                    stop_reason, verdict)
+from .stats import (ALPHA, MIN_SEEDS, distilled_cells, mean_interval, olympic, paired_gain,  # noqa: F401
+                    paired_p_value, stop_reason, verdict)
 
 
 def _scale(metric: str) -> float:
@@ -266,7 +266,7 @@ def seed_lines(board: pd.DataFrame, rule: dict[str, Any] | None) -> list[str]:
     """Under a seed rule: each distilled cell's seed count and why it stopped there."""
     if not rule or board.empty:
         return []
-    cells = board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
+    cells = distilled_cells(board)
     return [f"{r.method} on {r.dataset} ({r.teacher} -> {r.student}): {r.n} seeds; "
             f"{stop_reason(int(r.n), r.gain_lo, r.gain_hi, rule)}" for r in cells.itertuples()]
 
@@ -322,7 +322,7 @@ def in_one_sentence(board: pd.DataFrame) -> str:
     at least MIN_SEEDS seeds), which are not, and which cells have too few seeds."""
     if board.empty:
         return ""
-    cells = board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
+    cells = distilled_cells(board)
     if cells.empty:
         return ""
 

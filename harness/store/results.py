@@ -274,32 +274,27 @@ def current_trials(output: str | os.PathLike) -> set[str] | None:
 
 
 #: the statuses of a trial that failed on its own (it raised, or its loss diverged)
+def suite_record(output: str | os.PathLike) -> dict[str, Any]:
+    """What a report needs of the suite as last run in ``output``, from its ``suite.json``
+    (read once): ``datasets`` (format, root, classes per dataset), ``trials`` (the trial
+    specs) and ``seed_rule`` (the ``seeds:`` rule, or None for a seed list); empty values
+    when there is no record (a lone Parquet file, an older run)."""
+    try:
+        doc = json.loads((Path(output) / "suite.json").read_text())
+    except (OSError, ValueError):
+        doc = {}
+    doc = doc if isinstance(doc, dict) else {}
+    datasets, trials = doc.get("datasets"), doc.get("trials")
+    seeds = (doc.get("suite") or {}).get("seeds") if isinstance(doc.get("suite"), dict) else None
+    return {"datasets": dict(datasets) if isinstance(datasets, dict) else {},
+            "trials": [t for t in trials if isinstance(t, dict)] if isinstance(trials, list) else [],
+            "seed_rule": seeds if isinstance(seeds, dict) else None}
+
+
 def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The datasets of the suite as last run in ``output`` (format, root, classes), from
     its ``suite.json``; empty when there is none (a lone Parquet file, an older run)."""
-    try:
-        return dict(json.loads((Path(output) / "suite.json").read_text()).get("datasets") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def suite_trials(output: str | os.PathLike) -> list[dict[str, Any]]:
-    """The trial specs of the suite as last run in ``output`` (its ``suite.json``); empty
-    when there is none."""
-    try:
-        trials = json.loads((Path(output) / "suite.json").read_text()).get("trials") or []
-        return [t for t in trials if isinstance(t, dict)]
-    except (OSError, ValueError, AttributeError):
-        return []
-
-
-def suite_seed_rule(output: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``seeds:`` rule of the suite as last run in ``output``, or None (a seed list)."""
-    try:
-        seeds = json.loads((Path(output) / "suite.json").read_text())["suite"].get("seeds")
-        return seeds if isinstance(seeds, dict) else None
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        return None
+    return suite_record(output)["datasets"]
 
 
 FAILED = ("error", "diverged")

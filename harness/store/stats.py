@@ -19,10 +19,6 @@ ALPHA = 0.05
 MIN_SEEDS = 3
 
 
-#: the intervals a report can give
-INTERVALS = ("t", "bootstrap")
-
-
 def olympic(values: pd.Series) -> pd.Series:
     """MLPerf's olympic scoring: the values without the best and the worst one (three or
     more values; fewer are left as they are)."""
@@ -92,6 +88,12 @@ def verdict(p: float, n: int) -> str:
     if n < MIN_SEEDS:
         return f"n<{MIN_SEEDS}"
     return "yes" if p < ALPHA else "no"
+
+
+def distilled_cells(board: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a leaderboard that report a gain: each distilled method of a (teacher,
+    student) pair, not the teacher's own row nor the student alone."""
+    return board[~board["method"].isin(["teacher", "none"]) & (board["teacher"] != "")]
 
 
 def stop_reason(n: int, gain_lo: float, gain_hi: float, rule: dict) -> str:
