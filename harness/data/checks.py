@@ -221,10 +221,9 @@ def cache_key(ds: dict[str, Any]) -> str:
     return hashlib.sha256(f"{fingerprint(ds)}\0{extra}".encode()).hexdigest()[:32]
 
 
-def check_dataset(ds: dict[str, Any], cache_dir: str | os.PathLike | None = None,
-                  write: bool = True) -> tuple[Findings, bool]:
-    """Run the format's check on a dataset (or read its cached result from ``cache_dir``).
-    Returns the findings and whether they came from the cache; ``write``: cache them."""
+def check_dataset(ds: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> tuple[Findings, bool]:
+    """Run the format's check on a dataset (or read its cached result from ``cache_dir``,
+    where it is cached). Returns the findings and whether they came from the cache."""
     from harness import catalog
     from harness.registry import import_target
 
@@ -249,7 +248,7 @@ def check_dataset(ds: dict[str, Any], cache_dir: str | os.PathLike | None = None
         findings.error("unreadable-classes", ds["root"], "classes", str(exc))
         return findings, False
     check(ds, classes, findings)
-    if cached is not None and write:
+    if cached is not None:
         from harness.store.results import write_text_atomic
         write_text_atomic(cached, json.dumps(findings.to_json()))
     return findings, False

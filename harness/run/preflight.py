@@ -107,18 +107,18 @@ def preflight(suite: Suite) -> dict[str, Any]:
     return nets
 
 
-def check_data(suite: Suite, write_cache: bool = True, show: bool = False) -> None:
+def check_data(suite: Suite, show: bool = False) -> None:
     """Every dataset of the suite checked (:mod:`harness.data.checks`; the result cached by
-    the dataset's fingerprint under ``<teacher_cache>/datachecks``, written when
-    ``write_cache``): errors raise one SuiteError listing each kind with its file, entry
-    and count; warnings are printed and kept in ``suite.data_checks`` (the rows record
-    them). ``show``: print each dataset's summary line too (``plan``)."""
+    the dataset's fingerprint under ``<teacher_cache>/datachecks``): errors raise one
+    SuiteError listing each kind with its file, entry and count; warnings are printed and
+    kept in ``suite.data_checks`` (the rows record them). ``show``: print each dataset's
+    summary line too (``plan``)."""
     from harness.data.checks import check_dataset, report_lines, warnings_json
     problems = []
     for ds in suite.datasets():
         if not Path(ds["root"]).exists():
             continue                      # synthetic, written on first run (plan only)
-        findings, cached = check_dataset(ds, Path(suite.doc["teacher_cache"]) / "datachecks", write=write_cache)
+        findings, cached = check_dataset(ds, Path(suite.doc["teacher_cache"]) / "datachecks")
         suite.data_checks[ds["name"]] = {"summary": findings.summary() + (" (cached)" if cached else ""),
                                          "warnings": warnings_json(findings), "errors": len(findings.errors)}
         lines = report_lines(ds["name"], findings)
