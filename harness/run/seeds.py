@@ -57,7 +57,7 @@ def more_seeds(suite: Suite, rule: dict[str, Any]) -> dict[Cell, list[int]] | No
     if not current:
         return None
     board = leaderboard(results.read_results(suite.output))
-    target, most = float(rule["until"]["gain_ci_half_width"]), int(rule.get("max", 10))
+    target, most = float(rule["until"]["gain_ci_half_width"]), int(rule["max"])
     plan: dict[Cell, list[int]] = {key: sorted(seeds) for key, seeds in current.items()}
     grown = False
     for row in board.itertuples() if not board.empty else []:

@@ -295,7 +295,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
             lines += [f"Some cells have fewer than {MIN_SEEDS} seeds: one seed cannot rank methods.", ""]
     seeds = seed_lines(board, seed_rule)
     if seeds:
-        lines += [f"## Seeds until precise (first {seed_rule.get('first', 3)}, max {seed_rule.get('max', 10)}, "
+        lines += [f"## Seeds until precise (first {seed_rule['first']}, max {seed_rule['max']}, "
                   f"until the gain's interval is within +-{seed_rule['until']['gain_ci_half_width']:g})", ""]
         lines += [f"- {md_text(line)}" for line in seeds] + [""]
     from .papers import paper_lines

@@ -99,7 +99,7 @@ def distilled_cells(board: pd.DataFrame) -> pd.DataFrame:
 def stop_reason(n: int, gain_lo: float, gain_hi: float, rule: dict) -> str:
     """Why a cell of a seed rule's run has the seeds it has."""
     half = (gain_hi - gain_lo) / 2
-    target, most = float(rule["until"]["gain_ci_half_width"]), int(rule.get("max", 10))
+    target, most = float(rule["until"]["gain_ci_half_width"]), int(rule["max"])
     if math.isfinite(half) and half <= target:
         return f"precise: the gain's interval is +-{half:.2f}, within +-{target:g}"
     if n >= most:

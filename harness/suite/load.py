@@ -25,7 +25,7 @@ from .methods import _check_serves, _check_tasks, _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
                     _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
 from . import zoo
-from .schema import Resources, Schedule, SuiteDoc, check_name
+from .schema import Resources, Schedule, SeedRule, SuiteDoc, check_name
 from .validation import validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
@@ -54,7 +54,7 @@ class Suite:
     #: ``file:line`` of each top-level key, for errors found after loading
     where: dict[str, str] = field(default_factory=dict)
     #: dataset name -> what its check found (summary, warnings as JSON, error count),
-    #: filled before any trial (``harness.cli.check_data``); the rows record the warnings
+    #: filled before any trial (``harness.run.preflight.check_data``); the rows record the warnings
     data_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -293,9 +293,10 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
     methods = _methods(doc)
     pairs = _pairs(doc, teachers, students, methods)
     _check_tasks(doc, datasets, teachers, students, pairs, methods)
-    rule = doc.get("seeds") if isinstance(doc.get("seeds"), dict) else None    # seeds until precise
-    seeds = list(range(int(rule.get("first", 3)))) if rule else list(doc.get("seeds", [0]))
-    most = int(rule.get("max", 10)) if rule else len(seeds)
+    # seeds until precise: the rule with its defaults filled (every reader of it sees them)
+    rule = SeedRule.model_validate(doc["seeds"]).model_dump() if isinstance(doc.get("seeds"), dict) else None
+    seeds = list(range(rule["first"])) if rule else list(doc.get("seeds", [0]))
+    most = rule["max"] if rule else len(seeds)
     bound = len(datasets) * len(pairs) * (len(methods) + 1) * most + len(datasets) * len(pairs)
     if bound > MAX_TRIALS:
         raise _err(doc, "seeds", f"the matrix has up to {bound} trials ({len(datasets)} dataset(s) x {len(pairs)} "
@@ -326,7 +327,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
 
     merged = dict(doc)
     merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources,
-                  search=search, storage=storage)
+                  search=search, storage=storage, **({"seeds": rule} if rule else {}))
     suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
                   where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
     common = dict(suite=name, output_dir=output, storage=storage)
