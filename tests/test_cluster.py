@@ -126,6 +126,11 @@ def _step_on_worker(rank: int, init_file: str, out_dir: str) -> None:
         outcome["diverged"] = str(exc)
     dist.destroy_process_group()
     Path(out_dir, f"{rank}.json").write_text(json.dumps(outcome))
+    # torch 2.14's teardown at interpreter exit, after a gloo group has run a hook's
+    # collectives, sometimes aborts ("terminate called without an active exception", in
+    # about one spawn in ten on a 2-core machine, with the outcome already written): the
+    # worker has nothing left to do, so it leaves without that teardown
+    os._exit(0)
 
 
 def test_the_workers_of_a_trial_tick_and_stop_together(tmp_path):
