@@ -128,6 +128,34 @@ def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dic
     return suite
 
 
+def _compute_matched(suite: "object", args: argparse.Namespace, summary: dict) -> None:
+    """Under ``baselines: {compute_matched: true}``: rounds of stretched student-alone
+    trials (:mod:`harness.run.matched`) until each distilled trial has one within the
+    tolerance of its device-hours, or its attempts are spent; their trials join
+    ``summary`` and the suite's record."""
+    cfg = suite.doc["baselines"]
+    if not cfg["compute_matched"] or args.dry_run:
+        return
+    from harness.run.matched import plan_matched
+    from harness.run.matrix import run_suite
+    from harness.store.results import read_results
+    plain = [t for t in suite.trials if not t.matched]
+    for round_no in range(1, int(cfg["attempts"]) + 2):
+        every, pending, notes = plan_matched(plain, read_results(suite.output, current_only=False), cfg)
+        suite.trials = plain + every
+        if pending:
+            print(f"\ncompute-matched baselines, round {round_no}: {len(pending)} stretched student-alone trial(s) "
+                  f"(e.g. {pending[0].name}: {pending[0].schedule['iters']} iterations for "
+                  f"{pending[0].matched['target_device_hours']:.4f} device-hours)", flush=True)
+        more = run_suite(suite, address=args.address, resume=True, num_cpus=args.num_cpus, verbose=args.verbose,
+                         only={t.trial_id for t in pending})       # none: the suite (with them) is recorded
+        summary["trials"] += more["trials"]
+        if not pending:
+            for note in notes:
+                print(f"compute-matched baselines: {note}")
+            return
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     suite = _checked_suite(args)
     from harness.run.runlock import run_lock
@@ -145,6 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                 verbose=args.verbose, dry_run=args.dry_run,
                                 prepare=lambda: _prepare_data_and_models(suite, args))
             suite = _seeds_until_precise(suite, args, summary)
+            _compute_matched(suite, args, summary)
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
             done = sum(not t["error"] for t in summary["trials"])

@@ -12,7 +12,7 @@ from harness.store.report import format_report, leaderboard
 
 
 def _row(**kw):
-    base = dict(schema_version=4, suite="s", trial_id="t", trial_name="n", task="det", dataset="d",
+    base = dict(schema_version=5, suite="s", trial_id="t", trial_name="n", task="det", dataset="d",
                 role="student", teacher="T", student="S", method="fgd", method_name="fgd", params="{}",
                 seed=0, metric="bbox_mAP", value=0.3, higher_is_better=True, primary=True, epoch=1,
                 status="ok", error="", wall_time_s=10.0, train_images_per_s=5.0, device="cpu",
@@ -22,7 +22,7 @@ def _row(**kw):
                 peak_memory_mb=100.0, train_images_per_s_no_teacher=6.0, teacher_time_share=0.2,
                 best_value=0.3, best_epoch=1, curve="[[1, 0.3]]", search_id="",
                 node="n1", node_ip="127.0.0.1", accelerator_ids="[]", workers=1, resumed_from=0, attempts=1,
-                data_warnings="[]")
+                data_warnings="[]", train_iters=4, matched_to="", matched_target_hours=float("nan"))
     base.update(kw)
     return base
 

@@ -68,6 +68,7 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                              outputs: Any = None) -> None:
             world = get_world_size()
             clock["images"] = clock.get("images", 0) + len(data_batch["inputs"]) * world
+            clock["iters"] = clock.get("iters_before", 0) + runner.iter + 1     # (a resumed runner's too)
             now = time.perf_counter()
             tick = progress is not None and now - clock.get("tick", 0.0) >= TICK_S
             diverged = ""

@@ -184,7 +184,7 @@ def _datasets(suite: Suite) -> dict[str, dict[str, Any]]:
 
 def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
               num_cpus: int | None = None, verbose: bool = False, dry_run: bool = False,
-              prepare: Callable[[], None] | None = None) -> dict[str, Any]:
+              prepare: Callable[[], None] | None = None, only: set[str] | None = None) -> dict[str, Any]:
     """Run every pending trial of a validated suite on Ray Tune and consolidate the store.
 
     One Tune run for the whole suite: teachers first, each student as soon as its own
@@ -196,6 +196,9 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     after the store is consolidated. ``dry_run``: every trial an instant no-op through
     the same path, with ``dry_run`` rows. ``prepare`` (the data written and checked, every
     model built once) runs while Ray starts; its error stops the run before any trial.
+    ``only``: run just these trial ids (a round of compute-matched baselines: the rest
+    of the suite was run, and a trial of it that failed is not tried again in the same
+    run); the whole suite is recorded either way.
     """
     import signal
 
@@ -207,6 +210,8 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
              "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
     teachers, students = pending_trials(suite, resume)
+    if only is not None:
+        teachers, students = [t for t in teachers if t.trial_id in only], [t for t in students if t.trial_id in only]
     skipped = len(suite.trials) - len(teachers) - len(students)
     summary: dict[str, Any] = {"skipped": skipped, "trials": [], "interrupted": []}
     specs = teachers + students

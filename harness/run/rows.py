@@ -33,6 +33,8 @@ class TrialResult:
     #: epoch (or iteration) the trial resumed from after a crash; 0 when it started afresh
     resumed_from: int = 0
     workers: int = 1
+    #: optimizer steps the trial trained (results schema v5)
+    train_iters: int = 0
 
 
 
@@ -72,6 +74,9 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
         "config_hash": content_hash(spec.to_dict()),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data_warnings": "[]",          # the driver fills in its dataset check's (RunState.write_rows)
+        "train_iters": o.train_iters if outcome is not None else 0,
+        "matched_to": (spec.matched or {}).get("to", ""),
+        "matched_target_hours": float((spec.matched or {}).get("target_device_hours", float("nan"))),
     }
     def best(name: str) -> tuple[float, int, str]:
         curve = [(int(p["epoch"]), float(p[name])) for p in outcome.history if name in p]

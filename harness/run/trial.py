@@ -199,6 +199,7 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                       lr=sched["lr"] * float(spec.params["finetune_lr_factor"]),
                       val_interval=int(spec.params["finetune_epochs"]))
             clock["epoch_offset"] = history[-1]["epoch"] if history else 0
+            clock["iters_before"] = clock.get("iters", 0)
             ft_cfg, ft_sched = _loop_cfgs(ft)
             ft_dir = work_dir / "finetune"
             with torch.serialization.safe_globals(resumable):
@@ -256,7 +257,8 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                        train_images_per_s_no_teacher=images / (seconds - teacher_s) if seconds > teacher_s else float("nan"),
                        teacher_time_share=teacher_s / seconds if seconds > 0 else float("nan"),
                        teacher_sha256=t_sha, teacher_weights_hash=t_hash, dataset_fingerprint=fingerprint(spec.dataset),
-                       resumed_from=int(clock.get("resumed_from", 0)), workers=get_world_size())
+                       resumed_from=int(clock.get("resumed_from", 0)), workers=get_world_size(),
+                       train_iters=int(clock.get("iters", 0)))
 
 
 def release_runner_state(trial_id: str) -> None:

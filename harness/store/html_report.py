@@ -19,9 +19,11 @@ from . import report
 
 
 def _svg(fig: "object") -> str:
+    import matplotlib
     import matplotlib.pyplot as plt
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    with matplotlib.rc_context({"svg.fonttype": "none"}):      # text stays text: searchable, selectable
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]                  # drop the XML prolog: it is inlined
@@ -56,8 +58,10 @@ def gain_plot(board: pd.DataFrame) -> str:
     return _svg(fig)
 
 
-def cost_plot(board: pd.DataFrame) -> str:
-    """Each method's mean metric against its device-hours per trial."""
+def cost_plot(board: pd.DataFrame, matched: pd.DataFrame | None = None) -> str:
+    """Each method's mean metric against its device-hours per trial; with ``matched``
+    (``equal_compute.points``), each compute-matched baseline too, hollow, labelled with
+    the method whose compute it was given, beside the student alone on the schedule."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,6 +74,13 @@ def cost_plot(board: pd.DataFrame) -> str:
         ax.scatter(part["device_hours"], part["mean"])
         for r in part.itertuples():
             ax.annotate(r.method, (r.device_hours, r.mean), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        if matched is not None and not matched.empty and teacher:
+            mine = matched[(matched["dataset"] == dataset) & (matched["student"] == student)
+                           & matched["to"].str.startswith(f"{teacher}/")]
+            ax.scatter(mine["hours"], mine["v"], facecolors="none", edgecolors="tab:orange")
+            for r in mine.itertuples():
+                ax.annotate(f"none at {r.to.split('/', 1)[1]}'s compute", (r.hours, r.v), fontsize=8,
+                            xytext=(3, -9), textcoords="offset points", color="tab:orange")
         ax.set_xlabel("device-hours per trial")
         ax.set_ylabel(part["metric"].iloc[0])
         ax.set_title(f"{dataset}: {teacher or '-'} -> {student or '-'}", fontsize=9)
@@ -99,7 +110,7 @@ def curves_plot(df: pd.DataFrame, board: pd.DataFrame) -> str:
             if not points:
                 continue
             mean = pd.DataFrame(points, columns=["epoch", "value"]).groupby("epoch")["value"].mean()
-            ax.plot(mean.index, mean.values * report._scale(part["metric"].iloc[0]), marker="o", markersize=3,
+            ax.plot(mean.index, mean.values * report.display_scale(part["metric"].iloc[0]), marker="o", markersize=3,
                     label={"none": "student alone"}.get(method, method))
             drawn = True
         ax.set_xlabel("epoch")
@@ -123,7 +134,7 @@ figure { margin: 1em 0; }
 
 def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
             interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-            seed_rule: dict[str, Any] | None = None) -> str:
+            seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best, interval, trim)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
@@ -148,6 +159,14 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     if seeds:
         parts.append("<h2>Seeds until precise</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in seeds)
                      + "</ul>")
+    from . import equal_compute as ec
+    table = ec.equal_compute(df, board, best, interval, trim, tolerance)
+    if not table.empty:
+        parts.append("<h2>Gain at equal schedule and at equal compute</h2><table class='leaderboard'><thead><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in ec.HEADER) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                               for cells in ec.table_rows(table))
+                     + "</tbody></table><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ec.notes(table)) + "</ul>")
     from .papers import paper_lines
     papers = paper_lines(board, trials)
     if papers:
@@ -158,7 +177,7 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)
                      + "</ul>")
     for name, svg in (("Gain over the student alone (95% CI)", gain_plot(board)),
-                      ("Metric against device-hours", cost_plot(board)),
+                      ("Metric against device-hours", cost_plot(board, ec.points(df, best))),
                       ("Validation curves", curves_plot(df, board))):
         if svg:
             parts.append(f"<h2>{name}</h2><figure class='plot'>{svg}</figure>")
@@ -189,7 +208,7 @@ def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False, in
     from .results import suite_record, write_text_atomic
     directory = Path(directory)
     record = suite_record(directory) if record is None else record
-    extra = (record["datasets"], interval, trim, record["trials"], record["seed_rule"])
+    extra = (record["datasets"], interval, trim, record["trials"], record["seed_rule"], record.get("tolerance", 0.1))
     md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, *extra))
     page = write_text_atomic(directory / "report.html", to_html(df, best, *extra))
     return md, page

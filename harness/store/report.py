@@ -21,49 +21,23 @@ import pandas as pd
 from harness import catalog
 from harness.registry import preview
 
-from .stats import (ALPHA, MIN_SEEDS, distilled_cells, mean_interval, olympic, paired_gain,  # noqa: F401
-                    paired_p_value, stop_reason, verdict)
-
-
-def _scale(metric: str) -> float:
-    """AP is stored in [0, 1]; leaderboards show points (x100) as papers do. The factor
-    is the registered metric's ``display_scale``."""
-    for entry in catalog.METRICS:
-        if metric in entry["keys"]:
-            return float(entry.get("display_scale", 1.0))
-    return 1.0
-
-
-def _value_column(df: pd.DataFrame, best: bool) -> pd.Series:
-    """Last-epoch values, or best-epoch ones (``best_value``; a v1 row has none: its last)."""
-    if best and "best_value" in df:
-        return df["best_value"].where(df["best_value"].notna(), df["value"])
-    return df["value"]
-
-
-def _first(series: pd.Series) -> Any:
-    series = series.dropna()
-    return series.iloc[0] if len(series) else None
-
-
-def suite_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of suite trials; a search's trials have their own section (:func:`searches`)."""
-    return df[df["search_id"].fillna("") == ""] if "search_id" in df else df
+from .stats import (ALPHA, MIN_SEEDS, board_rows, display_scale, distilled_cells, mean_interval,  # noqa: F401
+                    olympic, paired_gain, paired_p_value, stop_reason, suite_rows, value_column, verdict)
 
 
 def leaderboard(df: pd.DataFrame, best: bool = False, interval: str = "t", trim: bool = False) -> pd.DataFrame:
     """One row per (task, dataset, teacher, student, method) on the primary metric.
     ``interval``: Student's t or a bootstrap; ``trim``: olympic scoring (:mod:`.stats`)."""
-    ok = suite_rows(df)
+    ok = board_rows(df)
     ok = ok[(ok["status"] == "ok") & (ok["primary"])].copy()
-    ok["v"] = _value_column(ok, best)
+    ok["v"] = value_column(ok, best)
     for col in ("device_hours", "teacher_time_share", "train_images_per_s"):
         if col not in ok:
             ok[col] = math.nan
     rows: list[dict[str, Any]] = []
     for (task, dataset), part in ok.groupby(["task", "dataset"], sort=True):
         metric = part["metric"].iloc[0]
-        scale = _scale(metric)
+        scale = display_scale(metric)
         higher = bool(part["higher_is_better"].iloc[0])
         sign = 1.0 if higher else -1.0
         teachers = part[part["role"] == "teacher"].groupby("teacher")["v"].mean() * scale
@@ -132,7 +106,8 @@ def warnings_for(df: pd.DataFrame, board: pd.DataFrame | None = None) -> list[st
                                                                   and t.iloc[0] != s.iloc[0]):
                 out.append(f"{dataset}: teacher {teacher} ({t.iloc[0]:.2f}) is not better than student {student} "
                            f"alone ({s.iloc[0]:.2f}): its distillation cells cannot show knowledge transfer")
-    ok = df[(df["status"] == "ok") & df["primary"]]
+    ok = board_rows(df)
+    ok = ok[(ok["status"] == "ok") & ok["primary"]]
     for col, what in (("schedule_hash", "schedule"), ("dataset_fingerprint", "dataset")):
         if col not in ok:
             continue
@@ -181,7 +156,7 @@ def _f(v: Any, fmt: str) -> str:
 
 
 def title(task: str, dataset: str, metric: str, teacher: str, student: str, best: bool) -> str:
-    scale = " x100" if _scale(metric) != 1 else ""
+    scale = " x100" if display_scale(metric) != 1 else ""
     epoch = "best epoch" if best else "last epoch"
     return f"{dataset} ({task}, {metric}{scale}, {epoch}): teacher {teacher or '-'} -> student {student or '-'}"
 
@@ -273,7 +248,7 @@ def seed_lines(board: pd.DataFrame, rule: dict[str, Any] | None) -> list[str]:
 
 def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
                 interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-                seed_rule: dict[str, Any] | None = None) -> str:
+                seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
@@ -298,6 +273,13 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
         lines += [f"## Seeds until precise (first {seed_rule['first']}, max {seed_rule['max']}, "
                   f"until the gain's interval is within +-{seed_rule['until']['gain_ci_half_width']:g})", ""]
         lines += [f"- {md_text(line)}" for line in seeds] + [""]
+    from . import equal_compute as ec
+    table = ec.equal_compute(df, board, best, interval, trim, tolerance)
+    if not table.empty:
+        lines += ["## Gain at equal schedule and at equal compute", "", "| " + " | ".join(ec.HEADER) + " |",
+                  "|" + "---|" * len(ec.HEADER)]
+        lines += ["| " + " | ".join(map(md_text, cells)) + " |" for cells in ec.table_rows(table)]
+        lines += [""] + [f"- {md_text(n)}" for n in ec.notes(table)] + [""]
     from .papers import paper_lines
     papers = paper_lines(board, trials)
     if papers:
@@ -355,7 +337,7 @@ def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
         for (params, status), p in part.groupby(["params", "status"], sort=False):
             prim = p[p["primary"]] if status == "ok" else p
             trials.append({"params": params, "status": status, "seeds": int(p["seed"].nunique()),
-                           "score": float(prim["value"].mean()) * _scale(str(prim["metric"].iloc[0]))
+                           "score": float(prim["value"].mean()) * display_scale(str(prim["metric"].iloc[0]))
                            if status == "ok" and len(prim) else math.nan})
         ok = [t for t in trials if t["status"] == "ok"]
         higher = bool(part["higher_is_better"].iloc[0])
@@ -382,6 +364,6 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
 
 def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
                   interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-                  seed_rule: dict[str, Any] | None = None) -> str:
+                  seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best, datasets, interval, trim, trials, seed_rule)
+    return to_markdown(df, best, datasets, interval, trim, trials, seed_rule, tolerance)

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Parquet key-value metadata key holding the schema version of a file
 VERSION_KEY = b"kd_harness.schema_version"
 
@@ -90,6 +90,12 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     # ---- version 4: what the dataset check before the run let through
     "data_warnings": (pa.string(), "JSON [{kind, file, entry, what, count}]: the warnings of the dataset's check "
                                    "before the run (e.g. boxes partly outside their image, clipped); '[]' when none"),
+    # ---- version 5: compute-matched baselines
+    "train_iters": (pa.int64(), "optimizer steps the trial trained (its last stage's count plus the stages before)"),
+    "matched_to": (pa.string(), "for a compute-matched baseline (the student alone on a stretched schedule): the "
+                                "distilled cell it matches, '<teacher>/<method label>'; '' otherwise"),
+    "matched_target_hours": (pa.float64(), "for a compute-matched baseline: the device-hours of the distilled "
+                                           "trial (same seed) it was stretched to match; null otherwise"),
 }
 #: columns a version-1 file lacks (added as nulls on read); later versions likewise
 V2_COLUMNS = list(COLUMNS)[list(COLUMNS).index("versions"):]
@@ -273,22 +279,25 @@ def current_trials(output: str | os.PathLike) -> set[str] | None:
         return None
 
 
-#: the statuses of a trial that failed on its own (it raised, or its loss diverged)
 def suite_record(output: str | os.PathLike) -> dict[str, Any]:
     """What a report needs of the suite as last run in ``output``, from its ``suite.json``
     (read once): ``datasets`` (format, root, classes per dataset), ``trials`` (the trial
-    specs) and ``seed_rule`` (the ``seeds:`` rule, or None for a seed list); empty values
-    when there is no record (a lone Parquet file, an older run)."""
+    specs), ``seed_rule`` (the ``seeds:`` rule, or None for a seed list) and ``tolerance``
+    (of compute-matched baselines); empty values when there is no record (a lone Parquet
+    file, an older run)."""
     try:
         doc = json.loads((Path(output) / "suite.json").read_text())
     except (OSError, ValueError):
         doc = {}
     doc = doc if isinstance(doc, dict) else {}
     datasets, trials = doc.get("datasets"), doc.get("trials")
-    seeds = (doc.get("suite") or {}).get("seeds") if isinstance(doc.get("suite"), dict) else None
+    suite = doc.get("suite") if isinstance(doc.get("suite"), dict) else {}
+    seeds, baselines = suite.get("seeds"), suite.get("baselines")
+    tolerance = baselines.get("tolerance") if isinstance(baselines, dict) else None
     return {"datasets": dict(datasets) if isinstance(datasets, dict) else {},
             "trials": [t for t in trials if isinstance(t, dict)] if isinstance(trials, list) else [],
-            "seed_rule": seeds if isinstance(seeds, dict) else None}
+            "seed_rule": seeds if isinstance(seeds, dict) else None,
+            "tolerance": float(tolerance) if isinstance(tolerance, (int, float)) else 0.1}
 
 
 def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -297,6 +306,7 @@ def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return suite_record(output)["datasets"]
 
 
+#: the statuses of a trial that failed on its own (it raised, or its loss diverged)
 FAILED = ("error", "diverged")
 
 

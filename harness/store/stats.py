@@ -13,10 +13,45 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from harness import catalog
+
 #: p-value under which a gain is called distinguishable from seed noise (paired t-test)
 ALPHA = 0.05
 #: fewer paired seeds than this cannot tell a gain from noise
 MIN_SEEDS = 3
+
+
+def display_scale(metric: str) -> float:
+    """AP is stored in [0, 1]; leaderboards show points (x100) as papers do. The factor
+    is the registered metric's ``display_scale``."""
+    for entry in catalog.METRICS:
+        if metric in entry["keys"]:
+            return float(entry.get("display_scale", 1.0))
+    return 1.0
+
+
+def value_column(df: pd.DataFrame, best: bool) -> pd.Series:
+    """Last-epoch values, or best-epoch ones (``best_value``; a v1 row has none: its last)."""
+    if best and "best_value" in df:
+        return df["best_value"].where(df["best_value"].notna(), df["value"])
+    return df["value"]
+
+
+def suite_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of suite trials; a search's trials have their own section (``report.searches``)."""
+    return df[df["search_id"].fillna("") == ""] if "search_id" in df else df
+
+
+def matched(df: pd.DataFrame) -> pd.Series:
+    """Which rows are compute-matched baselines (``matched_to`` set; results schema v5)."""
+    return df["matched_to"].fillna("") != "" if "matched_to" in df else pd.Series(False, index=df.index)
+
+
+def board_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The suite rows a leaderboard ranks: compute-matched baselines have their own
+    section (:mod:`.equal_compute`)."""
+    df = suite_rows(df)
+    return df[~matched(df)]
 
 
 def olympic(values: pd.Series) -> pd.Series:

@@ -25,7 +25,7 @@ from .methods import _check_serves, _check_tasks, _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
                     _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
 from . import zoo
-from .schema import Resources, Schedule, SeedRule, SuiteDoc, check_name
+from .schema import Baselines, Resources, Schedule, SeedRule, SuiteDoc, check_name
 from .validation import validate
 from .spec import TrialSpec, file_sha256, teacher_key
 from .yamlio import Node, SuiteError
@@ -327,7 +327,8 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
 
     merged = dict(doc)
     merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources,
-                  search=search, storage=storage, **({"seeds": rule} if rule else {}))
+                  search=search, storage=storage, **({"seeds": rule} if rule else {}),
+                  baselines=Baselines.model_validate(doc.get("baselines") or {}).model_dump())
     suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
                   where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
     common = dict(suite=name, output_dir=output, storage=storage)

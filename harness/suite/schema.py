@@ -235,6 +235,19 @@ class SeedRule(Strict):
         return self
 
 
+class Baselines(Strict):
+    """Baselines beyond the student alone on the suite's schedule."""
+
+    compute_matched: bool = Field(False, description="also train, for each distilled cell and seed, the student "
+                                  "alone on a stretched schedule (same shape, more iterations) whose device-hours "
+                                  "match the distilled trial's; the report then gives each gain at equal schedule "
+                                  "and at equal compute")
+    tolerance: float = Field(0.1, allow_inf_nan=False, gt=0, le=0.5, description="how close the device-hours must "
+                             "come (0.1: within 10% of the distilled trial's)")
+    attempts: StrictInt = Field(3, ge=1, le=10, description="stretched trials tried per cell and seed to come "
+                                "within the tolerance (each attempt's length is fitted to the ones before)")
+
+
 class SuiteDoc(Strict):
     """A suite: datasets x (teacher, student) pairs x methods x seeds."""
 
@@ -268,6 +281,7 @@ class SuiteDoc(Strict):
                                                                  "from its last checkpoint")
     pretrained: Any = Field(True, description="default for every model: true, false, or a file / URI")
     search: Search | None = Field(None, description="hyperparameter search run by `harness tune` (see Search)")
+    baselines: Baselines = Field(default_factory=Baselines, description="compute-matched baselines (see Baselines)")
 
     _pretrained = field_validator("pretrained")(Model._pretrained.__func__)
 

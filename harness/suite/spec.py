@@ -49,6 +49,9 @@ class TrialSpec:
     storage: str | None = None
     #: for a student: the sha256 its teacher trial reported for the weights it wrote
     teacher_sha256: str | None = None
+    #: a compute-matched baseline (the student alone on a stretched schedule):
+    #: ``{"to": "<teacher>/<method label>", "target_device_hours": <the distilled trial's>}``
+    matched: dict[str, Any] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__.pop("_trial_id", None)        # a field changed: the id is computed again
@@ -58,7 +61,7 @@ class TrialSpec:
         """What determines the result: hashed into ``trial_id``."""
         ident = {f.name: getattr(self, f.name) for f in fields(self)
                  if f.name not in ("suite", "resources", "output_dir", "method", "teacher_checkpoint", "storage",
-                                   "teacher_sha256")}
+                                   "teacher_sha256", "matched")}
         ident["dataset"] = {k: v for k, v in self.dataset.items() if k != "name"}
         if self.teacher is not None:
             ident["teacher"] = {k: v for k, v in self.teacher.items() if k != "name"}
@@ -70,6 +73,8 @@ class TrialSpec:
             sched.pop("amp", None)
             sched.pop("amp_dtype", None)
         ident["schedule"] = sched
+        if self.matched:             # one baseline per distilled cell it is matched to
+            ident["matched_to"] = self.matched["to"]
         workers = int(self.resources.get("workers", 1))
         if workers > 1:              # the global batch is workers x batch_size
             ident["workers"] = workers
@@ -91,7 +96,8 @@ class TrialSpec:
         if self.role == "teacher":
             return f"{self.dataset['name']}/{self.model['name']}/teacher"
         pair = f"{self.teacher['name']}->{self.model['name']}" if self.teacher else self.model["name"]
-        return f"{self.dataset['name']}/{pair}/{self.method}/s{self.seed}"
+        method = f"{self.method}@compute-of-{self.matched['to'].replace('/', '.')}" if self.matched else self.method
+        return f"{self.dataset['name']}/{pair}/{method}/s{self.seed}"
 
     @property
     def trial_dir(self) -> Path:

@@ -1,0 +1,101 @@
+"""Compute-matched baselines (``baselines: {compute_matched: true}``): for each distilled
+trial, the student alone on the same seed, trained on a schedule of the same shape
+stretched to more iterations, until its device-hours come within the tolerance of the
+distilled trial's.
+
+A trial's device-hours are not proportional to its iterations (building the models,
+loading the data and the evaluations cost too), so the length is fitted: the first
+attempt scales the plain student-alone trial's iterations by the ratio of the
+device-hours; each further attempt fits a line through the (iterations, device-hours)
+measured so far and solves it for the target. Every attempt is a trial of its own,
+kept in the store; the report pairs each seed with the attempt that came closest
+(:mod:`harness.store.equal_compute`). The plan is recomputed from the store each time,
+so a resumed run finds the attempts already made and goes on from them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.store import results
+from harness.suite.spec import TrialSpec
+
+
+def stretched(schedule: dict[str, Any], iters: int, iters_per_epoch: float | None) -> dict[str, Any]:
+    """``schedule`` on ``iters`` iterations, same shape: the lr policy's milestones,
+    cosine or poly fall at the same fractions of training; an epoch-based schedule
+    becomes iteration-based with its evaluations (and saved states) as many iterations
+    apart as its epochs were."""
+    out = dict(schedule, iters=int(iters))
+    if not schedule.get("iters") and iters_per_epoch:
+        for key in ("val_interval", "checkpoint_interval"):
+            if out.get(key):
+                out[key] = max(1, round(out[key] * iters_per_epoch))
+    return out
+
+
+def _next_iters(points: list[tuple[float, float]], target: float) -> int:
+    """Iterations whose device-hours should be ``target``, from the (iterations,
+    device-hours) measured so far: a line through them (two or more, rising), else
+    proportional to the nearest."""
+    if len({i for i, _ in points}) >= 2:
+        slope, icept = np.polyfit([i for i, _ in points], [h for _, h in points], 1)
+        if slope > 0:
+            return max(1, round((target - icept) / slope))
+    i, h = min(points, key=lambda p: abs(p[1] - target))
+    return max(1, round(i * target / h))
+
+
+def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str, Any]
+                 ) -> tuple[list[TrialSpec], list[TrialSpec], list[str]]:
+    """(every compute-matched trial made so far or to make now, those to run now, notes).
+    ``trials``: the suite's matrix; ``df``: its store (all rows); ``cfg``: the suite's
+    ``baselines``. A (cell, seed) whose plain student-alone trial already comes within
+    the tolerance needs no stretched one; one whose attempt failed, or whose next length
+    would repeat one already tried, stops there; at most ``attempts`` per (cell, seed)."""
+    if df is None or df.empty:
+        return [], [], []
+    ok = df[(df["status"] == "ok") & df["primary"]].groupby("trial_id").first()
+    failed = set(df[df["status"].isin(results.FAILED)]["trial_id"])     # (an interrupted one runs again)
+    alone = {(t.dataset["name"], t.model["name"], t.seed): t for t in trials
+             if t.role == "student" and t.method_name == "none" and not t.matched}
+    every: list[TrialSpec] = []
+    pending: list[TrialSpec] = []
+    notes: list[str] = []
+    tol = float(cfg["tolerance"])
+    for spec in trials:
+        if spec.role != "student" or spec.method_name == "none" or spec.trial_id not in ok.index:
+            continue
+        base = alone.get((spec.dataset["name"], spec.model["name"], spec.seed))
+        if base is None or base.trial_id not in ok.index:
+            continue
+        target = float(ok.loc[spec.trial_id, "device_hours"])
+        b_iters, b_hours = ok.loc[base.trial_id, "train_iters"], float(ok.loc[base.trial_id, "device_hours"])
+        if not (target > 0 and b_hours > 0) or pd.isna(b_iters) or int(b_iters) <= 0:
+            notes.append(f"{spec.name}: no compute-matched baseline (its store rows predate the iteration count, "
+                         f"results schema v5)")
+            continue
+        ipe = None if base.schedule.get("iters") else int(b_iters) / int(base.schedule["epochs"])
+        points = [(float(b_iters), b_hours)]
+        for _ in range(int(cfg["attempts"])):
+            if any(abs(h / target - 1) <= tol for _, h in points):
+                break
+            n = _next_iters(points, target)
+            if any(math.isclose(n, i) for i, _ in points):
+                break               # the closest a whole number of iterations gets
+            m = replace(base, schedule=stretched(base.schedule, n, ipe),
+                        matched={"to": f"{spec.teacher['name']}/{spec.method}", "target_device_hours": target})
+            every.append(m)
+            if m.trial_id in ok.index:
+                points.append((float(ok.loc[m.trial_id, "train_iters"]), float(ok.loc[m.trial_id, "device_hours"])))
+            elif m.trial_id in failed:
+                notes.append(f"{m.name}: failed; this seed's equal-compute baseline is the closest before it")
+                break
+            else:
+                pending.append(m)
+                break
+    return list({m.trial_id: m for m in every}.values()), list({m.trial_id: m for m in pending}.values()), notes
