@@ -5,9 +5,9 @@ distilled trial's.
 
 A trial's device-hours are not proportional to its iterations (building the models,
 loading the data and the evaluations cost too), so the length is fitted: the first
-attempt scales the plain student-alone trial's iterations by the ratio of the
-device-hours; each further attempt fits a line through the (iterations, device-hours)
-measured so far and solves it for the target. Every attempt is a trial of its own,
+attempt, and each one after, steps from the trial that came closest along that trial's
+own measured cost of one training iteration (Newton's method; a line fitted across whole
+trials is at the mercy of their fixed costs' noise). Every attempt is a trial of its own,
 kept in the store; the report pairs each seed with the attempt that came closest
 (:mod:`harness.store.equal_compute`). The plan is recomputed from the store each time,
 so a resumed run finds the attempts already made and goes on from them.
@@ -18,7 +18,6 @@ import math
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from harness.store import results
@@ -38,16 +37,23 @@ def stretched(schedule: dict[str, Any], iters: int, iters_per_epoch: float | Non
     return out
 
 
-def _next_iters(points: list[tuple[float, float]], target: float) -> int:
+def _next_iters(points: list[tuple[float, float, float]], target: float) -> int:
     """Iterations whose device-hours should be ``target``, from the (iterations,
-    device-hours) measured so far: a line through them (two or more, rising), else
-    proportional to the nearest."""
-    if len({i for i, _ in points}) >= 2:
-        slope, icept = np.polyfit([i for i, _ in points], [h for _, h in points], 1)
-        if slope > 0:
-            return max(1, round((target - icept) / slope))
-    i, h = min(points, key=lambda p: abs(p[1] - target))
-    return max(1, round(i * target / h))
+    device-hours, device-hours per training iteration) of the trials so far: a Newton
+    step from the one closest to the target, along its own measured cost of an iteration
+    (within one trial, so the noise of whole trials' fixed costs does not enter it);
+    proportional when that cost is unknown. At most 4x longer or shorter in one step."""
+    i, h, per_iter = min(points, key=lambda p: abs(p[1] - target))
+    n = i + (target - h) / per_iter if per_iter > 0 and math.isfinite(per_iter) else i * target / h
+    return max(1, round(min(max(n, i / 4), i * 4)))
+
+
+def _point(row: Any, batch_size: int) -> tuple[float, float, float]:
+    """A finished trial's (iterations, device-hours, device-hours per training iteration):
+    the last from its training throughput (images per second over training steps only)."""
+    per_iter = float(row["device_hours"]) / float(row["wall_time_s"]) * batch_size * int(row["workers"] or 1) \
+        / float(row["train_images_per_s"]) if row["wall_time_s"] > 0 and row["train_images_per_s"] > 0 else math.nan
+    return float(row["train_iters"]), float(row["device_hours"]), per_iter
 
 
 def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str, Any]
@@ -80,18 +86,19 @@ def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str
                          f"results schema v5)")
             continue
         ipe = None if base.schedule.get("iters") else int(b_iters) / int(base.schedule["epochs"])
-        points = [(float(b_iters), b_hours)]
+        batch = int(base.schedule["batch_size"])
+        points = [_point(ok.loc[base.trial_id], batch)]
         for _ in range(int(cfg["attempts"])):
-            if any(abs(h / target - 1) <= tol for _, h in points):
+            if any(abs(h / target - 1) <= tol for _, h, _ in points):
                 break
             n = _next_iters(points, target)
-            if any(math.isclose(n, i) for i, _ in points):
+            if any(math.isclose(n, i) for i, _, _ in points):
                 break               # the closest a whole number of iterations gets
             m = replace(base, schedule=stretched(base.schedule, n, ipe),
                         matched={"to": f"{spec.teacher['name']}/{spec.method}", "target_device_hours": target})
             every.append(m)
             if m.trial_id in ok.index:
-                points.append((float(ok.loc[m.trial_id, "train_iters"]), float(ok.loc[m.trial_id, "device_hours"])))
+                points.append(_point(ok.loc[m.trial_id], batch))
             elif m.trial_id in failed:
                 notes.append(f"{m.name}: failed; this seed's equal-compute baseline is the closest before it")
                 break
