@@ -47,6 +47,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
     for ds in suite.datasets():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
+    cm = suite.doc["baselines"]
+    if cm["compute_matched"]:
+        print(f"  then compute-matched baselines: per distilled trial, up to {cm['attempts']} stretched "
+              f"student-alone trial(s) until within {cm['tolerance']:.0%} of its device-hours")
+    if suite.doc.get("tuned"):
+        print("  tuned by a search: " + ", ".join(f"{k} (search {v})" for k, v in suite.doc["tuned"].items()))
     from harness.run.preflight import check_data
     check_data(suite, show=True)        # (cached for the run; synthetic data not written yet: checked by run)
     width = max([len("trial")] + [len(t.name) for t in suite.trials]) + 2
@@ -238,9 +244,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         best = cell["best"]
         shown = "none finished" if best is None else f"best {best['config']} scored {best['score']:.4f}"
         print(f"  {cell['cell']}: {cell['trials']} configuration(s), {cell['pruned']} stopped early; {shown}")
-        if cell["suite_file"]:
-            print(f"    re-evaluate on fresh seeds: python -m harness run {cell['suite_file']}")
-    return 0 if all(c.get("suite_file") for c in summary["cells"]) else 1
+    for written in summary["suites"]:
+        lacking = f" (without {', '.join(written['missing'])}: its search found no configuration)" \
+            if written["missing"] else ""
+        print(f"  re-evaluate {written['pair'][0]}/{written['pair'][1]}->{written['pair'][2]} on fresh seeds"
+              f"{lacking}: python -m harness run {written['file']}")
+    return 0 if summary["suites"] and all(c.get("best") for c in summary["cells"]) else 1
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:

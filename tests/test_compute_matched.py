@@ -19,21 +19,22 @@ from .conftest import TINY_SUITE
 def test_a_stretched_schedule_keeps_its_shape():
     epochs = {"epochs": 12, "iters": None, "val_interval": 2, "checkpoint_interval": None, "warmup_iters": 100,
               "policy": "step", "lr": 0.01}
-    out = stretched(epochs, 450, iters_per_epoch=25)
-    assert out["iters"] == 450 and out["val_interval"] == 50          # evaluations as far apart as 2 epochs were
+    out = stretched(epochs, 450)
+    assert out["iters"] == 450 and out["val_interval"] == 75          # six evaluations, as before, the last at the end
     assert {k: out[k] for k in ("warmup_iters", "policy", "lr")} == {"warmup_iters": 100, "policy": "step", "lr": 0.01}
     from harness.run.trial import _loop_cfgs
     train_cfg, sched = _loop_cfgs(out)
-    assert train_cfg == {"type": "IterBasedTrainLoop", "max_iters": 450, "val_interval": 50}
+    assert train_cfg == {"type": "IterBasedTrainLoop", "max_iters": 450, "val_interval": 75}
     assert sched[-1]["milestones"] == [300, 412] and sched[-1]["by_epoch"] is False   # at 2/3 and 11/12, as before
-    iters = stretched({"epochs": 12, "iters": 1000, "val_interval": 100}, 1300, None)
-    assert iters["iters"] == 1300 and iters["val_interval"] == 100
+    iters = stretched({"epochs": 12, "iters": 1000, "val_interval": 1000, "checkpoint_interval": 250}, 1301)
+    assert (iters["iters"], iters["val_interval"], iters["checkpoint_interval"]) == (1301, 1301, 326)
 
 
 def test_the_length_is_fitted_to_what_was_measured():
     # a Newton step along the closest trial's own cost of an iteration
     assert _next_iters([(100, 1.5, 0.01)], 2.5) == 200
-    assert _next_iters([(100, 1.5, 0.01), (200, 2.7, 0.01)], 2.5) == 180    # from the closest one
+    assert _next_iters([(100, 1.5, 0.01), (200, 2.7, 0.01)], 2.5) == 183    # between two on either side
+    assert _next_iters([(100, 1.5, 0.01), (200, 2.0, 0.01)], 2.5) == 250    # both short: from the closest
     assert _next_iters([(100, 1.0, float("nan"))], 1.5) == 150              # cost unknown: proportional
     assert _next_iters([(100, 1.0, 1e-6)], 50.0) == 400                     # at most 4x in one step
     assert _next_iters([(2, 1.0, 0.1)], 0.1) == 1                           # never below one iteration
@@ -80,8 +81,8 @@ def test_rounds_stretch_the_student_alone_until_its_hours_match(write_suite, tmp
     """Device-hours made up as 0.02 + 0.0013 x iterations (x 1.6 with the teacher's forward,
     times a seed's own jitter), of which training throughput accounts for 0.001 an
     iteration (the rest, evaluation, it does not see): the first attempt (a Newton step
-    along 0.001) overshoots to 33 iterations, 10.4% over; the second, from there, lands
-    within 10% at 27. The student alone improves with iterations, so the gain at equal
+    along 0.001) overshoots to 33 iterations, 10.4% over; the second, on the line between
+    the two, lands within 10% at 28. The student alone improves with iterations, so the gain at equal
     compute is smaller than at equal schedule, and the report shows both."""
     from harness.run import matrix
     jitter = {0: 1.0, 1: 1.05, 2: 0.97}
@@ -105,8 +106,8 @@ def test_rounds_stretch_the_student_alone_until_its_hours_match(write_suite, tmp
     m = df[(df["matched_to"] == "t/fgd") & df["primary"]]
     assert len(m) == 6 and set(m["method"]) == {"none"}
     for seed, part in m.groupby("seed"):
-        assert sorted(part["train_iters"]) == [27, 33]
-        last = part[part["train_iters"] == 27].iloc[0]
+        assert sorted(part["train_iters"]) == [28, 33]
+        last = part[part["train_iters"] == 28].iloc[0]
         assert abs(last["device_hours"] / last["matched_target_hours"] - 1) <= 0.1, part
         fgd = df[(df["method"] == "fgd") & (df["seed"] == seed) & df["primary"]].iloc[0]
         assert last["matched_target_hours"] == pytest.approx(fgd["device_hours"])
@@ -117,9 +118,9 @@ def test_rounds_stretch_the_student_alone_until_its_hours_match(write_suite, tmp
     row = next(line for line in section.splitlines() if line.startswith("| fgd (shapes: t -> s)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1].startswith("+1.10") and cells[2] == "0.003"        # distinguishable at equal schedule
-    # at equal compute the student alone trains 27 iterations, not 12: 15 x 0.05 points better
-    assert cells[3] == r"+0.35 \[+0.10, +0.60\]" and cells[5] == "yes"
-    assert cells[6] == "12 -> 27" and cells[7] == "0.97 to 0.97"
+    # at equal compute the student alone trains 28 iterations, not 12: 16 x 0.05 points better
+    assert cells[3] == r"+0.30 \[+0.05, +0.55\]" and cells[5] == "yes"
+    assert cells[6] == "12 -> 28" and cells[7] == "0.99 to 0.99"
     assert "no baseline within" not in section.split("## ")[0]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Gain at equal schedule and at equal compute" in html and "none at fgd" in html.split("Metric against device-hours")[1]
@@ -149,7 +150,7 @@ def test_what_cannot_be_matched_is_said_not_averaged_in(write_suite, tmp_path, c
     assert "round 2: 2 stretched" in out and "round 3" not in out
 
 
-def test_the_tolerance_and_attempts_are_checked(write_suite, tmp_path):
+def test_the_tolerance_and_attempts_are_checked(write_suite, tmp_path, capsys):
     from harness.suite.load import load_suite
     from harness.suite.yamlio import SuiteError
     with pytest.raises(SuiteError, match=r"baselines.tolerance.*less than or equal to 0.5"):
@@ -158,6 +159,9 @@ def test_the_tolerance_and_attempts_are_checked(write_suite, tmp_path):
         load_suite(_suite(write_suite, tmp_path, baselines="{compute_match: true}"))
     suite = load_suite(_suite(write_suite, tmp_path))
     assert suite.doc["baselines"] == {"compute_matched": True, "tolerance": 0.1, "attempts": 3}
+    assert main(["plan", suite.file]) == 0          # what will be measured is shown before anything runs
+    assert ("then compute-matched baselines: per distilled trial, up to 3 stretched student-alone trial(s) "
+            "until within 10% of its device-hours") in capsys.readouterr().out
 
 
 def test_through_ray_the_stretched_trial_trains_its_iterations(write_suite, tmp_path, capsys, monkeypatch):
@@ -178,7 +182,7 @@ def test_through_ray_the_stretched_trial_trains_its_iterations(write_suite, tmp_
         pytest.skip("no stretched trial was needed")
     row = m.iloc[0]
     assert row["status"] == "ok" and row["train_iters"] == 5 and row["trial_name"].endswith("none@compute-of-t.fgd/s0")
-    assert [e for e, _ in json.loads(row["curve"])] == [2, 4, 5]     # every 2 iterations (as every epoch), and the last
+    assert [e for e, _ in json.loads(row["curve"])] == [3, 5]        # two evaluations, as its two epochs had
     plain = df[(df["method"] == "none") & (df["matched_to"] == "") & df["primary"]].iloc[0]
     assert plain["train_iters"] == 4                                 # 8 images, batches of 4, two epochs
     assert "## Gain at equal schedule and at equal compute" in out

@@ -5,9 +5,10 @@ distilled trial's.
 
 A trial's device-hours are not proportional to its iterations (building the models,
 loading the data and the evaluations cost too), so the length is fitted: the first
-attempt, and each one after, steps from the trial that came closest along that trial's
-own measured cost of one training iteration (Newton's method; a line fitted across whole
-trials is at the mercy of their fixed costs' noise). Every attempt is a trial of its own,
+attempt steps from the plain trial along its own measured cost of one training
+iteration (Newton's method); once two attempts lie on either side of the target, the
+next is interpolated between them (a line fitted across whole trials without such a
+bracket follows their fixed costs' noise). Every attempt is a trial of its own,
 kept in the store; the report pairs each seed with the attempt that came closest
 (:mod:`harness.store.equal_compute`). The plan is recomputed from the store each time,
 so a resumed run finds the attempts already made and goes on from them.
@@ -24,27 +25,35 @@ from harness.store import results
 from harness.suite.spec import TrialSpec
 
 
-def stretched(schedule: dict[str, Any], iters: int, iters_per_epoch: float | None) -> dict[str, Any]:
-    """``schedule`` on ``iters`` iterations, same shape: the lr policy's milestones,
-    cosine or poly fall at the same fractions of training; an epoch-based schedule
-    becomes iteration-based with its evaluations (and saved states) as many iterations
-    apart as its epochs were."""
+def stretched(schedule: dict[str, Any], iters: int) -> dict[str, Any]:
+    """``schedule`` on ``iters`` iterations, same shape: the warm-up, the lr policy's
+    milestones, cosine or poly at the same fractions of training, and as many
+    evaluations (and saved states), evenly spread, the last at the end. (Evaluations
+    are not training: one more of them would spend the compute being matched.)"""
+    total = int(schedule.get("iters") or schedule["epochs"])
     out = dict(schedule, iters=int(iters))
-    if not schedule.get("iters") and iters_per_epoch:
-        for key in ("val_interval", "checkpoint_interval"):
-            if out.get(key):
-                out[key] = max(1, round(out[key] * iters_per_epoch))
+    for key in ("val_interval", "checkpoint_interval"):
+        if out.get(key):
+            out[key] = max(1, math.ceil(iters / max(1, total // int(schedule[key]))))
     return out
 
 
 def _next_iters(points: list[tuple[float, float, float]], target: float) -> int:
     """Iterations whose device-hours should be ``target``, from the (iterations,
-    device-hours, device-hours per training iteration) of the trials so far: a Newton
-    step from the one closest to the target, along its own measured cost of an iteration
-    (within one trial, so the noise of whole trials' fixed costs does not enter it);
-    proportional when that cost is unknown. At most 4x longer or shorter in one step."""
-    i, h, per_iter = min(points, key=lambda p: abs(p[1] - target))
-    n = i + (target - h) / per_iter if per_iter > 0 and math.isfinite(per_iter) else i * target / h
+    device-hours, device-hours per training iteration) of the trials so far: between
+    the two closest trials on either side of the target, a straight line; otherwise a
+    Newton step from the closest along its own measured cost of an iteration (within one
+    trial, so whole trials' noisy fixed costs do not enter it), or proportional when that
+    is unknown. At most 4x longer or shorter in one step."""
+    below, above = [p for p in points if p[1] < target], [p for p in points if p[1] > target]
+    (i, h, per_iter) = min(points, key=lambda p: abs(p[1] - target))
+    lo, hi = (max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])) if below and above else (None, None)
+    if lo and hi and hi[0] > lo[0]:
+        n = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+    elif per_iter > 0 and math.isfinite(per_iter):
+        n = i + (target - h) / per_iter
+    else:
+        n = i * target / h
     return max(1, round(min(max(n, i / 4), i * 4)))
 
 
@@ -85,7 +94,6 @@ def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str
             notes.append(f"{spec.name}: no compute-matched baseline (its store rows predate the iteration count, "
                          f"results schema v5)")
             continue
-        ipe = None if base.schedule.get("iters") else int(b_iters) / int(base.schedule["epochs"])
         batch = int(base.schedule["batch_size"])
         points = [_point(ok.loc[base.trial_id], batch)]
         for _ in range(int(cfg["attempts"])):
@@ -94,7 +102,7 @@ def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str
             n = _next_iters(points, target)
             if any(math.isclose(n, i) for i, _, _ in points):
                 break               # the closest a whole number of iterations gets
-            m = replace(base, schedule=stretched(base.schedule, n, ipe),
+            m = replace(base, schedule=stretched(base.schedule, n),
                         matched={"to": f"{spec.teacher['name']}/{spec.method}", "target_device_hours": target})
             every.append(m)
             if m.trial_id in ok.index:
