@@ -547,3 +547,29 @@ def test_gkp_two_stage_matches_released_strategy(global_loss):
     averaged over P2-P6, the per-RoI soft-label KD weighted by r2i_soft_weight (7x7 RoIAlign
     features on the RoI head's level), T = 2."""
     _gkp_case(two_stage=True, global_loss=global_loss)
+
+
+#: yzd-v/FGD, configs/distillers/fgd/: the weights each released config sets (temp,
+#: alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd) and init_student = True in every one of these
+RELEASED_FGD_CONFIGS = {
+    "fgd_retina_r101_fpn_2x_distill_retina_r50_fpn_2x_coco.py": ("one_stage", (0.5, 0.001, 0.0005, 0.0005, 0.000005)),
+    "fgd_gfl_r101_distill_gfl_r50_fpn_1x_coco.py": ("one_stage", (0.5, 0.001, 0.0005, 0.0005, 0.000005)),
+    "fgd_faster_rcnn_r101_fpn_2x_distill_faster_rcnn_r50_fpn_2x_coco.py":
+        ("two_stage", (0.5, 0.00005, 0.000025, 0.00005, 0.0000005)),
+    "fgd_mask_rcnn_r101_fpn_distill_mask_rcnn_r50_fpn_2x_coco.py":
+        ("two_stage", (0.5, 0.00005, 0.000025, 0.00005, 0.0000005)),
+    "fgd_fcos_r101_distill_fcos_r50_2x_coco.py": ("fcos", (0.8, 0.0016, 0.0008, 0.0008, 0.000008)),
+    "fgd_reppoints_r101_fpn_distill_reppoints_r50_fpn_2x_coco.py": ("reppoints", (0.5, 0.0016, 0.0008, 0.0008, 0.000008)),
+}
+
+
+@pytest.mark.parametrize("config", sorted(RELEASED_FGD_CONFIGS))
+def test_fgd_defaults_are_the_released_configs(config):
+    """Each family's FGD defaults are the weights of the released config of that family
+    (docs/fidelity.md calls them exact: this is the test that compares them)."""
+    from harness import catalog
+    family, (temp, alpha, beta, gamma, lam) = RELEASED_FGD_CONFIGS[config]
+    params = catalog.method_params("fgd", family, {})
+    assert (params["temp"], params["alpha"], params["beta"], params["gamma"], params["lambda"]) == \
+        (temp, alpha, beta, gamma, lam)
+    assert params["inherit"] is True
