@@ -34,7 +34,8 @@ def test_the_length_is_fitted_to_what_was_measured():
     # a Newton step along the closest trial's own cost of an iteration
     assert _next_iters([(100, 1.5, 0.01)], 2.5) == 200
     assert _next_iters([(100, 1.5, 0.01), (200, 2.7, 0.01)], 2.5) == 183    # between two on either side
-    assert _next_iters([(100, 1.5, 0.01), (200, 2.0, 0.01)], 2.5) == 250    # both short: from the closest
+    assert _next_iters([(100, 1.5, 0.01), (200, 2.0, 0.01)], 2.5) == 250    # both short: from the latest
+    assert _next_iters([(200, 2.0, 0.01), (100, 1.5, 0.01)], 2.5) == 200    # (the order they ran in)
     assert _next_iters([(100, 1.0, float("nan"))], 1.5) == 150              # cost unknown: proportional
     assert _next_iters([(100, 1.0, 1e-6)], 50.0) == 400                     # at most 4x in one step
     assert _next_iters([(2, 1.0, 0.1)], 0.1) == 1                           # never below one iteration

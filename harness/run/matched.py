@@ -6,8 +6,8 @@ distilled trial's.
 A trial's device-hours are not proportional to its iterations (building the models,
 loading the data and the evaluations cost too), so the length is fitted: the first
 attempt steps from the plain trial along its own measured cost of one training
-iteration (Newton's method); once two attempts lie on either side of the target, the
-next is interpolated between them (a line fitted across whole trials without such a
+iteration (Newton's method), each next one from the attempt before; once two trials lie
+on either side of the target, the next is interpolated between them (a line fitted across whole trials without such a
 bracket follows their fixed costs' noise). Every attempt is a trial of its own,
 kept in the store; the report pairs each seed with the attempt that came closest
 (:mod:`harness.store.equal_compute`). The plan is recomputed from the store each time,
@@ -40,13 +40,14 @@ def stretched(schedule: dict[str, Any], iters: int) -> dict[str, Any]:
 
 def _next_iters(points: list[tuple[float, float, float]], target: float) -> int:
     """Iterations whose device-hours should be ``target``, from the (iterations,
-    device-hours, device-hours per training iteration) of the trials so far: between
-    the two closest trials on either side of the target, a straight line; otherwise a
-    Newton step from the closest along its own measured cost of an iteration (within one
-    trial, so whole trials' noisy fixed costs do not enter it), or proportional when that
-    is unknown. At most 4x longer or shorter in one step."""
+    device-hours, device-hours per training iteration) of the trials so far, in the
+    order they ran: between the two closest trials on either side of the target, a
+    straight line; otherwise a Newton step from the latest along its own measured cost of
+    an iteration (within one trial, so whole trials' noisy fixed costs do not enter it;
+    the latest ran as the next will, iteration-based, in a round of its own), or
+    proportional when that is unknown. At most 4x longer or shorter in one step."""
     below, above = [p for p in points if p[1] < target], [p for p in points if p[1] > target]
-    (i, h, per_iter) = min(points, key=lambda p: abs(p[1] - target))
+    i, h, per_iter = points[-1]
     lo, hi = (max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])) if below and above else (None, None)
     if lo and hi and hi[0] > lo[0]:
         n = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
