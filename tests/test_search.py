@@ -103,3 +103,54 @@ def test_a_search_trains_a_multi_worker_model_on_its_workers(tmp_path, capsys):
     assert set(search["workers"]) == {2}
     assert set(df[df["role"] == "teacher"]["workers"]) == {1}
     assert len(list((tmp_path / "out" / "searches").rglob("best-*.yaml"))) == 1
+
+
+def test_the_student_alone_is_searched_beside_a_distiller_with_the_same_budget(tmp_path, capsys):
+    """``method: [none, fgd]``: the student alone (schedule keys only) and FGD (schedule keys
+    and its own parameters) each get the same budget and searcher; one suite per pair
+    re-evaluates both bests on fresh seeds, and its report marks the comparison
+    tuned-vs-tuned."""
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    path = tmp_path / "suite.yaml"
+    path.write_text(text + "search:\n  method: [none, fgd]\n  space:\n    schedule.lr: {choice: [0.01, 0.02]}\n"
+                           "    temp: {uniform: [0.3, 1.0]}\n  start_from:\n    - {schedule.lr: 0.02, temp: 0.5}\n"
+                           "    - {schedule.lr: 0.01, temp: 0.9}\n"
+                           "  searcher: random\n  scheduler: none\n  budget: 2\n"
+                           "  seeds: [0]\n  final_seeds: [5, 6]\n")
+    assert main(["tune", str(path), "--num-cpus", "2"]) == 0
+    out = capsys.readouterr().out
+    df = results.read_results(tmp_path / "out", current_only=False)
+    search = df[(df["search_id"] != "") & df["primary"]]
+    per_method = search.groupby("method")["trial_id"].nunique()
+    assert per_method.to_dict() == {"fgd": 2, "none": 2}, search[["method", "params", "status"]]
+    assert set(search[search["method"] == "none"]["params"]) == {"{}"}          # the student alone: schedule only
+    assert "none on shapes/s: 2 configuration(s)" in out and "fgd on shapes/t->s: 2 configuration(s)" in out
+    best_file = tmp_path / "out" / "searches" / search["search_id"].iloc[0] / "best-shapes-t-s.yaml"
+    assert f"python -m harness run {best_file}" in out
+    best = yaml.safe_load(best_file.read_text())
+    sid = search["search_id"].iloc[0]
+    assert best["tuned"] == {"none": sid, "fgd-best": sid} and best["seeds"] == [5, 6]
+    assert set(best["methods"]) == {"fgd-best"} and set(best["methods"]["fgd-best"]["params"]) == {"temp"}
+    assert best["students"]["s"]["schedule"]["lr"] in (0.01, 0.02)                # the student alone's best
+    assert best["methods"]["fgd-best"]["schedule"]["lr"] in (0.01, 0.02)           # FGD's own best
+    assert main(["run", str(best_file), "--num-cpus", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "## Tuned configurations" in report
+    assert f"fgd-best on shapes (t -> s): tuned-vs-tuned: the method tuned (search {sid}), against a tuned " \
+           f"student alone (search {sid})" in report
+    rows = results.read_results(tmp_path / "out")
+    alone = rows[(rows["method"] == "none") & (rows["search_id"] == "")]
+    assert set(alone["seed"]) == {5, 6}
+
+
+def test_a_search_of_several_methods_is_checked(write_suite, tmp_path, capsys):
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
+    path = write_suite(text + "search:\n  method: [none, fgd]\n  space:\n    temp: {uniform: [0.3, 1.0]}\n")
+    assert main(["tune", str(path)]) == 2
+    assert "nothing to search for 'none': give schedule keys" in capsys.readouterr().err
+    path = write_suite(text + "search:\n  method: [fgd, fgd]\n  space:\n    temp: {uniform: [0.3, 1.0]}\n")
+    assert main(["tune", str(path)]) == 2
+    assert "give each label once" in capsys.readouterr().err
+    path = write_suite(text + "tuned: {fdg: abc}\n")
+    assert main(["plan", str(path)]) == 2
+    assert "tuned: 'fdg' is not a method label of the suite; valid: none, fgd" in capsys.readouterr().err

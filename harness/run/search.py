@@ -78,41 +78,65 @@ def _search_trainable(config: dict[str, Any], base: dict[str, Any], seeds: list[
 
 def search_id(suite: Suite) -> str:
     from harness.suite.spec import content_hash
-    base = [t.trial_id for t in suite.student_trials() if t.method == suite.doc["search"]["method"]]
+    labels = suite.doc["search"]["methods"]
+    base = [t.trial_id for t in suite.student_trials() if t.method in labels]
     return content_hash([suite.doc["search"], base], n=10)
 
 
-def _best_suite(suite: Suite, base: TrialSpec, params: dict[str, Any], sid: str) -> dict[str, Any]:
-    """A ready-to-run suite re-evaluating the best configuration (and the student alone)
-    on the search's fresh seeds, with the suite's teachers."""
+def _method_search(search: dict[str, Any], method_name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The space and the start points of one searched method: the schedule keys and its
+    own parameters (a point left empty by that is dropped)."""
+    params = catalog.METHODS.get(method_name)["params"]
+    space = {k: v for k, v in search["space"].items() if k.startswith("schedule.") or k in params}
+    points = [{k: v for k, v in p.items() if k in space} for p in search["start_from"]]
+    return space, [p for p in points if p]
+
+
+def _best_suite(suite: Suite, pair: tuple[str, str, str], bests: dict[str, dict[str, Any]],
+                sid: str) -> dict[str, Any]:
+    """A ready-to-run suite re-evaluating each searched method's best configuration on the
+    search's fresh seeds, with the suite's teachers: the student alone on its tuned
+    schedule when it was searched (else on the suite's), each distiller with its tuned
+    parameters and schedule keys; ``tuned`` names what a search chose."""
     doc = suite.doc
     search = doc["search"]
     plain = json.loads(json.dumps({k: doc[k] for k in ("datasets", "teachers", "students")}, default=str))
-    ds = base.dataset["name"]
-    teacher, student = base.teacher["name"], base.model["name"]
+    ds, teacher, student = pair
     dataset = plain["datasets"][ds]
-    dataset["root"] = base.dataset["root"]                       # absolute, as the search used it
+    dataset["root"] = next(t.dataset["root"] for t in suite.trials if t.dataset["name"] == ds)  # absolute, as searched
     s_entry = plain["students"][student]
-    schedule_over = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("schedule.")}
-    if schedule_over:
-        s_entry["schedule"] = {**(s_entry.get("schedule") or {}), **schedule_over}
-    method_params = {k: v for k, v in params.items() if not k.startswith("schedule.")}
-    label = f"{search['method']}-best"
+    methods: dict[str, Any] = {}
+    tuned: dict[str, str] = {}
+    for label, config in bests.items():
+        schedule_over = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith("schedule.")}
+        if search["methods"][label] == "none":
+            if schedule_over:
+                s_entry["schedule"] = {**(s_entry.get("schedule") or {}), **schedule_over}
+            tuned["none"] = sid
+            continue
+        entry: dict[str, Any] = {"method": search["methods"][label],
+                                 "params": {k: v for k, v in config.items() if not k.startswith("schedule.")}}
+        if schedule_over:               # over the student's schedule (the student alone's best, if searched)
+            entry["schedule"] = schedule_over
+        methods[f"{label}-best"] = entry
+        tuned[f"{label}-best"] = sid
+    searched = ", ".join(search["methods"])
     out = {
-        "name": f"{suite.name}-{search['method']}-best-{sid}",
-        "description": f"best configuration of search {sid} of suite {suite.name} ({search['method']} on {ds}, "
+        "name": f"{suite.name}-best-{sid}-{ds}-{teacher}-{student}",
+        "description": f"best configurations of search {sid} of suite {suite.name} ({searched} on {ds}, "
                        f"{teacher} -> {student}), re-evaluated on fresh seeds",
         "datasets": {ds: dataset},
         "teachers": {teacher: plain["teachers"][teacher]},
         "students": {student: s_entry},
         "pairs": [{"teacher": teacher, "student": student}],
-        "methods": {label: {"method": search["method_name"], "params": method_params}},
+        "methods": methods or ["none"],
         "seeds": list(search["final_seeds"]),
         "schedule": {k: v for k, v in doc["schedule"].items()},
         "resources": dict(doc["resources"]),
         "output": doc["output"],
         "teacher_cache": doc["teacher_cache"],
         "teacher_seed": int(doc.get("teacher_seed", 0)),
+        "tuned": tuned,
     }
     if "pretrained" in doc:
         out["pretrained"] = doc["pretrained"]
@@ -131,10 +155,12 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
     sid = search_id(suite)
     teachers, _ = pending_trials(suite)
     bases = {}
-    for t in suite.student_trials():                 # one base trial per (dataset, pair)
-        if t.method == search["method"]:
-            bases.setdefault((t.dataset["name"], t.teacher["name"], t.model["name"]), t)
-    needed = {b.teacher_id for b in bases.values()}
+    for t in suite.student_trials():    # one base trial per (dataset, pair, method); the student alone's per student
+        if t.method in search["methods"]:
+            bases.setdefault((t.dataset["name"], t.teacher["name"] if t.teacher else "", t.model["name"], t.method), t)
+    pairs = sorted({(t.dataset["name"], t.teacher["name"], t.model["name"]) for t in suite.student_trials()
+                    if t.teacher and (t.method in search["methods"] or "none" in search["methods"])})
+    needed = {b.teacher_id for b in bases.values() if b.teacher_id}
     teachers = [t for t in teachers if t.trial_id in needed]
     summary: dict[str, Any] = {"search_id": sid, "cells": []}
 
@@ -144,12 +170,15 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
         check_resources(suite, _alive_nodes())
         if teachers:
             _fit(suite, teachers, multi_node=bool(address))
-        for (ds, teacher, student), base in bases.items():
+        bests: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for (ds, teacher, student, label), base in bases.items():
             res = base.resources
+            name = f"{label} on {ds}/{teacher}->{student}" if teacher else f"{label} on {ds}/{student}"
             teacher_spec = next((t for t in suite.teacher_trials() if t.trial_id == base.teacher_id), None)
-            if teacher_spec is None or not teacher_available(teacher_spec):
-                summary["cells"].append({"cell": f"{ds}/{teacher}->{student}", "error": "the teacher failed"})
+            if teacher and (teacher_spec is None or not teacher_available(teacher_spec)):
+                summary["cells"].append({"cell": name, "error": "the teacher failed"})
                 continue
+            space, points = _method_search(search, search["methods"][label])
             metric_entry = catalog.METRICS.get(catalog.task_metric(base.dataset["format"]))
             metric, mode = metric_entry["primary"], "max" if metric_entry["higher_is_better"] else "min"
             evals = max(1, int(base.schedule["epochs"]) // int(base.schedule["val_interval"])) \
@@ -160,30 +189,29 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                                       # max_t, which would cut it before it writes its rows
                                       # (each seed reports its evaluations, then its rows)
                                       max_t=(evals + 1) * len(search["seeds"]) + 1) if search["scheduler"] == "asha" else None
-            points = [dict(p) for p in search["start_from"]] or None
             if search["searcher"] == "optuna":
                 from ray.tune.search.optuna import OptunaSearch
-                searcher = OptunaSearch(seed=0, points_to_evaluate=points)
+                searcher = OptunaSearch(seed=0, points_to_evaluate=points or None)
             else:
                 from ray.tune.search import BasicVariantGenerator
-                searcher = BasicVariantGenerator(points_to_evaluate=points, random_state=0)
+                searcher = BasicVariantGenerator(points_to_evaluate=points or None, random_state=0)
             trainable = tune.with_parameters(_search_trainable, base=with_teacher_sha(base).to_dict(),
                                              seeds=list(search["seeds"]), sid=sid, metric=metric)
             tuner = tune.Tuner(
                 tune.with_resources(trainable, _resources(res)),
-                param_space=_search_space(search["space"]),
+                param_space=_search_space(space),
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                             num_samples=search["budget"],
                                             # (multi-worker configurations: as many as their workers fit)
                                             max_concurrent_trials=min(search["concurrency"],
                                                                       _concurrency([res], _alive_nodes())),
                                             reuse_actors=False),
-                run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}",
+                run_config=tune.RunConfig(name=f"search-{sid}-{ds}-{teacher}-{student}-{label}",
                                           storage_path=storage.ray_path(suite.doc.get("storage"), suite.output),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0,
                                           callbacks=_callbacks(RunState(suite), search["budget"],
                                                                rows_end_trial=False)))
-            print(f"search {sid}: {search['method']} on {ds}, {teacher} -> {student}: {search['budget']} "
+            print(f"search {sid}: {name}: {search['budget']} "
                   f"configuration(s), {search['searcher']}, scheduler {search['scheduler']}", flush=True)
             grid = tuner.fit()
             trials = []
@@ -210,14 +238,18 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
                 trials.append({"config": config, "score": sum(scores) / len(scores) if scores and not pruned else None,
                                "pruned": pruned})
             finished = [t for t in trials if t["score"] is not None]
-            cell = {"cell": f"{ds}/{teacher}->{student}", "trials": len(trials),
-                    "pruned": sum(t["pruned"] for t in trials), "best": None, "suite_file": None}
+            cell = {"cell": name, "trials": len(trials), "pruned": sum(t["pruned"] for t in trials), "best": None}
             if finished:
-                best = (max if mode == "max" else min)(finished, key=lambda t: t["score"])
-                path = Path(suite.output) / "searches" / sid / f"best-{ds}-{teacher}-{student}.yaml"
-                results.write_text_atomic(path, yaml.safe_dump(_best_suite(suite, base, best["config"], sid),
-                                                               sort_keys=False))
-                cell.update(best=best, suite_file=str(path))
+                cell["best"] = (max if mode == "max" else min)(finished, key=lambda t: t["score"])
+                for pair in pairs:          # the student alone's best serves every pair of its student
+                    if pair[0] == ds and pair[2] == student and (not teacher or pair[1] == teacher):
+                        bests.setdefault(pair, {})[label] = cell["best"]["config"]
             summary["cells"].append(cell)
+    summary["suites"] = []
+    for pair, configs in bests.items():       # one suite per (dataset, pair): every searched method's best
+        path = Path(suite.output) / "searches" / sid / f"best-{'-'.join(pair)}.yaml"
+        results.write_text_atomic(path, yaml.safe_dump(_best_suite(suite, pair, configs, sid), sort_keys=False))
+        missing = [label for label in search["methods"] if label not in configs]
+        summary["suites"].append({"pair": pair, "file": str(path), "missing": missing})
     summary["results"] = str(results.consolidate(suite.output) or "")
     return summary

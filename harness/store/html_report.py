@@ -134,7 +134,8 @@ figure { margin: 1em 0; }
 
 def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
             interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-            seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
+            seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1,
+            tuned: dict[str, str] | None = None) -> str:
     """The whole report page (one string, no external resource)."""
     board = report.leaderboard(df, best, interval, trim)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>kd-harness report</title>"
@@ -158,6 +159,10 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
     seeds = report.seed_lines(board, seed_rule)
     if seeds:
         parts.append("<h2>Seeds until precise</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in seeds)
+                     + "</ul>")
+    marks = report.tuned_lines(board, tuned)
+    if marks:
+        parts.append("<h2>Tuned configurations</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in marks)
                      + "</ul>")
     from . import equal_compute as ec
     table = ec.equal_compute(df, board, best, interval, trim, tolerance)
@@ -208,7 +213,8 @@ def write_report(df: pd.DataFrame, directory: str | Path, best: bool = False, in
     from .results import suite_record, write_text_atomic
     directory = Path(directory)
     record = suite_record(directory) if record is None else record
-    extra = (record["datasets"], interval, trim, record["trials"], record["seed_rule"], record.get("tolerance", 0.1))
+    extra = (record["datasets"], interval, trim, record["trials"], record["seed_rule"], record.get("tolerance", 0.1),
+             record.get("tuned"))
     md = write_text_atomic(directory / "leaderboard.md", report.to_markdown(df, best, *extra))
     page = write_text_atomic(directory / "report.html", to_html(df, best, *extra))
     return md, page

@@ -246,9 +246,28 @@ def seed_lines(board: pd.DataFrame, rule: dict[str, Any] | None) -> list[str]:
             f"{stop_reason(int(r.n), r.gain_lo, r.gain_hi, rule)}" for r in cells.itertuples()]
 
 
+def tuned_lines(board: pd.DataFrame, tuned: dict[str, str] | None) -> list[str]:
+    """Under a suite some of whose configurations a search chose (``tuned``: label ->
+    search id): each distilled cell's comparison, tuned-vs-tuned or against an untuned
+    baseline (or a tuned baseline against an untuned method)."""
+    if not tuned or board.empty:
+        return []
+    alone = f"a tuned student alone (search {tuned['none']})" if "none" in tuned else "an untuned student alone"
+    out = []
+    for r in distilled_cells(board).itertuples():
+        method = f"tuned (search {tuned[r.method]})" if r.method in tuned else "untuned"
+        kind = ("tuned-vs-tuned" if r.method in tuned and "none" in tuned else
+                "against an untuned baseline" if r.method in tuned else "an untuned method against a tuned baseline"
+                if "none" in tuned else "untuned")
+        out.append(f"{r.method} on {r.dataset} ({r.teacher} -> {r.student}): {kind}: the method {method}, "
+                   f"against {alone}")
+    return out
+
+
 def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
                 interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-                seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
+                seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1,
+                tuned: dict[str, str] | None = None) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
     df = _md_safe(df)
@@ -273,6 +292,9 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
         lines += [f"## Seeds until precise (first {seed_rule['first']}, max {seed_rule['max']}, "
                   f"until the gain's interval is within +-{seed_rule['until']['gain_ci_half_width']:g})", ""]
         lines += [f"- {md_text(line)}" for line in seeds] + [""]
+    marks = tuned_lines(board, tuned)
+    if marks:
+        lines += ["## Tuned configurations", ""] + [f"- {md_text(m)}" for m in marks] + [""]
     from . import equal_compute as ec
     table = ec.equal_compute(df, board, best, interval, trim, tolerance)
     if not table.empty:
@@ -328,23 +350,27 @@ def in_one_sentence(board: pd.DataFrame) -> str:
 
 
 def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per search: its trials (configuration, score, status) and the best configuration."""
+    """Per search and searched cell (dataset, pair, method): its configurations (method
+    parameters, and the schedule's hash where the search varied schedule keys), their
+    scores and statuses, and the best configuration."""
     if "search_id" not in df:
         return []
     out = []
-    for sid, part in df[df["search_id"].fillna("") != ""].groupby("search_id", sort=True):
+    keys = ["search_id", "dataset", "teacher", "student", "method"]
+    for (sid, dataset, teacher, student, method), part in df[df["search_id"].fillna("") != ""].groupby(keys, sort=True):
+        several = part["schedule_hash"].nunique() > 1
         trials = []
-        for (params, status), p in part.groupby(["params", "status"], sort=False):
+        for (params, sched, status), p in part.groupby(["params", "schedule_hash", "status"], sort=False):
             prim = p[p["primary"]] if status == "ok" else p
-            trials.append({"params": params, "status": status, "seeds": int(p["seed"].nunique()),
+            trials.append({"params": params + (f" schedule {sched[:8]}" if several else ""), "status": status,
+                           "seeds": int(p["seed"].nunique()),
                            "score": float(prim["value"].mean()) * display_scale(str(prim["metric"].iloc[0]))
                            if status == "ok" and len(prim) else math.nan})
         ok = [t for t in trials if t["status"] == "ok"]
         higher = bool(part["higher_is_better"].iloc[0])
         best = (max if higher else min)(ok, key=lambda t: t["score"]) if ok else None
-        cell = part.iloc[0]
-        out.append({"search_id": sid, "cell": f"{cell['dataset']}: {cell['teacher']} -> {cell['student']}, "
-                                              f"{cell['method']}", "trials": trials, "best": best})
+        out.append({"search_id": sid, "cell": f"{dataset}: {teacher or '-'} -> {student}, {method}", "trials": trials,
+                    "best": best})
     return out
 
 
@@ -364,6 +390,7 @@ def _search_markdown(df: pd.DataFrame) -> list[str]:
 
 def format_report(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[str, Any]] | None = None,
                   interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
-                  seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1) -> str:
+                  seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1,
+                  tuned: dict[str, str] | None = None) -> str:
     """What ``run`` and ``report`` print: the Markdown leaderboard."""
-    return to_markdown(df, best, datasets, interval, trim, trials, seed_rule, tolerance)
+    return to_markdown(df, best, datasets, interval, trim, trials, seed_rule, tolerance, tuned)

@@ -282,8 +282,8 @@ def current_trials(output: str | os.PathLike) -> set[str] | None:
 def suite_record(output: str | os.PathLike) -> dict[str, Any]:
     """What a report needs of the suite as last run in ``output``, from its ``suite.json``
     (read once): ``datasets`` (format, root, classes per dataset), ``trials`` (the trial
-    specs), ``seed_rule`` (the ``seeds:`` rule, or None for a seed list) and ``tolerance``
-    (of compute-matched baselines); empty values when there is no record (a lone Parquet
+    specs), ``seed_rule`` (the ``seeds:`` rule, or None for a seed list), ``tolerance``
+    (of compute-matched baselines) and ``tuned`` (the labels a search chose); empty values when there is no record (a lone Parquet
     file, an older run)."""
     try:
         doc = json.loads((Path(output) / "suite.json").read_text())
@@ -292,12 +292,13 @@ def suite_record(output: str | os.PathLike) -> dict[str, Any]:
     doc = doc if isinstance(doc, dict) else {}
     datasets, trials = doc.get("datasets"), doc.get("trials")
     suite = doc.get("suite") if isinstance(doc.get("suite"), dict) else {}
-    seeds, baselines = suite.get("seeds"), suite.get("baselines")
+    seeds, baselines, tuned = suite.get("seeds"), suite.get("baselines"), suite.get("tuned")
     tolerance = baselines.get("tolerance") if isinstance(baselines, dict) else None
     return {"datasets": dict(datasets) if isinstance(datasets, dict) else {},
             "trials": [t for t in trials if isinstance(t, dict)] if isinstance(trials, list) else [],
             "seed_rule": seeds if isinstance(seeds, dict) else None,
-            "tolerance": float(tolerance) if isinstance(tolerance, (int, float)) else 0.1}
+            "tolerance": float(tolerance) if isinstance(tolerance, (int, float)) else 0.1,
+            "tuned": {str(k): str(v) for k, v in tuned.items()} if isinstance(tuned, dict) else None}
 
 
 def suite_datasets(output: str | os.PathLike) -> dict[str, dict[str, Any]]:

@@ -324,6 +324,10 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
                                           f"AmpOptimWrapper runs on CUDA) but resources.gpu is 0; set "
                                           f"resources.gpu or amp: false")
     search = _search(doc, methods) if doc.get("search") is not None else None
+    for label in doc.get("tuned") or {}:
+        if label not in methods:
+            raise _err(doc["tuned"], label, f"tuned: '{label}' is not a method label of the suite; valid: "
+                                            f"{', '.join(methods)}")
 
     merged = dict(doc)
     merged.update(name=name, output=output, teacher_cache=cache, schedule=schedule, resources=resources,
@@ -361,12 +365,15 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
                     continue
                 _check_serves(label, method, where, teacher, student)
                 distilled = method != "none"
+                entry = doc["methods"].get(label) if isinstance(doc.get("methods"), dict) else None
+                m_sched = _schedule(doc, entry.get("schedule"), s_sched, ("methods", label, "schedule")) \
+                    if isinstance(entry, dict) and entry.get("schedule") is not None else s_sched
                 for seed in (seeds_for or {}).get((ds["name"], t_name, s_name, label), seeds):
                     suite.trials.append(TrialSpec(
                         task=ds["task"], role="student", dataset=ds_id, model=dict(student),
                         method=label, method_name=method,
                         params=catalog.method_params(method, family, overrides),
-                        seed=seed, schedule=s_sched, teacher=t_model if distilled else None,
+                        seed=seed, schedule=m_sched, teacher=t_model if distilled else None,
                         teacher_checkpoint=t_spec.teacher_checkpoint if distilled else None,
                         # the teacher's whole identity (its schedule, seed, data, checkpoint's
                         # content): a student of a changed teacher is a new trial

@@ -80,15 +80,17 @@ SEARCHABLE_SCHEDULE = ("lr", "momentum", "weight_decay", "grad_clip", "warmup_it
 
 
 def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
-    """The ``search`` block: its method is a label of the suite, every dimension of its
-    space a numeric (or choice) hyperparameter of that method or a schedule key."""
+    """The ``search`` block: its method is a label of the suite (or several, the student
+    alone ``none`` among them), every dimension of its space a schedule key or a numeric
+    (or choice) hyperparameter of a searched method."""
     node = doc["search"]
-    label = node["method"]
-    if label not in methods or label == "none":
-        raise _err(node, "method", f"search.method: '{label}' is not a method label of the suite"
-                                   f"{suggest(str(label), list(methods))}; valid: {', '.join(m for m in methods if m != 'none')}")
-    name = methods[label][0]
-    entry = catalog.METHODS.get(name)
+    labels = node["method"] if isinstance(node["method"], list) else [node["method"]]
+    for label in labels:
+        if label not in methods:
+            raise _err(node, "method", f"search.method: '{label}' is not a method label of the suite"
+                                       f"{suggest(str(label), list(methods))}; valid: {', '.join(methods)}")
+    if not labels or len(set(labels)) != len(labels):
+        raise _err(node, "method", f"search.method: give each label once, got {labels}")
     space = node["space"]
     for key, dim in space.items():
         if key.startswith("schedule."):
@@ -96,12 +98,21 @@ def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
                 raise _err(space, key, f"search.space.{key}: searchable schedule keys are "
                                        f"{', '.join('schedule.' + k for k in SEARCHABLE_SCHEDULE)}")
             continue
-        if key not in entry["params"]:
-            raise _err(space, key, f"search.space: '{key}' is not a parameter of {name}{suggest(key, list(entry['params']))}; "
-                                   f"valid: {', '.join(entry['params'])} or schedule.KEY")
+        owners = [label for label in labels if key in catalog.METHODS.get(methods[label][0])["params"]]
+        if not owners:
+            valid = sorted({p for label in labels for p in catalog.METHODS.get(methods[label][0])["params"]})
+            raise _err(space, key, f"search.space: '{key}' is not a parameter of {', '.join(labels)}"
+                                   f"{suggest(key, valid)}; valid: {', '.join(valid + ['schedule.KEY'])}")
         values = dim.get("choice") or [v for k in ("uniform", "loguniform", "randint") for v in (dim.get(k) or [])]
-        for v in values:                 # every value it can take must be a valid value of the parameter
-            _check_param(f"{label} (search.space)", name, entry, space, key, v)
+        for label in owners:             # every value it can take must be a valid value of the parameter
+            name = methods[label][0]
+            for v in values:
+                _check_param(f"{label} (search.space)", name, catalog.METHODS.get(name), space, key, v)
+    for label in labels:
+        params = catalog.METHODS.get(methods[label][0])["params"]
+        if not any(k.startswith("schedule.") or k in params for k in space):
+            raise _err(node, "space", f"search.space: nothing to search for '{label}': give schedule keys "
+                                      f"(schedule.lr, ...) or its parameters ({', '.join(params) or 'it has none'})")
     full = validate(Search, node, doc, str(getattr(doc, "file", "<suite>")), ("search",)).model_dump()
     for i, point in enumerate(node.get("start_from") or []):
         for key, value in point.items():
@@ -124,7 +135,7 @@ def _search(doc: Node, methods: dict[str, Any]) -> dict[str, Any]:
     if len(full["start_from"]) > full["budget"]:
         raise _err(node, "start_from", f"search.start_from: {len(full['start_from'])} configurations but a "
                                        f"budget of {full['budget']}; raise search.budget")
-    return full | {"method_name": name}
+    return full | {"methods": {label: methods[label][0] for label in labels}}
 
 
 def _check_tasks(doc: Node, datasets: dict, teachers: dict, students: dict,

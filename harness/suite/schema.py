@@ -155,6 +155,8 @@ class MethodEntry(Strict):
 
     method: str | None = Field(None, description="registered method (default: the label)")
     params: dict[str, Any] | None = Field(None, description="hyperparameters (python -m harness ls lists them)")
+    schedule: dict[str, Any] | None = Field(None, description="schedule keys this method's trials override (a "
+                                            "tuned configuration, as harness tune writes it; see Schedule)")
 
 
 class Pair(Strict):
@@ -192,8 +194,11 @@ class Search(Strict):
     """``harness tune``: a hyperparameter search for one method of the suite, on every
     (dataset, pair) the method serves; teachers are the suite's."""
 
-    method: str = Field(description="a label under 'methods' whose hyperparameters are searched")
-    space: dict[str, SearchParam] = Field(min_length=1, description="parameter (or schedule.KEY) -> its range")
+    method: str | list[str] = Field(description="a label under 'methods' whose hyperparameters are searched, or "
+                                    "several (none, the student alone, among them: a tuned baseline), each "
+                                    "searched with the same budget, searcher and scheduler")
+    space: dict[str, SearchParam] = Field(min_length=1, description="parameter (or schedule.KEY) -> its range; "
+                                          "a method's search uses the schedule keys and its own parameters")
     searcher: Literal["optuna", "random"] = Field("optuna", description="Optuna (TPE) through Ray Tune, or random")
     scheduler: Literal["asha", "none"] = Field("asha", description="early stopping on the validation metric")
     grace_period: StrictInt = Field(1, ge=1, description="ASHA: evaluations before a trial can be stopped")
@@ -282,6 +287,10 @@ class SuiteDoc(Strict):
     pretrained: Any = Field(True, description="default for every model: true, false, or a file / URI")
     search: Search | None = Field(None, description="hyperparameter search run by `harness tune` (see Search)")
     baselines: Baselines = Field(default_factory=Baselines, description="compute-matched baselines (see Baselines)")
+    tuned: dict[str, str] | None = Field(None, description="method labels (none: the student alone) whose "
+                                         "configuration a search chose -> the search's id, as harness tune "
+                                         "writes it; the report marks each comparison tuned-vs-tuned or "
+                                         "against an untuned baseline")
 
     _pretrained = field_validator("pretrained")(Model._pretrained.__func__)
 
