@@ -132,6 +132,17 @@ figure { margin: 1em 0; }
 """
 
 
+def _items(lines: list[str], cls: str = "") -> str:
+    """Lines as an HTML list, escaped."""
+    attr = f" class='{cls}'" if cls else ""
+    return "<ul>" + "".join(f"<li{attr}>{html.escape(line)}</li>" for line in lines) + "</ul>"
+
+
+def _section(title: str, lines: list[str], cls: str = "") -> str:
+    """A titled list; nothing when there are no lines."""
+    return f"<h2>{html.escape(title)}</h2>{_items(lines, cls)}" if lines else ""
+
+
 def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | None = None,
             interval: str = "t", trim: bool = False, trials: list[dict[str, Any]] | None = None,
             seed_rule: dict[str, Any] | None = None, tolerance: float = 0.1,
@@ -156,14 +167,8 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
         parts.append("</tbody></table>")
     if not board.empty:
         parts.append(f"<p class='note'>{html.escape(report.estimate_line(interval, trim))}</p>")
-    seeds = report.seed_lines(board, seed_rule)
-    if seeds:
-        parts.append("<h2>Seeds until precise</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in seeds)
-                     + "</ul>")
-    marks = report.tuned_lines(board, tuned)
-    if marks:
-        parts.append("<h2>Tuned configurations</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in marks)
-                     + "</ul>")
+    parts.append(_section("Seeds until precise", report.seed_lines(board, seed_rule)))
+    parts.append(_section("Tuned configurations", report.tuned_lines(board, tuned)))
     from . import equal_compute as ec
     table = ec.equal_compute(df, board, best, interval, trim, tolerance)
     if not table.empty:
@@ -171,16 +176,10 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
                      + "".join(f"<th>{html.escape(h)}</th>" for h in ec.HEADER) + "</tr></thead><tbody>"
                      + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
                                for cells in ec.table_rows(table))
-                     + "</tbody></table><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ec.notes(table)) + "</ul>")
+                     + "</tbody></table>" + _items(ec.notes(table)))
     from .papers import paper_lines
-    papers = paper_lines(board, trials)
-    if papers:
-        parts.append("<h2>The papers' numbers</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in papers)
-                     + "</ul>")
-    warns = report.warnings_for(df, board)
-    if warns:
-        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)
-                     + "</ul>")
+    parts.append(_section("The papers' numbers", paper_lines(board, trials)))
+    parts.append(_section("Warnings", report.warnings_for(df, board), "warn"))
     for name, svg in (("Gain over the student alone (95% CI)", gain_plot(board)),
                       ("Metric against device-hours", cost_plot(board, ec.points(df, best))),
                       ("Validation curves", curves_plot(df, board))):
@@ -195,9 +194,7 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
                                f"<td>{t['seeds']}</td><td>{report._f(t['score'], '.2f')}</td></tr>" for t in sr["trials"])
                      + "</tbody></table>")
     fails = report.failures(df)
-    if fails:
-        parts.append(f"<h2>{len(fails)} trial(s) without a result</h2><ul>"
-                     + "".join(f"<li>{html.escape(f)}</li>" for f in fails) + "</ul>")
+    parts.append(_section(f"{len(fails)} trial(s) without a result", fails))
     sentence = report.in_one_sentence(board)
     if sentence:
         parts.append(f"<p class='summary'><b>{html.escape(sentence)}</b></p>")
