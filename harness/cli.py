@@ -110,58 +110,6 @@ def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
     check_pretrained(suite, nets)       # every pretrained backbone had, read weights-only, and fitting
 
 
-def _seeds_until_precise(suite: "object", args: argparse.Namespace, summary: dict) -> "object":
-    """Under a seed rule (``seeds: {first, max, until}``): rounds that add seeds to the
-    cells whose gain is not yet precise (:mod:`harness.run.seeds`), each a run of the
-    pending trials; their trials join ``summary``. Returns the suite as last run."""
-    from harness.run.matrix import run_suite
-    from harness.run.seeds import cell_seeds, more_seeds, rule_of
-    from harness.suite.load import load_suite
-    rule = rule_of(suite.doc)
-    round_no = 1
-    while rule and not args.dry_run:
-        plan = more_seeds(suite, rule)
-        if plan is None:
-            break
-        round_no += 1
-        had = cell_seeds(suite)
-        grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had[k])} -> {len(v)} seeds"
-                 for k, v in plan.items() if k in had and len(v) > len(had[k])]
-        print(f"\nseeds until precise, round {round_no}: {'; '.join(grown)}", flush=True)
-        suite = load_suite(args.suite, args.output_root, seeds_for=plan)
-        more = run_suite(suite, address=args.address, resume=True, num_cpus=args.num_cpus, verbose=args.verbose)
-        summary["trials"] += more["trials"]
-    return suite
-
-
-def _compute_matched(suite: "object", args: argparse.Namespace, summary: dict) -> None:
-    """Under ``baselines: {compute_matched: true}``: rounds of stretched student-alone
-    trials (:mod:`harness.run.matched`) until each distilled trial has one within the
-    tolerance of its device-hours, or its attempts are spent; their trials join
-    ``summary`` and the suite's record."""
-    cfg = suite.doc["baselines"]
-    if not cfg["compute_matched"] or args.dry_run:
-        return
-    from harness.run.matched import plan_matched
-    from harness.run.matrix import run_suite
-    from harness.store.results import read_results
-    plain = [t for t in suite.trials if not t.matched]
-    for round_no in range(1, int(cfg["attempts"]) + 2):
-        every, pending, notes = plan_matched(plain, read_results(suite.output, current_only=False), cfg)
-        suite.trials = plain + every
-        if pending:
-            print(f"\ncompute-matched baselines, round {round_no}: {len(pending)} stretched student-alone trial(s) "
-                  f"(e.g. {pending[0].name}: {pending[0].schedule['iters']} iterations for "
-                  f"{pending[0].matched['target_device_hours']:.4f} device-hours)", flush=True)
-        more = run_suite(suite, address=args.address, resume=True, num_cpus=args.num_cpus, verbose=args.verbose,
-                         only={t.trial_id for t in pending})       # none: the suite (with them) is recorded
-        summary["trials"] += more["trials"]
-        if not pending:
-            for note in notes:
-                print(f"compute-matched baselines: {note}")
-            return
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     suite = _checked_suite(args)
     from harness.run.runlock import run_lock
@@ -178,8 +126,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             summary = run_suite(suite, address=args.address, resume=not args.restart, num_cpus=args.num_cpus,
                                 verbose=args.verbose, dry_run=args.dry_run,
                                 prepare=lambda: _prepare_data_and_models(suite, args))
-            suite = _seeds_until_precise(suite, args, summary)
-            _compute_matched(suite, args, summary)
+            if not args.dry_run:        # the rounds a seed rule and compute-matched baselines add
+                from harness.run.matched import matched_rounds
+                from harness.run.seeds import seed_rounds
+                from harness.suite.load import load_suite
+                again = dict(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
+                suite = seed_rounds(suite, summary, lambda plan: load_suite(args.suite, args.output_root,
+                                                                            seeds_for=plan), **again)
+                matched_rounds(suite, summary, **again)
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
             done = sum(not t["error"] for t in summary["trials"])

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from harness.store import results
+from harness.suite.load import Suite
 from harness.suite.spec import TrialSpec
 
 
@@ -115,3 +116,28 @@ def plan_matched(trials: list[TrialSpec], df: pd.DataFrame | None, cfg: dict[str
                 pending.append(m)
                 break
     return list({m.trial_id: m for m in every}.values()), list({m.trial_id: m for m in pending}.values()), notes
+
+
+def matched_rounds(suite: Suite, summary: dict[str, Any], **run: Any) -> None:
+    """Under ``baselines: {compute_matched: true}``: rounds of stretched student-alone
+    trials (:func:`plan_matched`) until each distilled trial has one within the tolerance
+    of its device-hours, or its attempts are spent (``run``: run_suite's session
+    arguments); their trials join ``summary`` and the suite's record."""
+    from . import matrix
+    cfg = suite.doc["baselines"]
+    if not cfg["compute_matched"]:
+        return
+    plain = [t for t in suite.trials if not t.matched]
+    for round_no in range(1, int(cfg["attempts"]) + 2):
+        every, pending, notes = plan_matched(plain, results.read_results(suite.output, current_only=False), cfg)
+        suite.trials = plain + every
+        if pending:
+            print(f"\ncompute-matched baselines, round {round_no}: {len(pending)} stretched student-alone trial(s) "
+                  f"(e.g. {pending[0].name}: {pending[0].schedule['iters']} iterations for "
+                  f"{pending[0].matched['target_device_hours']:.4f} device-hours)", flush=True)
+        more = matrix.run_suite(suite, resume=True, only={t.trial_id for t in pending}, **run)
+        summary["trials"] += more["trials"]          # (none pending: the suite, with them, is recorded)
+        if not pending:
+            for note in notes:
+                print(f"compute-matched baselines: {note}")
+            return

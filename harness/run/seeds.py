@@ -14,6 +14,8 @@ from typing import Any
 
 from scipy import stats
 
+from collections.abc import Callable
+
 from harness.store import results
 from harness.store.report import leaderboard
 from harness.suite.load import Suite
@@ -77,3 +79,26 @@ def more_seeds(suite: Suite, rule: dict[str, Any]) -> dict[Cell, list[int]] | No
         alone = (ds, teacher, student, "none")
         plan[alone] = sorted(set(plan.get(alone, [])) | set(seeds))
     return plan
+
+
+def seed_rounds(suite: Suite, summary: dict[str, Any], reload: Callable[[dict[Cell, list[int]]], Suite],
+                **run: Any) -> Suite:
+    """Under a seed rule: rounds that add seeds to the cells whose gain is not yet precise
+    (:func:`more_seeds`), each a run of the pending trials of the suite ``reload`` gives
+    for that plan (``run``: run_suite's session arguments); their trials join
+    ``summary``. Returns the suite as last run."""
+    from . import matrix
+    rule = rule_of(suite.doc)
+    round_no = 1
+    while rule:
+        plan = more_seeds(suite, rule)
+        if plan is None:
+            break
+        round_no += 1
+        had = cell_seeds(suite)
+        grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had[k])} -> {len(v)} seeds"
+                 for k, v in plan.items() if k in had and len(v) > len(had[k])]
+        print(f"\nseeds until precise, round {round_no}: {'; '.join(grown)}", flush=True)
+        suite = reload(plan)
+        summary["trials"] += matrix.run_suite(suite, resume=True, **run)["trials"]
+    return suite
