@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness import paper_results
 from harness.registry import Entry, Registry
 
 METHODS = Registry("method")
@@ -260,33 +261,11 @@ METHODS.register(
 
 
 # ------------------------------------------------------------------- papers' numbers
-# Each seed paper's headline results with the setup they were measured in: the method,
-# the dataset format and metric, the teacher's and the student's OpenMMLab configs (the
-# mmdet 3.x names of the configs the release used), the student's epochs, the student
-# alone and distilled (the teacher where printed), and where the numbers are printed. The
-# report sets a cell beside the entry whose setup it matches (``harness.store.papers``).
-_FGD = "FGD (Yang et al., CVPR 2022): yzd-v/FGD README, table 'Results' (COCO val2017 box mAP)"
-for _key, _teacher, _student, _epochs, _base, _kd in (
-        ("retinanet-r50", "retinanet/retinanet_x101-64x4d_fpn_1x_coco.py", "retinanet/retinanet_r50_fpn_2x_coco.py",
-         24, 37.4, 40.7),
-        ("retinanet-r101", "retinanet/retinanet_x101-64x4d_fpn_1x_coco.py", "retinanet/retinanet_r101_fpn_2x_coco.py",
-         24, 38.9, 41.7),
-        ("faster-rcnn-r50", "dcn/cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
-         "faster_rcnn/faster-rcnn_r50_fpn_2x_coco.py", 24, 38.4, 42.0),
-        ("faster-rcnn-r101", "dcn/cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
-         "faster_rcnn/faster-rcnn_r101_fpn_2x_coco.py", 24, 39.8, 44.1),
-        ("mask-rcnn-r50", "dcn/cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
-         "mask_rcnn/mask-rcnn_r50_fpn_2x_coco.py", 24, 39.2, 42.1),
-        ("reppoints-r50", "reppoints/reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
-         "reppoints/reppoints-moment_r50_fpn-gn_head-gn_2x_coco.py", 24, 38.6, 42.0),
-        ("reppoints-r101", "reppoints/reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
-         "reppoints/reppoints-moment_r101_fpn-gn_head-gn_2x_coco.py", 24, 40.5, 43.8),
-        ("fcos-r50", "fcos/fcos_r101-caffe_fpn_gn-head-1x_coco.py",
-         "fcos/fcos_r50-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py", 24, 38.5, 42.7),
-        ("gfl-r50", "gfl/gfl_r101_fpn_ms-2x_coco.py", "gfl/gfl_r50_fpn_1x_coco.py", 12, 40.2, 43.5)):
-    PAPER_RESULTS.register(f"fgd/{_key}", method="fgd", dataset_format="coco", metric="bbox_mAP",
-                           teacher=f"mmdet::{_teacher}", student=f"mmdet::{_student}", epochs=_epochs,
-                           baseline=_base, distilled=_kd, source=_FGD)
+# Each seed paper's headline results with the setup they were measured in, and where they
+# are printed: data in ``harness/paper_results.py``. The report sets a cell beside the
+# entry whose setup it matches (``harness.store.papers``).
+for _entry in paper_results.RESULTS:
+    PAPER_RESULTS.register(_entry["key"], **{k: v for k, v in _entry.items() if k != "key"})
 
 
 def arch_of(model: dict[str, Any]) -> Entry:

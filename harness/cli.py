@@ -234,6 +234,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             print(f"  {e.name:<{name_w}}{meta:<{meta_w}}{e.doc}{extra}")
             for family, over in (e.get("family_params") or {}).items():     # per-family defaults, if any
                 print(f"  {'':<{name_w}}{'':<{meta_w}}  with a {family} student: {_params(over)}")
+    papers = list(catalog.PAPER_RESULTS)
+    name_w = max(len(e.name) for e in papers) + 2
+    print("papers' results (set beside a cell trained in the same setup), by source:")
+    for source in dict.fromkeys(e["source"] for e in papers):
+        print(f"  {source}")
+        for e in (e for e in papers if e["source"] == source):
+            print(f"    {e.name:<{name_w}}{e['metric']} {e['baseline']:g} -> {e['distilled']:g}")
     return 0
 
 

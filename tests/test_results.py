@@ -338,10 +338,63 @@ def test_the_papers_number_beside_a_cell_whose_setup_matches():
     assert "## The papers' numbers" in format_report(pd.DataFrame(rows), trials=trials)
 
 
-def test_every_paper_setup_names_configs_the_installed_mmdet_bundles():
+def test_every_paper_setup_names_models_the_harness_builds():
+    """Every catalog entry names configs the installed mmdet / mmseg bundle, or
+    architectures the catalog holds, a real metric of its dataset format, and parameters
+    the method has, with values it accepts."""
     from harness import catalog
+    from harness.store.papers import model_setup
     from harness.suite import zoo
+    methods = set()
     for entry in catalog.PAPER_RESULTS:
-        for ref in (entry["teacher"], entry["student"]):
-            assert zoo.check_reference(ref) is None, (entry.name, ref, zoo.check_reference(ref))
+        methods.add(entry["method"])
+        for role in ("teacher", "student"):
+            setup = model_setup(entry[role])
+            if setup is None:
+                continue
+            if "config" in setup:
+                assert zoo.check_reference(setup["config"]) is None, (entry.name, setup)
+            else:
+                assert setup["arch"] in catalog.ARCHS, (entry.name, setup)
+        fmt = catalog.DATASET_FORMATS.get(entry["dataset_format"])
+        assert entry["metric"] == catalog.METRICS.get(fmt["metric"])["primary"], entry.name
+        method = catalog.METHODS.get(entry["method"])
+        for key, value in entry["params"].items():
+            assert key in method["params"], (entry.name, key)
+            assert value in method.get("choices", {}).get(key, (value,)), (entry.name, key, value)
         assert entry["distilled"] > entry["baseline"] and entry["source"]
+    assert methods >= {"fgd", "gid", "gkp", "icsd", "pixel_kd", "ssld"}
+
+
+def test_a_segmentation_cell_in_the_papers_setup_matches_and_one_without_alw_names_the_difference():
+    """AICSD's VOC row matches a cell built as the paper's DeepLabV3+ pair with ICSD's
+    released computation and adaptive weighting; the same cell with ``alw: false`` is
+    told which parameter keeps it from the paper's setup; synthetic data never matches."""
+    from harness.store.papers import paper_lines
+    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.77)]
+    for seed, (alone, kd) in enumerate([(0.670, 0.700), (0.672, 0.705), (0.668, 0.701)]):
+        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone),
+                 _row(trial_id=f"i{seed}", method="icsd", seed=seed, value=kd),
+                 _row(trial_id=f"p{seed}", method="icsd-plain", seed=seed, value=kd)]
+    board = leaderboard(pd.DataFrame(rows))
+    os16 = {"strides": [1, 2, 2, 1], "dilations": [1, 1, 1, 2]}
+    teacher = {"name": "T", "arch": "deeplabv3plus", "backbone": {"depth": 101, **os16},
+               "head": {"dilations": [1, 6, 12, 18]}, "checkpoint": "t.pth", "pretrained": False}
+    student = {"name": "S", "arch": "deeplabv3plus_r18", "backbone": dict(os16),
+               "head": {"dilations": [1, 6, 12, 18]}, "pretrained": True}
+    released = {"variant": "released", "w_icsd": 9500.0, "w_kd": 10.0, "temp": 1.0, "alw": True}
+    ds = {"name": "d", "format": "voc_seg"}
+    trials = [{"dataset": ds, "model": student, "teacher": teacher, "method": "icsd", "method_name": "icsd",
+               "params": released, "schedule": {"epochs": 120}},
+              {"dataset": ds, "model": student, "teacher": teacher, "method": "icsd-plain", "method_name": "icsd",
+               "params": dict(released, alw=False), "schedule": {"epochs": 120}}]
+    lines = paper_lines(board, trials)
+    [aicsd] = [line for line in lines if line.startswith("icsd on d")]
+    assert "the paper's 67.5 -> 70.0 (+2.5), ours 67.0 -> 70.2 (+3.2)" in aicsd
+    assert "the source gives no schedule" in aicsd and "AmirMansurian/AICSD README" in aicsd
+    [plain] = [line for line in lines if line.startswith("icsd-plain on d")]
+    assert "no paper result was measured in this setup" in plain
+    assert "alw: False (the paper's True)" in plain and "icsd/voc_seg-r18" in plain
+    trials[0]["dataset"] = dict(ds, synth={"train_images": 8})
+    [synthetic] = [line for line in paper_lines(board, trials) if line.startswith("icsd on d")]
+    assert "no paper result was measured" in synthetic and "synthetic data" in synthetic

@@ -100,21 +100,26 @@ def test_one_iteration_of_every_new_family_through_the_runner(zoo_suite):
     assert len(done) == 4 + 5                 # four teachers, five distilled students
 
 
-@pytest.mark.parametrize("name", TABLE_SUITES)
-def test_the_paper_table_suites_plan_and_every_architecture_builds(name, tmp_path, monkeypatch):
-    """Each paper-table suite plans (with stand-in data and checkpoints) and every model it
-    names builds as its config says, at full size."""
-    for var in ("COCO_ROOT", "CITYSCAPES_ROOT"):
+def _table_suite(name, tmp_path, monkeypatch):
+    """A shipped paper-table suite, loaded with stand-in data roots and checkpoints."""
+    for var in ("COCO_ROOT", "CITYSCAPES_ROOT", "IMAGENET_ROOT"):
         monkeypatch.setenv(var, str(tmp_path))
     monkeypatch.setenv("VOC_ROOT", str(tmp_path))
-    (tmp_path / "VOC2012").mkdir()
+    (tmp_path / "VOC2012").mkdir(exist_ok=True)
     monkeypatch.setenv("KD_CHECKPOINTS", str(tmp_path))
     texts = [(REPO / "suites" / name).read_text()] + [p.read_text() for p in (REPO / "suites" / "base").glob("*.yaml")]
     for text in texts:
         for ckpt in re.findall(r"\$\{KD_CHECKPOINTS[^}]*\}/([\w.\-+]+)", text):
             (tmp_path / ckpt).touch()
     monkeypatch.chdir(REPO)
-    suite = load_suite(REPO / "suites" / name)
+    return load_suite(REPO / "suites" / name)
+
+
+@pytest.mark.parametrize("name", TABLE_SUITES)
+def test_the_paper_table_suites_plan_and_every_architecture_builds(name, tmp_path, monkeypatch):
+    """Each paper-table suite plans (with stand-in data and checkpoints) and every model it
+    names builds as its config says, at full size."""
+    suite = _table_suite(name, tmp_path, monkeypatch)
     models = {json.dumps(m, sort_keys=True, default=str): (m, t) for t in suite.trials
               for m in [t.model] + ([t.teacher] if t.teacher else [])}
     for model, trial in models.values():
@@ -198,3 +203,36 @@ def test_the_catalogs_short_names_agree_with_their_bundled_configs(arch):
         assert tuple(described["levels"]) == tuple(entry["levels"])
         assert tuple(described["head_types"])[:len(entry["head_types"])] == tuple(entry["head_types"])
         assert described["head"] == entry["head"] and set(entry["follows_neck"]) <= set(described["follows_neck"])
+
+
+PAPER_CELLS = {
+    "fgd_coco.yaml": {f"fgd/{k}" for k in ("retinanet-r50", "retinanet-r101", "faster-rcnn-r50", "faster-rcnn-r101",
+                                          "mask-rcnn-r50", "reppoints-r50", "reppoints-r101", "fcos-r50", "gfl-r50")},
+    "gid_coco.yaml": {"gid/retinanet-r50"},
+    "gkp_coco.yaml": {"gkp/faster-rcnn-r50", "gkp/retinanet-r50"},
+    "voc_seg.yaml": {"icsd/voc_seg-r18", "icsd/voc_seg-mnv2", "pixel_kd/voc_seg-r18", "pixel_kd/voc_seg-mnv2"},
+    "cityscapes.yaml": {"icsd/cityscapes-r18", "icsd/cityscapes-mnv2", "pixel_kd/cityscapes-r18",
+                        "pixel_kd/cityscapes-mnv2"},
+    "imagenet.yaml": {"ssld/mobilenetv3-large", "ssld/mobilenetv2", "ssld/resnet34-vd"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CELLS))
+def test_each_paper_table_suite_trains_the_setups_of_its_papers_results(name, tmp_path, monkeypatch):
+    """The cells of each shipped paper-table suite are matched, exactly, to the catalog's
+    results of its paper (so its report sets the paper's number beside ours); its other
+    methods and variants (the paper variant of ICSD, GKP's global loss) match none."""
+    from harness.store.papers import match, model_setup
+    suite = _table_suite(name, tmp_path, monkeypatch)
+    matched = set()
+    for t in suite.student_trials():
+        if t.method == "none":
+            continue
+        setup = {"method": t.method_name, "params": t.params, "format": t.dataset["format"],
+                 "synthetic": bool(t.dataset.get("synth")), "teacher": model_setup(t.teacher),
+                 "student": model_setup(t.model), "epochs": t.schedule.get("epochs")}
+        entry, diff = match(setup)
+        if entry is not None and not diff:
+            matched.add(entry.name)
+            assert not t.method.endswith("-paper"), (t.method, entry.name)     # the papers' variants differ
+    assert matched == PAPER_CELLS[name]
