@@ -12,7 +12,7 @@ from harness.store.report import format_report, leaderboard
 
 
 def _row(**kw):
-    base = dict(schema_version=5, suite="s", trial_id="t", trial_name="n", task="det", dataset="d",
+    base = dict(schema_version=6, suite="s", trial_id="t", trial_name="n", task="det", dataset="d",
                 role="student", teacher="T", student="S", method="fgd", method_name="fgd", params="{}",
                 seed=0, metric="bbox_mAP", value=0.3, higher_is_better=True, primary=True, epoch=1,
                 status="ok", error="", wall_time_s=10.0, train_images_per_s=5.0, device="cpu",

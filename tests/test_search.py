@@ -136,6 +136,7 @@ def test_the_student_alone_is_searched_beside_a_distiller_with_the_same_budget(t
     assert main(["run", str(best_file), "--num-cpus", "2"]) == 0
     report = capsys.readouterr().out
     assert "## Tuned configurations" in report
+    assert "| {} schedule lr 0.01 | ok | 1 |" in report and "| {} schedule lr 0.02 | ok | 1 |" in report
     assert f"fgd-best on shapes (t -> s): tuned-vs-tuned: the method tuned (search {sid}), against a tuned " \
            f"student alone (search {sid})" in report
     rows = results.read_results(tmp_path / "out")

@@ -59,6 +59,7 @@ def result_rows(spec: TrialSpec, outcome: TrialResult | None, error: str, wall: 
         "workers": workers, "resumed_from": o.resumed_from, "attempts": int(where["attempts"]),
         "versions": json.dumps(results.package_versions(), sort_keys=True),
         "dataset_fingerprint": o.dataset_fingerprint, "schedule_hash": content_hash(spec.schedule),
+        "schedule": json.dumps(spec.schedule, sort_keys=True, default=str),
         "teacher_sha256": o.teacher_sha256, "teacher_weights_hash": o.teacher_weights_hash,
         "device_count": o.device_count, "started_at": started.isoformat(timespec="milliseconds"),
         "ended_at": now.isoformat(timespec="milliseconds"), "device_hours": wall / 3600 * devices,

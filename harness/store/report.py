@@ -13,6 +13,8 @@ the HTML (:mod:`harness.store.html_report`) are two renderings of it.
 """
 from __future__ import annotations
 
+import json
+
 import math
 from typing import Any
 
@@ -143,10 +145,12 @@ def md_text(value: Any) -> str:
 
 def _md_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Every string of the store's rows as :func:`md_text` (the Markdown report's input):
-    a value without Markdown or HTML in it is unchanged, so grouping and labels are too."""
+    a value without Markdown or HTML in it is unchanged, so grouping and labels are too.
+    ``schedule`` stays JSON: it is parsed, never printed (its keys and values are the
+    schema's: names, numbers and fixed choices)."""
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+        if col != "schedule" and (out[col].dtype == object or pd.api.types.is_string_dtype(out[col])):
             out[col] = out[col].map(lambda v: md_text(v) if isinstance(v, str) else v)
     return out
 
@@ -351,7 +355,7 @@ def in_one_sentence(board: pd.DataFrame) -> str:
 
 def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Per search and searched cell (dataset, pair, method): its configurations (method
-    parameters, and the schedule's hash where the search varied schedule keys), their
+    parameters, and the schedule keys the search varied with their values), their
     scores and statuses, and the best configuration."""
     if "search_id" not in df:
         return []
@@ -359,10 +363,13 @@ def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
     keys = ["search_id", "dataset", "teacher", "student", "method"]
     for (sid, dataset, teacher, student, method), part in df[df["search_id"].fillna("") != ""].groupby(keys, sort=True):
         several = part["schedule_hash"].nunique() > 1
+        varied = _varied_schedule(part) if several else {}
         trials = []
         for (params, sched, status), p in part.groupby(["params", "schedule_hash", "status"], sort=False):
             prim = p[p["primary"]] if status == "ok" else p
-            trials.append({"params": params + (f" schedule {sched[:8]}" if several else ""), "status": status,
+            label = params if not several else f"{params} schedule {varied[sched]}" if sched in varied else \
+                f"{params} schedule {sched[:8]}"          # (rows from before the schedule was stored)
+            trials.append({"params": label, "status": status,
                            "seeds": int(p["seed"].nunique()),
                            "score": float(prim["value"].mean()) * display_scale(str(prim["metric"].iloc[0]))
                            if status == "ok" and len(prim) else math.nan})
@@ -372,6 +379,19 @@ def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
         out.append({"search_id": sid, "cell": f"{dataset}: {teacher or '-'} -> {student}, {method}", "trials": trials,
                     "best": best})
     return out
+
+
+def _varied_schedule(part: pd.DataFrame) -> dict[str, str]:
+    """Schedule hash -> the schedule keys the search varied and their values (``lr
+    0.0106, weight_decay 0.000269``), for the hashes whose rows carry their schedule."""
+    schedules = {}
+    for sched, text in part[["schedule_hash", "schedule"]].dropna().drop_duplicates("schedule_hash").itertuples(
+            index=False):
+        schedules[sched] = json.loads(text)
+    keys = sorted({k for s in schedules.values() for k in s
+                   if len({json.dumps(o.get(k), sort_keys=True) for o in schedules.values()}) > 1})
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else json.dumps(v)      # noqa: E731
+    return {h: ", ".join(f"{k} {fmt(s.get(k))}" for k in keys) for h, s in schedules.items()}
 
 
 def _search_markdown(df: pd.DataFrame) -> list[str]:

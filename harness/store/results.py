@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: Parquet key-value metadata key holding the schema version of a file
 VERSION_KEY = b"kd_harness.schema_version"
 
@@ -96,6 +96,9 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
                                 "distilled cell it matches, '<teacher>/<method label>'; '' otherwise"),
     "matched_target_hours": (pa.float64(), "for a compute-matched baseline: the device-hours of the distilled "
                                            "trial (same seed) it was stretched to match; null otherwise"),
+    # ---- version 6: the schedule itself, not only its hash
+    "schedule": (pa.string(), "JSON: the schedule the trial trained on (epochs or iters, lr, weight decay, policy, "
+                              "...), whose hash is schedule_hash; null in rows written before version 6"),
 }
 #: columns a version-1 file lacks (added as nulls on read); later versions likewise
 V2_COLUMNS = list(COLUMNS)[list(COLUMNS).index("versions"):]
