@@ -116,10 +116,10 @@ def paper_lines(board: pd.DataFrame, trials: list[dict[str, Any]] | None) -> lis
             continue
         entry, diff = match(setup)
         if entry is None or diff:
-            nearest = f"; the nearest, {entry.name} [{entry['source']}], differs in: {'; '.join(diff)}" \
-                if entry is not None else ""
-            out.append(f"{cell}: no paper result was measured in this setup ({setup['method']}, "
-                       f"{_describe(setup['teacher'])} -> {_describe(setup['student'])}, {setup['format']}){nearest}")
+            why = f"the nearest, {entry.name} [{entry['source']}], differs in: {'; '.join(diff)}" \
+                if entry is not None else f"{setup['method']} on {setup['format']} data" \
+                + (", synthetic" if setup["synthetic"] else "")
+            out.append(f"{cell}: no paper result was measured in this setup ({why})")
             continue
         paper_gain = entry["distilled"] - entry["baseline"]
         base = board[(board["dataset"] == row.dataset) & (board["student"] == row.student)
