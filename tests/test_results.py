@@ -1,6 +1,7 @@
 """The results store's schema, atomic writes, resume bookkeeping and the report."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -22,7 +23,8 @@ def _row(**kw):
                 peak_memory_mb=100.0, train_images_per_s_no_teacher=6.0, teacher_time_share=0.2,
                 best_value=0.3, best_epoch=1, curve="[[1, 0.3]]", search_id="",
                 node="n1", node_ip="127.0.0.1", accelerator_ids="[]", workers=1, resumed_from=0, attempts=1,
-                data_warnings="[]", train_iters=4, matched_to="", matched_target_hours=float("nan"))
+                data_warnings="[]", train_iters=4, matched_to="", matched_target_hours=float("nan"),
+                schedule='{"epochs": 1, "lr": 0.01}')
     base.update(kw)
     return base
 
@@ -398,3 +400,19 @@ def test_a_segmentation_cell_in_the_papers_setup_matches_and_one_without_alw_nam
     trials[0]["dataset"] = dict(ds, synth={"train_images": 8})
     [synthetic] = [line for line in paper_lines(board, trials) if line.startswith("icsd on d")]
     assert "no paper result was measured" in synthetic and "synthetic data" in synthetic
+
+def test_a_searchs_table_names_the_schedule_values_it_tried_and_falls_back_to_the_hash():
+    """Rows since schema v6 carry their schedule: a search's configurations are told apart
+    by the schedule keys that varied (not by an opaque hash); rows written before it keep
+    the hash."""
+    from harness.store.report import searches
+    rows = [_row(trial_id=f"c{i}", method="none", teacher="", params="{}", search_id="s1", schedule_hash=f"h{i}",
+                 schedule=json.dumps({"epochs": 8, "lr": lr, "weight_decay": 1e-4, "img_scale": [64, 64]}), value=v)
+            for i, (lr, v) in enumerate([(0.0106, 0.234), (0.02, 0.21)])]
+    [cell] = searches(pd.DataFrame(rows))
+    assert [t["params"] for t in cell["trials"]] == ["{} schedule lr 0.0106", "{} schedule lr 0.02"]
+    assert cell["best"]["params"] == "{} schedule lr 0.0106"
+    for r in rows:
+        r["schedule"] = None                           # a store written before schema v6
+    [cell] = searches(pd.DataFrame(rows))
+    assert [t["params"] for t in cell["trials"]] == ["{} schedule h0", "{} schedule h1"]
