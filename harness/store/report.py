@@ -14,7 +14,6 @@ the HTML (:mod:`harness.store.html_report`) are two renderings of it.
 from __future__ import annotations
 
 import json
-
 import math
 from typing import Any
 
