@@ -312,17 +312,21 @@ def test_bootstrap_intervals_and_olympic_scoring_as_report_options(tmp_path, cap
     assert "bootstrap, 10,000 resamples, percentile" in out and "olympic scoring (MLPerf)" in out
 
 
+def _paired_board(teacher: float, values: list[tuple[float, float]], methods: tuple[str, ...]):
+    """A teacher row, and per seed the student alone and each method at the same value."""
+    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=teacher)]
+    for seed, (alone, kd) in enumerate(values):
+        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone)]
+        rows += [_row(trial_id=f"{m}{seed}", method=m, seed=seed, value=kd) for m in methods]
+    return rows, leaderboard(pd.DataFrame(rows))
+
+
 def test_the_papers_number_beside_a_cell_whose_setup_matches():
     """A cell trained in the setup of a paper's headline result (method, format, both
     configs) gets the paper's baseline -> distilled beside ours; another says no paper
     setup matches."""
     from harness.store.papers import paper_lines
-    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.41)]
-    for seed, (alone, fgd) in enumerate([(0.370, 0.400), (0.372, 0.405), (0.368, 0.401)]):
-        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone),
-                 _row(trial_id=f"f{seed}", method="fgd", seed=seed, value=fgd),
-                 _row(trial_id=f"x{seed}", method="fgd-x", seed=seed, value=fgd)]
-    board = leaderboard(pd.DataFrame(rows))
+    rows, board = _paired_board(0.41, [(0.370, 0.400), (0.372, 0.405), (0.368, 0.401)], ("fgd", "fgd-x"))
     ds = {"name": "d", "format": "coco"}
     teacher = {"name": "T", "config": "mmdet::retinanet/retinanet_x101-64x4d_fpn_1x_coco.py"}
     trials = [{"dataset": ds, "model": {"name": "S", "config": "mmdet::retinanet/retinanet_r50_fpn_2x_coco.py"},
@@ -373,12 +377,7 @@ def test_a_segmentation_cell_in_the_papers_setup_matches_and_one_without_alw_nam
     released computation and adaptive weighting; the same cell with ``alw: false`` is
     told which parameter keeps it from the paper's setup; synthetic data never matches."""
     from harness.store.papers import paper_lines
-    rows = [_row(trial_id="t0", role="teacher", teacher="T", student="", method="teacher", value=0.77)]
-    for seed, (alone, kd) in enumerate([(0.670, 0.700), (0.672, 0.705), (0.668, 0.701)]):
-        rows += [_row(trial_id=f"n{seed}", teacher="", method="none", seed=seed, value=alone),
-                 _row(trial_id=f"i{seed}", method="icsd", seed=seed, value=kd),
-                 _row(trial_id=f"p{seed}", method="icsd-plain", seed=seed, value=kd)]
-    board = leaderboard(pd.DataFrame(rows))
+    _, board = _paired_board(0.77, [(0.670, 0.700), (0.672, 0.705), (0.668, 0.701)], ("icsd", "icsd-plain"))
     os16 = {"strides": [1, 2, 2, 1], "dilations": [1, 1, 1, 2]}
     teacher = {"name": "T", "arch": "deeplabv3plus", "backbone": {"depth": 101, **os16},
                "head": {"dilations": [1, 6, 12, 18]}, "checkpoint": "t.pth", "pretrained": False}
