@@ -404,7 +404,7 @@ def test_a_searchs_table_names_the_schedule_values_it_tried_and_falls_back_to_th
     """Rows since schema v6 carry their schedule: a search's configurations are told apart
     by the schedule keys that varied (not by an opaque hash); rows written before it keep
     the hash."""
-    from harness.store.report import searches
+    from harness.store.searches import searches
     rows = [_row(trial_id=f"c{i}", method="none", teacher="", params="{}", search_id="s1", schedule_hash=f"h{i}",
                  schedule=json.dumps({"epochs": 8, "lr": lr, "weight_decay": 1e-4, "img_scale": [64, 64]}), value=v)
             for i, (lr, v) in enumerate([(0.0106, 0.234), (0.02, 0.21)])]

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from . import report
+from .searches import searches
 
 
 def _svg(fig: "object") -> str:
@@ -185,7 +186,7 @@ def to_html(df: pd.DataFrame, best: bool = False, datasets: dict[str, Any] | Non
                       ("Validation curves", curves_plot(df, board))):
         if svg:
             parts.append(f"<h2>{name}</h2><figure class='plot'>{svg}</figure>")
-    for sr in report.searches(df):
+    for sr in searches(df):
         best_text = f"{sr['best']['params']} ({sr['best']['score']:.2f})" if sr["best"] else "none finished"
         parts.append(f"<h2>Search {html.escape(sr['search_id'])} ({html.escape(sr['cell'])})</h2>"
                      f"<p>Best: <code>{html.escape(best_text)}</code></p><table class='search'><thead><tr>"

@@ -13,7 +13,6 @@ the HTML (:mod:`harness.store.html_report`) are two renderings of it.
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -22,6 +21,7 @@ import pandas as pd
 from harness import catalog
 from harness.registry import preview
 
+from .searches import searches  # noqa: F401
 from .stats import (ALPHA, MIN_SEEDS, board_rows, display_scale, distilled_cells, mean_interval,  # noqa: F401
                     olympic, paired_gain, paired_p_value, stop_reason, suite_rows, value_column, verdict)
 
@@ -144,12 +144,10 @@ def md_text(value: Any) -> str:
 
 def _md_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Every string of the store's rows as :func:`md_text` (the Markdown report's input):
-    a value without Markdown or HTML in it is unchanged, so grouping and labels are too.
-    ``schedule`` stays JSON: it is parsed, never printed (its keys and values are the
-    schema's: names, numbers and fixed choices)."""
+    a value without Markdown or HTML in it is unchanged, so grouping and labels are too."""
     out = df.copy()
     for col in out.columns:
-        if col != "schedule" and (out[col].dtype == object or pd.api.types.is_string_dtype(out[col])):
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
             out[col] = out[col].map(lambda v: md_text(v) if isinstance(v, str) else v)
     return out
 
@@ -273,7 +271,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
                 tuned: dict[str, str] | None = None) -> str:
     """The leaderboard as Markdown: the datasets, a table per dataset and pair, warnings,
     failures. Strings from the store are escaped (:func:`md_text`)."""
-    df = _md_safe(df)
+    rows, df = df, _md_safe(df)
     board = leaderboard(df, best, interval, trim)
     lines: list[str] = ["# Leaderboard", ""] + [f"- {line}" for line in about(df)] + [""]
     if datasets:
@@ -312,7 +310,7 @@ def to_markdown(df: pd.DataFrame, best: bool = False, datasets: dict[str, dict[s
     warns = warnings_for(df, board)
     if warns:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warns] + [""]
-    lines += _search_markdown(df)
+    lines += _search_markdown(rows)
     fails = failures(df)
     if fails:
         lines += [f"## {len(fails)} trial(s) without a result (not in the leaderboard)", ""]
@@ -352,56 +350,17 @@ def in_one_sentence(board: pd.DataFrame) -> str:
     return "In one sentence: " + "; ".join(parts) + f" (paired t-test over seeds, p < {ALPHA})."
 
 
-def searches(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per search and searched cell (dataset, pair, method): its configurations (method
-    parameters, and the schedule keys the search varied with their values), their
-    scores and statuses, and the best configuration."""
-    if "search_id" not in df:
-        return []
-    out = []
-    keys = ["search_id", "dataset", "teacher", "student", "method"]
-    for (sid, dataset, teacher, student, method), part in df[df["search_id"].fillna("") != ""].groupby(keys, sort=True):
-        several = part["schedule_hash"].nunique() > 1
-        varied = _varied_schedule(part) if several else {}
-        trials = []
-        for (params, sched, status), p in part.groupby(["params", "schedule_hash", "status"], sort=False):
-            prim = p[p["primary"]] if status == "ok" else p
-            label = params if not several else f"{params} schedule {varied[sched]}" if sched in varied else \
-                f"{params} schedule {sched[:8]}"          # (rows from before the schedule was stored)
-            trials.append({"params": label, "status": status,
-                           "seeds": int(p["seed"].nunique()),
-                           "score": float(prim["value"].mean()) * display_scale(str(prim["metric"].iloc[0]))
-                           if status == "ok" and len(prim) else math.nan})
-        ok = [t for t in trials if t["status"] == "ok"]
-        higher = bool(part["higher_is_better"].iloc[0])
-        best = (max if higher else min)(ok, key=lambda t: t["score"]) if ok else None
-        out.append({"search_id": sid, "cell": f"{dataset}: {teacher or '-'} -> {student}, {method}", "trials": trials,
-                    "best": best})
-    return out
-
-
-def _varied_schedule(part: pd.DataFrame) -> dict[str, str]:
-    """Schedule hash -> the schedule keys the search varied and their values (``lr
-    0.0106, weight_decay 0.000269``), for the hashes whose rows carry their schedule."""
-    schedules = {}
-    for sched, text in part[["schedule_hash", "schedule"]].dropna().drop_duplicates("schedule_hash").itertuples(
-            index=False):
-        schedules[sched] = json.loads(text)
-    keys = sorted({k for s in schedules.values() for k in s
-                   if len({json.dumps(o.get(k), sort_keys=True) for o in schedules.values()}) > 1})
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else json.dumps(v)      # noqa: E731
-    return {h: ", ".join(f"{k} {fmt(s.get(k))}" for k in keys) for h, s in schedules.items()}
-
-
 def _search_markdown(df: pd.DataFrame) -> list[str]:
+    """Each search's section, from the store's rows as read (escaped here: a schedule is
+    JSON, read before it is printed)."""
     lines = []
     for s in searches(df):
-        lines += [f"## Search {s['search_id']} ({s['cell']})", "",
+        lines += [f"## Search {md_text(s['search_id'])} ({md_text(s['cell'])})", "",
                   f"{len(s['trials'])} configuration(s), {sum(t['status'] == 'pruned' for t in s['trials'])} "
                   f"stopped early by ASHA. Best: "
-                  + (f"{s['best']['params']} ({s['best']['score']:.2f})" if s["best"] else "none finished"),
+                  + (f"{md_text(s['best']['params'])} ({s['best']['score']:.2f})" if s["best"] else "none finished"),
                   "", "| params | status | seeds | score |", "|---|---|---|---|"]
-        lines += [f"| {t['params']} | {t['status']} | {t['seeds']} | {_f(t['score'], '.2f')} |"
+        lines += [f"| {md_text(t['params'])} | {md_text(t['status'])} | {t['seeds']} | {_f(t['score'], '.2f')} |"
                   for t in s["trials"]]
         lines.append("")
     return lines

@@ -38,7 +38,7 @@ def value_column(df: pd.DataFrame, best: bool) -> pd.Series:
 
 
 def suite_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of suite trials; a search's trials have their own section (``report.searches``)."""
+    """The rows of suite trials; a search's trials have their own section (``searches.searches``)."""
     return df[df["search_id"].fillna("") == ""] if "search_id" in df else df
 
 
