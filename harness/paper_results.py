@@ -117,7 +117,8 @@ _SSLD = "SSLD (PaddleClas): PaddlePaddle/PaddleClas docs/zh_CN/training/advanced
 _SSLD_DATA = ("PaddleClas' models and training recipe, with ~4M unlabeled ImageNet-22k images mined by the teacher "
               "and a fine-tune on ImageNet-1k")
 for _key, _arch, _base, _kd, _note in (
-        ("mobilenetv3-large", "mobilenet_v3_large", 75.3, 79.0, "MobileNetV3_large_x1_0 is torchvision's mobilenet_v3_large"),
+        ("mobilenetv3-large", "mobilenet_v3_large", 75.3, 79.0,
+         "MobileNetV3_large_x1_0 is torchvision's mobilenet_v3_large"),
         ("mobilenetv2", "mobilenet_v2", 72.2, 76.74, "MobileNetV2 is torchvision's mobilenet_v2"),
         ("resnet34-vd", "resnet34", 76.0, 79.7, "ResNet34_vd's stem and downsampling differ from torchvision's "
                                                 "resnet34 (no -vd variant): the nearest architecture"),

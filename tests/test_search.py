@@ -71,17 +71,18 @@ def test_a_tiny_fgd_search_prunes_writes_rows_and_a_runnable_best_suite(tmp_path
     assert "## Search " in capsys.readouterr().out
 
 
+def _refused(write_suite, capsys, text: str, command: str, message: str) -> None:
+    """The suite ``text`` is refused by ``command`` (exit 2) with ``message``."""
+    assert main([command, str(write_suite(text))]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_search_space_names_parameters_of_its_method(write_suite, tmp_path, capsys):
     text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
-    path = write_suite(text + "search:\n  method: fgd\n  space:\n    alpah: {uniform: [0.1, 0.2]}\n")
-    assert main(["tune", str(path)]) == 2
-    assert "'alpah' is not a parameter of fgd" in capsys.readouterr().err
-    path = write_suite(text + "search:\n  method: fgd\n  space:\n    temp: {uniform: [-1, 0.5]}\n")
-    assert main(["tune", str(path)]) == 2
-    assert "temp must be greater than 0" in capsys.readouterr().err
-    path = write_suite(text + "search:\n  method: fgd\n  space:\n    temp: {uniform: [0.5, 0.1]}\n")
-    assert main(["tune", str(path)]) == 2
-    assert "low must be below high" in capsys.readouterr().err
+    for space, message in (("alpah: {uniform: [0.1, 0.2]}", "'alpah' is not a parameter of fgd"),
+                           ("temp: {uniform: [-1, 0.5]}", "temp must be greater than 0"),
+                           ("temp: {uniform: [0.5, 0.1]}", "low must be below high")):
+        _refused(write_suite, capsys, text + f"search:\n  method: fgd\n  space:\n    {space}\n", "tune", message)
 
 
 def test_a_search_trains_a_multi_worker_model_on_its_workers(tmp_path, capsys):
@@ -146,12 +147,9 @@ def test_the_student_alone_is_searched_beside_a_distiller_with_the_same_budget(t
 
 def test_a_search_of_several_methods_is_checked(write_suite, tmp_path, capsys):
     text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out")
-    path = write_suite(text + "search:\n  method: [none, fgd]\n  space:\n    temp: {uniform: [0.3, 1.0]}\n")
-    assert main(["tune", str(path)]) == 2
-    assert "nothing to search for 'none': give schedule keys" in capsys.readouterr().err
-    path = write_suite(text + "search:\n  method: [fgd, fgd]\n  space:\n    temp: {uniform: [0.3, 1.0]}\n")
-    assert main(["tune", str(path)]) == 2
-    assert "give each label once" in capsys.readouterr().err
-    path = write_suite(text + "tuned: {fdg: abc}\n")
-    assert main(["plan", str(path)]) == 2
-    assert "tuned: 'fdg' is not a method label of the suite; valid: none, fgd" in capsys.readouterr().err
+    for methods, message in (("[none, fgd]", "nothing to search for 'none': give schedule keys"),
+                             ("[fgd, fgd]", "give each label once")):
+        space = "space:\n    temp: {uniform: [0.3, 1.0]}\n"
+        _refused(write_suite, capsys, text + f"search:\n  method: {methods}\n  {space}", "tune", message)
+    _refused(write_suite, capsys, text + "tuned: {fdg: abc}\n", "plan",
+             "tuned: 'fdg' is not a method label of the suite; valid: none, fgd")
