@@ -123,8 +123,12 @@ def robustness_weights(fs: torch.Tensor, ft: torch.Tensor, protos_s: torch.Tenso
     """``w = 1 - |q_s - q_t|`` per instance, ``q`` the max cosine to same-class prototypes.
 
     fs: M x d_s, ft: M x d_t instance descriptors; protos_*: P x d prototypes with class
-    ``proto_cls`` (P); labels: M. Instances of a class without prototypes get w = 0.
+    ``proto_cls`` (P); labels: M. Instances of a class without prototypes get w = 0, and so
+    does every instance of a level that has none at all (PGM found no instance large
+    enough there: a small dataset's fine levels).
     """
+    if len(proto_cls) == 0:
+        return fs.new_zeros(len(fs))
     with torch.no_grad():
         # prototypes are made before the epoch (full precision): compared in the descriptors' dtype
         cs = F.normalize(fs, dim=1) @ F.normalize(protos_s.to(fs), dim=1).t()
@@ -395,5 +399,6 @@ class GKP(Distiller):
             on = levels == lvl
             ps, pt, pc = self.prototypes[lvl]
             if on.any() and len(pc):
-                weights[on] = robustness_weights(ds[on], dt[on], ps, pt, pc, labels[on])
+                # (in the destination's dtype: under autocast the pooled features may be float32)
+                weights[on] = robustness_weights(ds[on], dt[on], ps, pt, pc, labels[on]).to(weights.dtype)
         return weights

@@ -146,3 +146,63 @@ def test_roi_soft_label_loss_by_hand():
 
 def test_decay():
     assert [decay(e, 4) for e in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_a_level_without_prototypes_weighs_its_instances_zero():
+    """PGM found no instance large enough on a level (a small dataset's fine levels): the
+    level's prototypes are empty and its instances get w = 0, as a class without
+    prototypes does (it raised IndexError: amax() over an empty dimension)."""
+    f = torch.randn(3, 4)
+    w = robustness_weights(f, f, torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                           torch.tensor([0, 1, 2]))
+    assert w.tolist() == [0.0, 0.0, 0.0]
+
+
+def _gkp_model(arch, det_batch):
+    from .test_distillers import _distilled
+    return _distilled("gkp", arch, det_batch)[0]
+
+
+def test_gkp_trains_when_a_level_has_instances_but_no_prototypes(det_batch):
+    """The whole distiller, a one-stage and a two-stage student: one level's prototypes
+    empty (as PGM leaves a level whose boxes were all below its minimum), the others
+    kept: the losses are finite."""
+    from .test_distillers import _losses
+    for arch in ("retinanet", "faster_rcnn"):
+        model = _gkp_model(arch, det_batch)
+        protos = model.distiller.prototypes
+        assert any(len(c) for _, _, c in protos)
+        s, t, c = protos[0]
+        protos[0] = (s[:0], t[:0], c[:0])
+        losses = _losses(model, det_batch)
+        gkp = {k: v for k, v in losses.items() if k.startswith("loss_gkp_")}
+        assert gkp and all(torch.isfinite(v) for v in gkp.values()), gkp
+
+
+def test_gkp_roi_weights_under_autocast(det_batch):
+    """Mixed precision: under autocast the RoI robustness weights come out in the autocast
+    dtype (its matmul) while their destination takes the pooled features' (float32): they
+    are written in the destination's dtype (a dtype mismatch raised before). The batch is
+    a two-stage student's, as the trial hands it to the distiller (mmcv's CPU NMS has no
+    bf16, so the detector's own forward runs outside autocast here)."""
+    from .test_distillers import _losses
+    model = _gkp_model("faster_rcnn", det_batch)
+    batches = []
+    forward = type(model.distiller).forward
+
+    def keep(self, batch):
+        batches.append(batch)
+        return forward(self, batch)
+    type(model.distiller).forward = keep
+    try:
+        _losses(model, det_batch)
+    finally:
+        type(model.distiller).forward = forward
+    batch = batches[-1]
+    assert batch.rois is not None and batch.student_feats[0].dtype == torch.float32
+    plain = model.distiller._roi_weights(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.distiller._roi_weights(batch)
+        loss = model.distiller(batch)["loss_gkp_roi_kd"]
+    assert plain.numel() and (plain > 0).any() and mixed.dtype == plain.dtype
+    assert torch.allclose(mixed, plain, atol=0.02) and torch.isfinite(loss)
