@@ -24,6 +24,43 @@ class Diverged(RuntimeError):
 TICK_S = float(os.environ.get("KD_HARNESS_PROGRESS_S", "5"))
 
 
+def trained_model(runner: Any) -> Any:
+    """The trial's own model (student, teacher, distiller) inside the Runner: with several
+    workers mmengine wraps it in its DistributedDataParallel, whose attributes are the
+    wrapper's, not the model's (``runner.model.distiller`` is then not found, and a
+    distiller's epoch and per-epoch step silently never happen). Every place that reaches
+    into the trained model goes through this."""
+    from mmengine.model import is_model_wrapper
+    model = runner.model
+    return model.module if is_model_wrapper(model) else model
+
+
+def one_worker_view(loader: Any) -> Any:
+    """The training data as one worker iterates it this epoch: every image, in the order
+    a single worker's sampler gives, in global batches (the workers' batch size times
+    their number). A per-epoch step that learns from the data (GKP's prototypes) runs
+    over this on every worker, so that it finds on n workers what it finds on one
+    instead of what one shard holds. One worker: the loader itself."""
+    import copy
+
+    import torch
+    from mmengine.dataset import DefaultSampler, InfiniteSampler
+    from mmengine.dist import get_world_size
+    world = get_world_size()
+    if world == 1:
+        return loader
+    sampler = loader.sampler
+    if not isinstance(sampler, (DefaultSampler, InfiniteSampler)):
+        raise TypeError(f"a per-epoch step on {world} workers needs mmengine's DefaultSampler or InfiniteSampler "
+                        f"to see the whole data as one worker would, not {type(sampler).__name__}")
+    whole = copy.copy(sampler)               # the same seed and epoch, as the first of one worker
+    whole.rank, whole.world_size = 0, 1
+    if isinstance(sampler, DefaultSampler):
+        whole.num_samples = whole.total_size = len(sampler.dataset)
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size * world, sampler=whole,
+                                       collate_fn=loader.collate_fn, num_workers=0)
+
+
 def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
                by_iter: bool, metric: Any, work_dir: Path | None = None, stage: str = "train",
                progress: Reporter | None = None) -> Any:
@@ -53,11 +90,12 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                     runner.val_loop.run()
 
         def before_train_epoch(self, runner: Any) -> None:
-            distiller = getattr(runner.model, "distiller", None)
+            model = trained_model(runner)
+            distiller = getattr(model, "distiller", None)
             if distiller is not None:
                 distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
-                if hasattr(runner.model, "prepare_epoch"):
-                    runner.model.prepare_epoch(runner.train_dataloader)     # PGM; not timed as training
+                if hasattr(model, "prepare_epoch"):     # PGM; not timed as training
+                    model.prepare_epoch(one_worker_view(runner.train_dataloader))
             clock["start"] = time.perf_counter()
 
         def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:

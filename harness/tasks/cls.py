@@ -99,22 +99,21 @@ def model_info(model: dict[str, Any], net: nn.Module | None, cfg: dict[str, Any]
 
 # ------------------------------------------------------------------------------- trials
 def _loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int, train: bool,
-            pin_memory: bool = False, infinite: bool = False) -> Any:
-    from mmengine.dataset import InfiniteSampler, pseudo_collate
+            pin_memory: bool = False, infinite: bool = False, seed: int = 0) -> Any:
+    from mmengine.dataset import DefaultSampler, InfiniteSampler, pseudo_collate
     # training drops an incomplete last batch (a batch of one breaks BatchNorm, e.g. in
     # MobileNetV3's squeeze-excite blocks), unless that would leave no batch at all
     drop_last = train and len(dataset) > batch_size
     sampler = None
-    if train and infinite:
-        # an iteration-based schedule: one endless stream (its own shard per data-parallel
-        # worker), as the detection and segmentation loaders; mmengine restarts a finite
-        # loader at each end with a 2 s pause, which made such trials 4x slower here
-        sampler = InfiniteSampler(dataset, shuffle=True)
-    elif train and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # data-parallel workers (Ray Train): each trains on its shard; mmengine's
-        # DistSamplerSeedHook reshuffles it every epoch
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, drop_last=drop_last)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+    if train:
+        # mmengine's samplers, as the detection and segmentation loaders: one permutation
+        # (seeded by the trial's seed, and by the epoch through DistSamplerSeedHook) which
+        # a data-parallel worker takes every n-th index of, so that n workers' global
+        # batch is the batch one worker would see; an iteration-based schedule gets one
+        # endless stream (a finite loader is restarted by mmengine at each end with a 2 s
+        # pause, which made such trials 4x slower here)
+        sampler = (InfiniteSampler if infinite else DefaultSampler)(dataset, shuffle=True, seed=seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                        sampler=sampler, num_workers=workers, collate_fn=pseudo_collate,
                                        drop_last=drop_last, persistent_workers=workers > 0, pin_memory=pin_memory)
 
@@ -169,10 +168,11 @@ def prepare_trial(spec: Any, load_weights: Any) -> dict[str, Any]:
     out = {"model": ClassifierModel(student, teacher, distiller), "model_cfg": {"arch": spec.model["arch"],
            "model": spec.model.get("model", {}), "num_classes": len(classes), "classes": list(classes)},
            "train_loader": _loader(train, sched["batch_size"], sched["num_workers"], True, sched.get("pin_memory", False),
-                                   infinite=bool(sched.get("iters"))),
+                                   infinite=bool(sched.get("iters")), seed=spec.seed),
            "val_loader": _loader(val, sched["batch_size"], sched["num_workers"], False, sched.get("pin_memory", False)),
            "evaluator": Evaluator([TopKAccuracy()]), "finetune_loader": None}
     if distilled and p.get("finetune_epochs"):
         labelled = ImageFolder(ds["root"], "train", classes, size, train=True)
-        out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True, sched.get("pin_memory", False))
+        out["finetune_loader"] = _loader(labelled, sched["batch_size"], sched["num_workers"], True,
+                                         sched.get("pin_memory", False), seed=spec.seed)
     return out
