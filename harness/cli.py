@@ -37,7 +37,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from harness.suite.load import load_suite
     from harness.run.session import pending_trials  # noqa: F401 - imports no ray at module level
 
-    suite = load_suite(args.suite, args.output_root)
+    suite = load_suite(args.suite, args.output_root, fetch=False)     # offline and read-only: downloads nothing
     teachers, students = pending_trials(suite) if Path(suite.output).exists() else (
         suite.teacher_trials(), suite.student_trials())
     todo = {t.trial_id for t in teachers + students}
@@ -47,6 +47,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"results -> {suite.output}" + (f"; storage -> {suite.doc['storage']}" if suite.doc.get("storage") else ""))
     for ds in suite.datasets():
         print(f"  dataset {ds['name']} ({ds['format']}, {ds['root']}): {_classes_line(ds)}")
+    for name, uri in suite.pending_downloads.items():
+        print(f"  teacher {name}: checkpoint {uri} is not downloaded yet; run downloads it (plan never does), "
+              f"and the ids of its trials, which its content is part of, are known then")
     cm = suite.doc["baselines"]
     if cm["compute_matched"]:
         print(f"  then compute-matched baselines: per distilled trial, up to {cm['attempts']} stretched "
@@ -361,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command in ("run", "tune"):
                 print("(--verbose shows the underlying error in full)", file=sys.stderr)
         return 2
+    except BrokenPipeError:            # output piped into `head` and the like (before OSError: a subclass)
+        sys.stderr.close()
+        return 0
     except OSError as exc:             # a full disk, a read-only store: say so, keep what is written
         print(f"error: {exc.strerror or exc} ({exc.filename or 'while writing results'}); finished trials' rows "
               f"are kept and a later run continues from them", file=sys.stderr)
         return 1
-    except BrokenPipeError:            # output piped into `head` and the like
-        sys.stderr.close()
-        return 0

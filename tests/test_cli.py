@@ -63,3 +63,19 @@ def test_preflight_builds_every_model_of_a_mixed_suite(tmp_path, monkeypatch):
     for ds in {t.dataset["root"]: t.dataset for t in suite.trials}.values():
         ensure_dataset(ds)
     preflight(suite)
+
+
+def test_a_closed_pipe_ends_quietly_not_as_a_full_disk(monkeypatch):
+    """Output piped into ``head`` that closes early: BrokenPipeError (an OSError) exits 0
+    without the full-disk message the OSError handler prints."""
+    import io
+
+    from harness import cli
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "_cmd_ls", closed_pipe)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert cli.main(["ls"]) == 0
+    assert err.closed                                     # nothing more is written to the closed pipe's side
