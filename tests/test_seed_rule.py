@@ -39,19 +39,19 @@ def test_through_ray_a_cell_already_precise_gets_no_more_seeds(write_suite, tmp_
     assert "fgd on shapes (t -> s): 2 seeds; precise: the gain's interval is +-0.00, within +-0.5" in out
 
 
-def test_rounds_add_paired_seeds_until_precise_or_max(write_suite, tmp_path, capsys, monkeypatch):
-    """The rounds themselves, with every trial's result made up (no training): a wide
-    gain gets seeds up to max, a narrow one stops when precise; each round adds seeds to
-    the method and the student alone alike."""
+NOISY = [0.0, 4.0, -3.0, 2.0, -1.0, 3.0]             # fgd's gain wanders; feature_mse's is a steady +1
+
+
+def _made_up_results(monkeypatch) -> None:
+    """Every trial's result made up (no training), its rows written as the driver writes
+    them (with its dataset check's warnings): fgd's gain wanders, feature_mse's is +1."""
+    import json
+
     from harness.run import matrix
-    from harness.run.trial import result_rows
     from harness.run.rows import TrialResult
+    from harness.run.session import with_data_warnings
+    from harness.run.trial import result_rows
     from harness.store import results
-    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out").replace(
-        "seeds: [0]", "seeds: {first: 3, max: 6, until: {gain_ci_half_width: 0.8}}").replace(
-        "methods: [none, fgd]", "methods: [none, fgd, feature_mse]")
-    path = write_suite(text)
-    noisy = [0.0, 4.0, -3.0, 2.0, -1.0, 3.0]             # fgd's gain wanders; feature_mse's is a steady +1
 
     def fake_run_suite(suite, **kwargs):
         if kwargs.get("prepare"):
@@ -61,16 +61,30 @@ def test_rounds_add_paired_seeds_until_precise_or_max(write_suite, tmp_path, cap
             if spec.trial_id in done:
                 continue
             value = 0.5 if spec.role == "teacher" else 0.2 + (
-                {"none": 0.0, "fgd": noisy[spec.seed] / 100, "feature_mse": 0.01}[spec.method])
+                {"none": 0.0, "fgd": NOISY[spec.seed] / 100, "feature_mse": 0.01}[spec.method])
             rows = result_rows(spec, TrialResult(metrics={"bbox_mAP": value}, epoch=1), "", 1.0, status="ok")
-            results.write_trial_rows(suite.output, spec.trial_id, rows)
-        import json
+            results.write_trial_rows(suite.output, spec.trial_id, with_data_warnings(suite, rows))
         (suite.output / "suite.json").write_text(json.dumps({"suite": suite.doc, "trials": [
             t.to_dict() for t in suite.trials], "trial_ids": [t.trial_id for t in suite.trials]}, default=str))
         results.consolidate(suite.output)
         return {"trials": [{"trial": t.name, "trial_id": t.trial_id, "error": ""} for t in suite.trials],
                 "skipped": 0, "results": str(suite.output / "results.parquet")}
     monkeypatch.setattr(matrix, "run_suite", fake_run_suite)
+
+
+def _rule_suite(write_suite, tmp_path) -> "object":
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out").replace(
+        "seeds: [0]", "seeds: {first: 3, max: 6, until: {gain_ci_half_width: 0.8}}").replace(
+        "methods: [none, fgd]", "methods: [none, fgd, feature_mse]")
+    return write_suite(text)
+
+
+def test_rounds_add_paired_seeds_until_precise_or_max(write_suite, tmp_path, capsys, monkeypatch):
+    """The rounds themselves, with every trial's result made up (no training): a wide
+    gain gets seeds up to max, a narrow one stops when precise; each round adds seeds to
+    the method and the student alone alike."""
+    path = _rule_suite(write_suite, tmp_path)
+    _made_up_results(monkeypatch)
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     assert "seeds until precise, round 2: fgd on shapes (t -> s): 3 -> " in out
@@ -80,6 +94,28 @@ def test_rounds_add_paired_seeds_until_precise_or_max(write_suite, tmp_path, cap
     assert seeds["feature_mse"] == [0, 1, 2]                                       # precise at once
     assert "fgd on shapes (t -> s): 6 seeds; max seeds (6) reached" in out
     assert "feature_mse on shapes (t -> s): 3 seeds; precise" in out
+
+
+def test_every_round_s_rows_keep_the_data_check_s_warnings(write_suite, tmp_path, capsys, monkeypatch):
+    """The dataset's check runs once, before round 1; the rows of the later rounds record
+    its warnings too (a reloaded suite used to carry none: their rows said '[]')."""
+    from harness.run import preflight
+    warning = '[{"kind": "tiny_boxes", "file": "x.json", "entry": "annotations", "what": "made up", "count": 2}]'
+    checked = []
+
+    def check_data(suite, show=False):
+        checked.append(suite.name)
+        for ds in suite.datasets():
+            suite.data_checks[ds["name"]] = {"summary": "1 warning", "warnings": warning, "errors": 0}
+    monkeypatch.setattr(preflight, "check_data", check_data)
+    monkeypatch.setattr(preflight, "preflight", lambda suite: {})
+    monkeypatch.setattr(preflight, "check_pretrained", lambda suite, nets: None)
+    _made_up_results(monkeypatch)
+    assert main(["run", str(_rule_suite(write_suite, tmp_path))]) == 0
+    assert "round 2" in capsys.readouterr().out and len(checked) == 1
+    rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert rows["seed"].max() == 5                       # rounds after the first ran
+    assert set(rows["data_warnings"]) == {warning}, rows.groupby("seed")["data_warnings"].first()
 
 
 @pytest.mark.parametrize("rule,key", [("{first: 1, max: 3, until: {gain_ci_half_width: 1}}", "first"),

@@ -99,6 +99,7 @@ def seed_rounds(suite: Suite, summary: dict[str, Any], reload: Callable[[dict[Ce
         grown = [f"{k[3]} on {k[0]} ({k[1]} -> {k[2]}): {len(had[k])} -> {len(v)} seeds"
                  for k, v in plan.items() if k in had and len(v) > len(had[k])]
         print(f"\nseeds until precise, round {round_no}: {'; '.join(grown)}", flush=True)
-        suite = reload(plan)
+        checked, suite = suite.data_checks, reload(plan)
+        suite.data_checks = checked       # the data as checked before round 1: its warnings go on every row
         summary["trials"] += matrix.run_suite(suite, resume=True, **run)["trials"]
     return suite
