@@ -145,3 +145,35 @@ def test_getattr_in_a_checkpoint_reaches_nothing_but_the_message_hubs_methods(tm
         torch.save({"state_dict": net.state_dict(), "x": Reach(obj, name)}, bad)
         with pytest.raises(RuntimeError, match="refused"):
             load_weights(net, bad)
+
+
+def test_plan_stays_offline_and_read_only_with_a_checkpoint_url(tmp_path, served, capsys):
+    """``plan`` downloads nothing: a teacher checkpoint URL not yet in the cache is named
+    as such (its trials' ids wait for its content), nothing is written to the cache, and
+    no request reaches the server; once ``run``'s loading has fetched it, ``plan`` shows
+    the same trial ids as the run."""
+    from harness.cli import main
+    from harness.run.weights import save_weights
+    from harness.tasks.det.task import build_model
+    from harness.data.formats import num_classes
+
+    base, www, server = served
+    requests: list[str] = []
+    handle = server.RequestHandlerClass
+    server.RequestHandlerClass = lambda *a, **k: (requests.append("GET"), handle(*a, **k))[1]
+    spec = next(t for t in load_suite(_plain(tmp_path)).trials if t.role == "teacher")
+    net, _ = build_model(spec.model, num_classes(spec.dataset), spec.schedule)
+    save_weights(net.state_dict(), www / "teacher.pth", {})
+    path = _suite(tmp_path, f"{base}/teacher.pth")
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"teacher t: checkpoint {base}/teacher.pth is not downloaded yet; run downloads it" in out
+    assert not requests and not list(tmp_path.rglob("downloads"))
+    unreachable = _suite(tmp_path, "http://127.0.0.1:1/t.pth")        # no server at all: plan still answers
+    assert main(["plan", str(unreachable)]) == 0
+    assert "http://127.0.0.1:1/t.pth is not downloaded yet" in capsys.readouterr().out
+    suite = load_suite(_suite(tmp_path, f"{base}/teacher.pth"))       # as run loads it: fetched
+    assert requests
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not downloaded" not in out and all(t.trial_id in out for t in suite.trials)

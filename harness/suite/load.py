@@ -23,7 +23,7 @@ from harness.registry import suggest
 
 from .methods import _check_serves, _check_tasks, _methods, _search
 from .paths import (DOWNLOAD_SCHEMES, _contained, _err, _expand, _load_with_extends, _no_credentials, _pretrained,
-                    _storage, allowed_roots, fetch_checkpoint, synth_mismatch)
+                    _storage, allowed_roots, cached_checkpoint, fetch_checkpoint, synth_mismatch)
 from . import zoo
 from .schema import Baselines, Resources, Schedule, SeedRule, SuiteDoc, check_name
 from .validation import validate
@@ -56,6 +56,9 @@ class Suite:
     #: dataset name -> what its check found (summary, warnings as JSON, error count),
     #: filled before any trial (``harness.run.preflight.check_data``); the rows record the warnings
     data_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: teacher name -> its checkpoint URI, not downloaded yet (only when loaded without
+    #: ``fetch``, as ``plan`` loads: the ids of its trials are known once it is)
+    pending_downloads: dict[str, str] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
@@ -257,10 +260,14 @@ def _pairs(doc: Node, teachers: dict, students: dict,
 
 # ------------------------------------------------------------------------------- main
 def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
-               seeds_for: dict[tuple[str, str, str, str], list[int]] | None = None) -> Suite:
+               seeds_for: dict[tuple[str, str, str, str], list[int]] | None = None, fetch: bool = True) -> Suite:
     """Load, merge and validate a suite and expand its trial matrix. Imports no backend.
     ``seeds_for``: (dataset, teacher, student, method label) -> the seeds of that cell,
-    instead of the suite's (a run adding seeds until each gain is precise).
+    instead of the suite's (a run adding seeds until each gain is precise). ``fetch``:
+    download a teacher's checkpoint URI not yet in the cache (``run``); without it
+    (``plan``, which stays offline and read-only) such a teacher is listed in
+    ``suite.pending_downloads`` and its trials' ids are provisional (the checkpoint's
+    content is part of them).
 
     Every place the run will write (``output``, ``teacher_cache``, synthetic datasets)
     must resolve under the working directory, ``$KD_HARNESS_OUTPUT_ROOT`` or one of
@@ -309,8 +316,13 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
                                                              or Path(output).parent / "_teachers"), "teacher_cache"))
     _contained(cache, doc, "teacher_cache" if "teacher_cache" in doc else None, "teacher_cache", roots)
     storage = _storage(doc, roots)
+    pending: dict[str, str] = {}
     for t_name, teacher in teachers.items():        # checkpoint URLs: downloaded once, before anything runs
-        if teacher.get("checkpoint_url"):
+        if teacher.get("checkpoint_url") and not fetch:
+            teacher["checkpoint"], digest = cached_checkpoint(teacher["checkpoint_url"], cache)
+            if digest is None:
+                pending[t_name] = teacher["checkpoint_url"]
+        elif teacher.get("checkpoint_url"):
             try:
                 teacher["checkpoint"], _ = fetch_checkpoint(teacher["checkpoint_url"], cache)
             except ValueError as exc:
@@ -334,7 +346,7 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
                   search=search, storage=storage, **({"seeds": rule} if rule else {}),
                   baselines=Baselines.model_validate(doc.get("baselines") or {}).model_dump())
     suite = Suite(name=name, file=str(path), doc=merged, type_refs=refs,
-                  where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {})
+                  where={k: doc.where(k) for k in doc} if isinstance(doc, Node) else {}, pending_downloads=pending)
     common = dict(suite=name, output_dir=output, storage=storage)
     teacher_trials: dict[tuple[str, str], TrialSpec] = {}
     for ds in datasets.values():
@@ -348,7 +360,9 @@ def load_suite(path: str | Path, output_roots: list[str] | tuple[str, ...] = (),
             t_sched, t_res = teacher["schedule"], teacher["resources"]
             t_model = {k: v for k, v in teacher.items() if k not in ("schedule", "resources")}
             if (ds["name"], t_name) not in teacher_trials:
-                if teacher.get("checkpoint"):
+                if t_name in pending:        # (plan) not downloaded: no content to identify it by yet
+                    t_ckpt, t_source = teacher["checkpoint"], f"not downloaded: {pending[t_name]}"
+                elif teacher.get("checkpoint"):
                     t_ckpt, t_source = teacher["checkpoint"], file_sha256(teacher["checkpoint"])
                 else:
                     key = teacher_key(t_model, ds_id, t_sched, teacher_seed)

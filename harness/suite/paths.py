@@ -194,10 +194,10 @@ def _zoo_url(uri: str) -> str:
     return table[name]
 
 
-def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
-    """The local copy of a checkpoint URI, downloaded once into ``<cache>/downloads/``
-    (atomically; its sha256 recorded beside it) and reused while file and record agree.
-    Returns (path, sha256). Raises ``ValueError`` saying why when it cannot be had."""
+def cached_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str | None]:
+    """Where a checkpoint URI's local copy lives in ``<cache>/downloads/``, and its sha256
+    when that copy is there and agrees with its record (None otherwise). Reads only:
+    what ``plan`` uses, which never downloads."""
     import hashlib
 
     url = _zoo_url(uri)
@@ -209,6 +209,18 @@ def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
         want = record.read_text().split()[0]
         if file_sha256(local) == want:
             return str(local), want
+    return str(local), None
+
+
+def fetch_checkpoint(uri: str, cache: str | os.PathLike) -> tuple[str, str]:
+    """The local copy of a checkpoint URI, downloaded once into ``<cache>/downloads/``
+    (atomically; its sha256 recorded beside it) and reused while file and record agree.
+    Returns (path, sha256). Raises ``ValueError`` saying why when it cannot be had."""
+    path, digest = cached_checkpoint(uri, cache)
+    if digest is not None:
+        return path, digest
+    url, local = _zoo_url(uri), Path(path)
+    record = local.with_name(local.name + ".sha256")
     digest = download(url, local)
     record.write_text(f"{digest}  {url}\n")
     return str(local), digest
