@@ -250,17 +250,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _kill_cluster(token: str, temp: str) -> None:
-    """SIGKILL every process of this test's cluster, and their children: those started
-    with its own auth token in their environment or naming its temp dir on their command
-    line (Ray renames some, e.g. ``ray::RuntimeEnvAgent``, a child of the raylet), so that
-    none outlives the test."""
+def _cluster_pids(token: str, temp: str) -> set[int]:
+    """Every live process of this test's cluster, and their children: those started with
+    its own auth token in their environment or naming its temp dir on their command line
+    (Ray renames some, e.g. ``ray::RuntimeEnvAgent``, a child of the raylet)."""
     parent, ours = {}, set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":                    # a zombie holds no socket: only its parent's wait
+                continue
+            parent[int(proc.name)] = int(stat[1])
             if f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes() or \
                     temp.encode() in (proc / "cmdline").read_bytes():
                 ours.add(int(proc.name))
@@ -271,11 +273,24 @@ def _kill_cluster(token: str, temp: str) -> None:
         more = {pid for pid, ppid in parent.items() if ppid in ours} - ours
         ours |= more
         grown = bool(more)
-    for pid in ours:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
+    return ours
+
+
+def _kill_cluster(token: str, temp: str, within_s: float = 60.0) -> set[int]:
+    """SIGKILL every process of this test's cluster, again and again until none is left
+    (a raylet being killed may still be starting a worker or an agent, which one pass
+    would miss and leave listening): returns the processes still alive at the deadline."""
+    deadline = time.time() + within_s
+    left = _cluster_pids(token, temp)
+    while left and time.time() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        time.sleep(0.2)
+        left = _cluster_pids(token, temp)
+    return left
 
 
 def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
@@ -304,13 +319,13 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     finally:
-        _kill_cluster(token, str(temp))
+        left = _kill_cluster(token, str(temp))
         shutil.rmtree(temp, ignore_errors=True)
-    deadline = time.time() + 10
-    while time.time() < deadline and any(name.startswith(("ray::", "raylet", "gcs_server"))
-                                         for name, _ in listening_ray_sockets()):
+    assert not left, f"the cluster's processes outlived the test: {sorted(left)}"
+    deadline = time.time() + 10                    # (their sockets close as they are reaped)
+    while time.time() < deadline and listening_ray_sockets():
         time.sleep(0.5)
-    assert not listening_ray_sockets(), "the cluster's processes outlived the test"
+    assert not listening_ray_sockets(), "Ray processes outlived the test"
     df = results.read_results(tmp_path / "out")
     assert set(df["status"]) == {"ok"} and df["trial_id"].nunique() == 7
     assert df["node"].nunique() == 2, df[["trial_name", "node"]].drop_duplicates()
