@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from harness import catalog
 from harness.suite.load import load_suite
 from harness.run.trial import run_trial
 from harness.run.weights import save_weights
@@ -230,3 +231,33 @@ def test_mixed_precision_and_loader_settings_reach_the_runner(write_suite, monke
     assert [(d.num_workers, d.pin_memory) for d in built["loaders"]] == [(1, True), (1, True)]   # train, val
     losses = json.loads((spec.trial_dir / "progress.json").read_text())["losses"]
     assert "bbox_mAP" in result.metrics and losses and all(math.isfinite(v) for v in losses)
+
+
+def test_an_iteration_based_schedule_counts_epochs_as_passes_over_the_data(write_suite, monkeypatch):
+    """``iters:`` instead of ``epochs:``: mmengine's IterBasedTrainLoop says epoch 0 of 1
+    throughout; the distiller sees passes over the training data instead (4 images, a
+    batch of 2, 7 iterations: epochs 0, 0, 1, 1, 2, 2, 3 of 4) and its per-epoch step
+    (GKP's prototypes) runs at the start of each, over one pass of the data."""
+    from harness.tasks.det.wrapper import DistillationModel
+    text = write_suite().read_text().replace("methods: [none, fgd]", "methods: {gkp: {params: {pgm_min_box: 0.0}}}")
+    text = text.replace("train_images: 8", "train_images: 4").replace(
+        "epochs: 1, val_interval: 1, batch_size: 4", "iters: 7, val_interval: 7, batch_size: 2")
+    spec = next(t for t in load_suite(write_suite(text)).trials if t.method == "gkp")
+    _teacher_checkpoint(spec)
+    seen, steps = [], []
+    forward = catalog.METHODS.load("gkp").forward
+    prepare = DistillationModel.prepare_epoch
+
+    def record(self, batch):
+        seen.append((self.epoch, self.max_epochs))
+        return forward(self, batch)
+
+    def prepare_epoch(self, loader):
+        images = sum(len(data["inputs"]) for data in loader)
+        steps.append((self.distiller.epoch, images))
+        return prepare(self, loader)
+    monkeypatch.setattr(catalog.METHODS.load("gkp"), "forward", record)
+    monkeypatch.setattr(DistillationModel, "prepare_epoch", prepare_epoch)
+    run_trial(spec, log_level="WARNING")
+    assert seen == [(0, 4), (0, 4), (1, 4), (1, 4), (2, 4), (2, 4), (3, 4)]
+    assert steps == [(0, 4), (1, 4), (2, 4), (3, 4)]

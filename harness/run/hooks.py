@@ -36,29 +36,47 @@ def trained_model(runner: Any) -> Any:
 
 
 def one_worker_view(loader: Any) -> Any:
-    """The training data as one worker iterates it this epoch: every image, in the order
-    a single worker's sampler gives, in global batches (the workers' batch size times
-    their number). A per-epoch step that learns from the data (GKP's prototypes) runs
-    over this on every worker, so that it finds on n workers what it finds on one
-    instead of what one shard holds. One worker: the loader itself."""
+    """The training data as one worker iterates it this epoch: every image once, in the
+    order a single worker's sampler gives, in global batches (the workers' batch size
+    times their number). A per-epoch step that learns from the data (GKP's prototypes)
+    runs over this on every worker, so that it finds on n workers what it finds on one
+    instead of what one shard holds; an iteration-based schedule's endless stream gives
+    one pass (its first images). One worker of an epoch-based schedule: the loader."""
     import copy
+    import itertools
 
     import torch
     from mmengine.dataset import DefaultSampler, InfiniteSampler
     from mmengine.dist import get_world_size
-    world = get_world_size()
-    if world == 1:
+    world, sampler = get_world_size(), loader.sampler
+    if world == 1 and not isinstance(sampler, InfiniteSampler):
         return loader
-    sampler = loader.sampler
     if not isinstance(sampler, (DefaultSampler, InfiniteSampler)):
         raise TypeError(f"a per-epoch step on {world} workers needs mmengine's DefaultSampler or InfiniteSampler "
                         f"to see the whole data as one worker would, not {type(sampler).__name__}")
-    whole = copy.copy(sampler)               # the same seed and epoch, as the first of one worker
-    whole.rank, whole.world_size = 0, 1
     if isinstance(sampler, DefaultSampler):
+        whole = copy.copy(sampler)           # the same seed and epoch, as the first of one worker
+        whole.rank, whole.world_size = 0, 1
         whole.num_samples = whole.total_size = len(sampler.dataset)
-    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size * world, sampler=whole,
+        order: Any = whole
+    else:       # a fresh stream from the same seed (the sampler's own is the training's: not consumed here)
+        order = list(itertools.islice(sampler._infinite_indices(), len(sampler.dataset)))
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size * world, sampler=order,
                                        collate_fn=loader.collate_fn, num_workers=0)
+
+
+def data_epochs(runner: Any, by_iter: bool) -> tuple[int, int]:
+    """(epoch, max_epochs) as a distiller sees them, counted from 0: the Runner's for an
+    epoch-based schedule; for an iteration-based one, passes over the training data
+    (images seen by all workers // the dataset's size, of as many as the schedule's
+    iterations make): mmengine's IterBasedTrainLoop says epoch 0 of 1 throughout, which
+    froze every epoch-dependent weight (ICSD's ALW, GKP's decay) at its start."""
+    if not by_iter:
+        return runner.epoch, runner.max_epochs
+    from mmengine.dist import get_world_size
+    loader = runner.train_dataloader
+    per_iter, size = loader.batch_size * get_world_size(), max(1, len(loader.dataset))
+    return runner.iter * per_iter // size, max(1, -(-runner.max_iters * per_iter // size))
 
 
 def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: dict[str, float],
@@ -89,16 +107,31 @@ def _trial_hook(report: Reporter | None, history: list[dict[str, Any]], clock: d
                         not any(p["epoch"] == clock["epoch_offset"] + start for p in history):
                     runner.val_loop.run()
 
-        def before_train_epoch(self, runner: Any) -> None:
+        def _new_epoch(self, runner: Any) -> None:
+            """The distiller's epoch made current and, at a new one, its per-epoch step."""
             model = trained_model(runner)
             distiller = getattr(model, "distiller", None)
-            if distiller is not None:
-                distiller.epoch, distiller.max_epochs = runner.epoch, runner.max_epochs
-                if hasattr(model, "prepare_epoch"):     # PGM; not timed as training
-                    model.prepare_epoch(one_worker_view(runner.train_dataloader))
+            if distiller is None:
+                return
+            epoch, total = data_epochs(runner, by_iter)
+            if clock.get("distiller_epoch") == (id(runner), epoch):     # (a fine-tune stage's Runner is another)
+                return
+            clock["distiller_epoch"] = (id(runner), epoch)
+            distiller.epoch, distiller.max_epochs = epoch, total
+            if hasattr(model, "prepare_epoch"):     # PGM; not timed as training
+                model.prepare_epoch(one_worker_view(runner.train_dataloader))
+
+        def before_train_epoch(self, runner: Any) -> None:
+            if not by_iter:
+                self._new_epoch(runner)
             clock["start"] = time.perf_counter()
 
         def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+            if by_iter:       # every pass over the data an epoch (the PGM step is not timed)
+                paused = time.perf_counter()
+                self._new_epoch(runner)
+                if "start" in clock:
+                    clock["start"] += time.perf_counter() - paused
             if "start" not in clock:
                 clock["start"] = time.perf_counter()
 
