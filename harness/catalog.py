@@ -194,6 +194,19 @@ METHODS.register(
 
 
 METHODS.register(
+    "cwd", target="methods.cwd:CWD", tasks=("det", "seg"),
+    # mmrazor's configs: tau 1, loss_weight 10 on each FPN level (cwd_fpn_frcnn_r101_frcnn_r50_1x_coco.py,
+    # and the RetinaNet one built on it), 5 on segmentation logits
+    # (cwd_logits_pspnet_r101_d8_pspnet_r18_d8_512x1024_cityscapes_80k.py)
+    params={"temp": 1.0, "weight": 10.0, "variant": "mmrazor"}, family_params={"seg": {"weight": 5.0}},
+    choices={"variant": ("mmrazor", "cirkd", "paddle")}, positive=("temp",),
+    needs_same_levels=True, all_levels=True,
+    doc="Channel-wise distillation (Shu et al., ICCV 2021): per-channel spatial softmax, T^2 KL; detection: every "
+        "FPN level, segmentation: the decode heads' logits; variant mmrazor | cirkd | paddle: each release's "
+        "normalisation",
+)
+
+METHODS.register(
     "feature_mse", target="methods.feature_mse:FeatureMSE", tasks=("det",), params={"weight": 1.0},
     needs_same_levels=True,
     doc="baseline: MSE feature imitation on every FPN level through 1x1 adapters",

@@ -96,3 +96,17 @@ def test_gid_refuses_a_different_anchor_layout():
     t_info = tapped_info(t_model, detector_cfg(t_model, 4))
     with pytest.raises(ValueError, match="same head and prior"):
         catalog.METHODS.load("gid")(catalog.method_params("gid", "one_stage"), s_info, t_info)
+
+
+def test_feature_mse_by_hand():
+    """Two levels, equal widths (no adapter): sum over levels of mean((s - t)^2), times the weight."""
+    from methods._base import ModelInfo
+    info = ModelInfo(arch="x", family="one_stage", channels=[2, 2], strides=[8, 16], task="det")
+    mse = catalog.METHODS.load("feature_mse")({"weight": 2.0}, info, info)
+    fs = [torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 1, 1)]
+    ft = [torch.ones(1, 2, 2, 2) * 3, torch.ones(1, 2, 1, 1)]
+    from methods._base import DetBatch
+    batch = DetBatch(student_feats=fs, teacher_feats=ft, boxes=torch.zeros(1, 0, 4),
+                     box_valid=torch.zeros(1, 0, dtype=torch.bool), labels=torch.zeros(1, 0, dtype=torch.long),
+                     img_hw=torch.tensor([[16, 16]]))
+    assert float(mse(batch)["loss_feat_mse"]) == 2.0 * (9.0 + 0.0)
