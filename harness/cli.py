@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from harness.suite.yamlio import SuiteError
 
@@ -273,6 +274,32 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_within(low: int | None, high: int | None = None, what: str = "") -> Any:
+    """An argparse type: an integer within [low, high]; out of range is argparse's usage
+    error naming the flag (exit 2), before anything starts."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            valid = f"at least {low}" if high is None else f"{low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: valid {valid}{what}")
+        return value
+    return integer
+
+
+def _synth_int(key: str) -> Any:
+    """The bounds the suite schema's ``synth:`` block gives ``key`` (one source for both)."""
+    import annotated_types
+
+    from harness.suite.schema import Synth
+    meta = Synth.model_fields[key].metadata
+    low = next((m.ge for m in meta if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in meta if isinstance(m, annotated_types.Le)), None)
+    return _int_within(low, high, ", as in a suite's synth: block")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness", description=(
         "Benchmark knowledge-distillation methods: suites of datasets x (teacher, student) pairs x "
@@ -281,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="validate a suite, run its pending trials on Ray Tune, print the leaderboard")
     r.add_argument("suite", help="suite YAML file, e.g. suites/demo.yaml")
     r.add_argument("--address", default=None, help="address of an existing Ray cluster (default: start one locally)")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    r.add_argument("--num-cpus", type=_int_within(1), default=None, help="CPUs of the local Ray instance (default: all)")
     r.add_argument("--restart", action="store_true", help="redo finished trials instead of skipping them")
     r.add_argument("--verbose", action="store_true", help="show the trials' own logs (always kept in their directories)")
     r.add_argument("--wait", action="store_true", help="if another run holds this output, wait for it instead of leaving")
@@ -294,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="run the suite's hyperparameter search ('search:' block) on Ray Tune")
     tu.add_argument("suite")
     tu.add_argument("--address", default=None, help="address of an existing Ray cluster")
-    tu.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    tu.add_argument("--num-cpus", type=_int_within(1), default=None, help="CPUs of the local Ray instance (default: all)")
     tu.add_argument("--verbose", action="store_true", help="show the trials' own logs")
     tu.add_argument("--wait", action="store_true", help="wait for another run holding this output")
     tu.set_defaults(func=_cmd_tune)
@@ -329,10 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", help="write a synthetic dataset in a real on-disk layout")
     s.add_argument("format", help="dataset format, e.g. coco")
     s.add_argument("--out", required=True, help="dataset root to write")
-    s.add_argument("--train-images", type=int, default=None)
-    s.add_argument("--val-images", type=int, default=None)
-    s.add_argument("--image-size", type=int, default=None)
-    s.add_argument("--seed", type=int, default=None)
+    for key in ("train_images", "val_images", "image_size", "seed"):
+        s.add_argument(f"--{key.replace('_', '-')}", type=_synth_int(key), default=None)
     s.add_argument("--output-root", action="append", default=[], metavar="DIR",
                    help="also allow writing under DIR (besides the working directory and $KD_HARNESS_OUTPUT_ROOT)")
     s.set_defaults(func=_cmd_synth)

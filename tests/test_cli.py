@@ -79,3 +79,18 @@ def test_a_closed_pipe_ends_quietly_not_as_a_full_disk(monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     assert cli.main(["ls"]) == 0
     assert err.closed                                     # nothing more is written to the closed pipe's side
+
+
+def test_counts_given_on_the_command_line_are_checked_naming_the_flag(tmp_path):
+    """``--num-cpus 0`` / ``-1`` names the flag (it was blamed on the suite's resources,
+    after Ray's start); ``data synth`` takes the suite's ``synth:`` bounds (``--train-images
+    -5`` wrote an empty dataset and exited 0; ``--image-size 0`` was a traceback)."""
+    for args, flag in ((["run", "suites/demo.yaml", "--num-cpus", "0"], "--num-cpus: 0 is out of range"),
+                       (["tune", "suites/demo.yaml", "--num-cpus", "-1"], "--num-cpus: -1 is out of range"),
+                       (["data", "synth", "coco", "--out", str(tmp_path / "d"), "--train-images", "-5"],
+                        "--train-images: -5 is out of range: valid 1 to 1000000"),
+                       (["data", "synth", "coco", "--out", str(tmp_path / "d"), "--image-size", "0"],
+                        "--image-size: 0 is out of range: valid 16 to 4096")):
+        done = _run(*args)
+        assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "d").exists()
