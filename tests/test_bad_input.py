@@ -257,3 +257,15 @@ def test_a_class_the_annotations_do_not_have_is_refused(tmp_path, capsys, synth_
     assert main(["plan", str(path)]) == 2             # plan shows what the suite asked for, and the data check's word
     out, err = capsys.readouterr()
     assert "2 classes (square, dics)" in out and "declares no category 'dics'" in err
+
+
+def test_extends_naming_a_self_looping_symlink_is_a_suite_error(tmp_path, capsys):
+    """A base suite that is a symlink to itself: the suite's file and line, the key and
+    the base named (it was pathlib's RuntimeError traceback)."""
+    from harness.cli import main
+    (tmp_path / "loop.yaml").symlink_to("loop.yaml")
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nextends: loop.yaml\n")
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: extends: base suite 'loop.yaml' cannot be read" in err and "Symlink loop" in err

@@ -108,7 +108,10 @@ def test_rows_of_an_earlier_configuration_are_kept_but_never_pooled(write_suite,
 
 
 # ------------------------------------------------------------------------ corrupt rows
-def test_a_corrupt_row_file_is_reported_skipped_and_quarantined(write_suite, tmp_path, capsys):
+def test_a_corrupt_row_file_is_reported_skipped_and_quarantined_by_a_run_only(write_suite, tmp_path, capsys):
+    """Readers (plan, report, the run's bookkeeping) skip an unreadable row file and say so,
+    and change nothing in the store (a read-only report used to move it); the run moves it
+    to rows/corrupt/ (with its lock held, before any trial), and its trial runs again."""
     suite = load_suite(write_suite())
     _fake_rows(suite, 0.2)
     bad = results.rows_dir(suite.output) / f"{suite.trials[-1].trial_id}.parquet"
@@ -116,10 +119,36 @@ def test_a_corrupt_row_file_is_reported_skipped_and_quarantined(write_suite, tmp
     with pytest.warns(UserWarning, match="unreadable result file"):
         done = results.finished_trials(suite.output)
     assert suite.trials[-1].trial_id not in done and len(done) == len(suite.trials) - 1
-    assert (bad.parent / "corrupt" / bad.name).exists() and not bad.exists()
-    assert main(["plan", str(suite.file)]) == 0                   # plan and report go on
-    assert main(["report", suite.output.as_posix()]) == 0
+    before = sorted((p.relative_to(suite.output), p.stat().st_mtime_ns) for p in suite.output.rglob("*")
+                    if p.is_file() and p.name not in ("leaderboard.md", "report.html"))
+    with pytest.warns(UserWarning, match="unreadable result file"):
+        assert main(["plan", str(suite.file)]) == 0                   # plan and report go on
+        assert main(["report", suite.output.as_posix()]) == 0
+    after = sorted((p.relative_to(suite.output), p.stat().st_mtime_ns) for p in suite.output.rglob("*")
+                   if p.is_file() and p.name not in ("leaderboard.md", "report.html"))
+    assert after == before and bad.exists()
+    with pytest.warns(UserWarning, match="moved to"):
+        moved = results.quarantine_unreadable(suite.output)           # what run and tune do first
+    assert moved == [bad.parent / "corrupt" / bad.name] and moved[0].exists() and not bad.exists()
     assert results.consolidate(suite.output) is not None
+
+
+def test_a_results_file_whose_values_are_strings_is_refused_naming_the_column(write_suite, tmp_path, capsys):
+    """``report`` on a Parquet file of the results' columns whose ``value`` holds strings:
+    a clear error naming the file and the column (it was pyarrow's ArrowInvalid traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    suite = load_suite(write_suite())
+    _fake_rows(suite, 0.2)
+    table = pq.read_table(results.rows_dir(suite.output) / f"{suite.trials[-1].trial_id}.parquet")
+    i = table.column_names.index("value")
+    table = table.set_column(i, "value", pa.array(["high"] * table.num_rows))
+    path = tmp_path / "strings.parquet"
+    pq.write_table(table, path)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a kd-harness results file: column 'value' holds string values that are not double" in err
+    assert "Traceback" not in err
 
 
 # --------------------------------------------------------------------- lock, files, mode

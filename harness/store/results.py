@@ -224,27 +224,55 @@ def upgrade(table: pa.Table, source: str | os.PathLike = "<table>") -> pa.Table:
     for name in COLUMNS:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, COLUMNS[name][0]))
-    return table.select(list(COLUMNS)).cast(SCHEMA)
+    table = table.select(list(COLUMNS))
+    try:
+        return table.cast(SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        for field in SCHEMA:            # name the column whose values are not what the schema says
+            try:
+                table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise NotResults(f"{source}: not a kd-harness results file: column '{field.name}' holds "
+                                 f"{table.schema.field(field.name).type} values that are not {field.type} "
+                                 f"({exc})") from None
+        raise NotResults(f"{source}: not a kd-harness results file ({exc})") from None
 
 
 def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """One row file (upgraded to the current schema), or None (with a warning, and the file
-    moved to ``rows/corrupt/``) when it cannot be read: one bad file must not break plan,
-    run or report. A file from a newer harness is an error, never quarantined."""
+    """One row file (upgraded to the current schema), or None (with a warning) when it
+    cannot be read: one bad file must not break plan, run or report, and reading never
+    changes the store (:func:`quarantine_unreadable` moves such a file, in a run). A file
+    from a newer harness is an error, never skipped."""
     try:
         table = upgrade(pq.read_table(f), f)
     except (OSError, pa.ArrowException, NotResults) as exc:
-        quarantine = f.parent / "corrupt"
-        try:
-            quarantine.mkdir(exist_ok=True)
-            os.replace(f, quarantine / f.name)
-            where = f"moved to {quarantine / f.name}"
-        except OSError:
-            where = "left in place"
-        warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); {where}; "
-                      f"its trial will be run again", stacklevel=2)
+        warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); the next run moves "
+                      f"it to {f.parent / 'corrupt'} and runs its trial again", stacklevel=2)
         return None
     return table.select(columns) if columns else table
+
+
+def quarantine_unreadable(output: str | os.PathLike) -> list[Path]:
+    """Move every row file that cannot be read to ``rows/corrupt/`` (its trial is then run
+    again), saying so; ``run`` and ``tune`` call it with the run lock held, before any
+    trial. Returns where the files went. A file from a newer harness stays (an error)."""
+    moved = []
+    for f in sorted(rows_dir(output).glob("*.parquet")):
+        try:
+            upgrade(pq.read_table(f), f)
+        except (OSError, pa.ArrowException, NotResults) as exc:
+            target = f.parent / "corrupt" / f.name
+            try:
+                target.parent.mkdir(exist_ok=True)
+                os.replace(f, target)
+            except OSError as move_error:
+                warnings.warn(f"unreadable result file {f} ({type(exc).__name__}: {exc}) could not be moved "
+                              f"to {target.parent}: {move_error}", stacklevel=2)
+                continue
+            warnings.warn(f"unreadable result file {f} ({type(exc).__name__}: {exc}) moved to {target}; "
+                          f"its trial will be run again", stacklevel=2)
+            moved.append(target)
+    return moved
 
 
 def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":

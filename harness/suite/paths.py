@@ -115,7 +115,11 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...] = (), loaded: list[Pat
         raise _err(doc, "extends", f"extends: a path or a list of paths of base suites, got {doc.get('extends')!r}")
     merged: Any = None
     for base in bases:
-        base_path = (path.parent / _expand(doc, "extends", base, "extends")).resolve()
+        try:
+            base_path = (path.parent / _expand(doc, "extends", base, "extends")).resolve()
+        except (OSError, RuntimeError) as exc:          # a symlink loop
+            raise _err(doc, "extends", f"extends: base suite '{base}' cannot be read "
+                                       f"({getattr(exc, 'strerror', None) or exc})") from None
         if base_path in seen:
             raise _err(doc, "extends", f"'{base}' extends itself (cycle)")
         if not base_path.exists():
