@@ -257,8 +257,14 @@ def _confined(paths: list, args: argparse.Namespace) -> None:
     from harness.suite.paths import allowed_roots, outside
     roots = allowed_roots(args.output_root)
     for path in paths:
-        why = outside(Path(path).parent if not Path(path).is_dir() else path, roots) \
-            or (outside(path, roots) if Path(path).is_symlink() else None)
+        # only the path written: a folder written into, with the links directly in it; a
+        # file (or a folder still to be made) and where it resolves, not its siblings (an
+        # ordinary data/coco -> /datasets/coco beside it is none of this write's business)
+        if Path(path).is_dir():
+            why = outside(path, roots)
+        else:
+            why = outside(Path(path).parent, roots, links_inside=False) or \
+                (outside(path, roots, links_inside=False) if Path(path).is_symlink() else None)
         if why:
             raise SuiteError(f"{args.command}: will not write {path}: {why}")
 

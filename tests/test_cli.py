@@ -94,3 +94,19 @@ def test_counts_given_on_the_command_line_are_checked_naming_the_flag(tmp_path):
         done = _run(*args)
         assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_only_the_path_written_is_checked_not_its_siblings(tmp_path):
+    """``data synth --out data/tiny`` beside an ordinary ``data/coco -> /datasets/coco``
+    link and a looping link: written (both used to refuse it); writing through the
+    outside link itself is still refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "coco").symlink_to("/usr")                    # outside every allowed place
+    (data / "loop").symlink_to("loop")
+    done = _run("data", "synth", "coco", "--out", "data/tiny", "--train-images", "1", "--val-images", "1",
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (data / "tiny" / "annotations").is_dir()
+    refused = _run("data", "synth", "coco", "--out", "data/coco/x", "--train-images", "1", cwd=tmp_path)
+    assert refused.returncode == 2 and "will not write" in refused.stderr and "outside" in refused.stderr

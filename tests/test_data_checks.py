@@ -139,6 +139,23 @@ def test_image_folders_missing_empty_and_foreign_files(tmp_path):
     (root / "val" / "extra").mkdir()
     kinds = _kinds(check_dataset(_ds("imagenet", root))[0])
     assert {"missing-class", "empty-class", "not-an-image", "extra-class"} <= set(kinds)
+    assert kinds["not-an-image"][0] == "warning"
+
+
+def test_files_that_are_not_images_in_a_class_folder_are_ignored_with_a_warning(tmp_path):
+    """notes.txt, Thumbs.db (and the hidden .DS_Store) beside the images: a warning naming
+    them, no error, and the loader reads the images alone (a run used to stop)."""
+    from harness.data.folders import ImageFolder
+    root = _write("imagenet", tmp_path / "inet")
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    before = len(ImageFolder(root, "train", classes, 32, train=True))
+    for name in ("notes.txt", "Thumbs.db", ".DS_Store"):
+        (root / "train" / classes[0] / name).write_text("x")
+    findings = check_dataset(_ds("imagenet", root))[0]
+    assert not findings.errors
+    warning = next(f for f in findings.warnings if f.kind == "not-an-image")
+    assert warning.count == 2 and "ignored" in warning.what          # the hidden file is not even listed
+    assert len(ImageFolder(root, "train", classes, 32, train=True)) == before
 
 
 def test_the_result_is_cached_by_fingerprint(tmp_path):

@@ -36,9 +36,10 @@ def check_image_folders(ds: dict[str, Any], classes: tuple[str, ...], findings: 
                 continue
             files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
             others = [p for p in files if p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES]
-            for p in others:            # (counted per split, one line per kind)
-                findings.error("not-an-image", split_dir, findings.rel(p), "is not an image: a class folder holds "
-                                                                           "only images (it would be skipped silently)")
+            for p in others:            # (counted per split, one line per kind): notes.txt, Thumbs.db
+                findings.warning("not-an-image", split_dir, findings.rel(p),
+                                 f"is not an image ({', '.join(sorted(IMAGE_SUFFIXES))}): ignored, the loader "
+                                 f"reads only images")
             kept = [p for p in files if p not in others]
             if not kept:
                 findings.error("empty-class", folder, name, f"the class has no image in '{split}' (a classifier "

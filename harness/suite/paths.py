@@ -72,9 +72,9 @@ def _contained(path: str, node: Any, key: str, what: str, roots: list[Path]) -> 
     return path
 
 
-def outside(path: str | os.PathLike, roots: list[Path]) -> str | None:
-    """Why writing at ``path`` would leave the allowed ``roots`` (it, or a symbolic link
-    inside it, resolves elsewhere), or None."""
+def outside(path: str | os.PathLike, roots: list[Path], links_inside: bool = True) -> str | None:
+    """Why writing at ``path`` would leave the allowed ``roots`` (it, or with
+    ``links_inside`` a symbolic link directly inside it, resolves elsewhere), or None."""
     def out(p: Path) -> bool:
         try:
             real = p.resolve()
@@ -85,7 +85,7 @@ def outside(path: str | os.PathLike, roots: list[Path]) -> str | None:
             f"allow its parent with --output-root DIR or ${OUTPUT_ROOT_ENV}")
     if out(Path(path)):
         return f"'{path}' is outside the places this run may write ({hint})"
-    if Path(path).is_dir():
+    if links_inside and Path(path).is_dir():
         for child in Path(path).iterdir():
             if child.is_symlink() and out(child):
                 return f"'{child}' is a link to a place outside the ones this run may write ({hint})"
