@@ -242,3 +242,18 @@ def test_the_voc_check_knows_mmdets_voc_classes():
     backend): they must be mmdet's own."""
     from mmdet.datasets import VOCDataset
     assert tuple(VOCDataset.METAINFO["classes"]) == synth.VOC_SEG_CLASSES[1:]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "imagenet", "cityscapes"])
+def test_a_truncated_image_is_an_error_naming_the_file(tmp_path, fmt):
+    """A JPEG or PNG cut short (a copy that stopped): its header still reads, so it passed
+    the check and every trial failed at load (or trained on grey); now an error naming
+    the file, found from the file's tail alone."""
+    root = _write(fmt, tmp_path / fmt)
+    image = sorted(p for p in root.rglob("*") if p.suffix in (".jpg", ".png") and "train" in p.as_posix()
+                   and "gtFine" not in p.as_posix())[0]
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) * 2 // 3])
+    findings = check_dataset(_ds(fmt, root))[0]
+    bad = [f for f in findings.errors if "truncated" in f.what]
+    assert bad and image.name in bad[0].entry + bad[0].what, [(f.kind, f.entry, f.what) for f in findings.errors]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 #: bump when a check changes what it finds: cached results of older checks are ignored
-CHECK_VERSION = 2
+CHECK_VERSION = 3       # 3: truncated images, non-images in class folders a warning
 
 
 @dataclass
@@ -122,6 +122,24 @@ def _header_size(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+#: the marker a complete file of each kind ends with (JPEG's end of image, PNG's IEND chunk)
+_END_MARKERS = {b"\xff\xd8": b"\xff\xd9", b"\x89PNG": b"IEND"}
+
+
+def _truncated(f: Any, head: bytes) -> str | None:
+    """Why a JPEG or PNG file is cut short (its end marker is not in its last KiB: a copy
+    or download that stopped; its pixels cannot all be decoded, and a loader either
+    fails on it or fills the rest with grey), or None. Reads only the file's tail."""
+    end = next((marker for start, marker in _END_MARKERS.items() if head.startswith(start)), None)
+    if end is None:
+        return None
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 1024))
+    if end not in f.read():
+        return f"truncated: it has no end-of-image marker ({end!r}); its pixels cannot all be decoded"
+    return None
+
+
 def image_size(path: Path) -> tuple[int, int] | str:
     """(width, height) of an image from its header (read from its first bytes for PNG
     and JPEG, else by Pillow, which reads no pixel data for this), or why it cannot be
@@ -129,7 +147,11 @@ def image_size(path: Path) -> tuple[int, int] | str:
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            size = _header_size(f.read(1 << 16))
+            head = f.read(1 << 16)
+            size = _header_size(head)
+            cut = _truncated(f, head)
+        if cut:
+            return cut
         if size is not None and size[0] > 0 and size[1] > 0:
             return size
         with Image.open(path) as img:
