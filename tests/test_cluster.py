@@ -250,6 +250,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_free(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _cluster_pids(token: str, temp: str) -> set[int]:
     """Every live process of this test's cluster, and their children: those started with
     its own auth token in their environment or naming its temp dir on their command line
@@ -322,10 +333,12 @@ def test_a_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         left = _kill_cluster(token, str(temp))
         shutil.rmtree(temp, ignore_errors=True)
     assert not left, f"the cluster's processes outlived the test: {sorted(left)}"
-    deadline = time.time() + 10                    # (their sockets close as they are reaped)
-    while time.time() < deadline and listening_ray_sockets():
+    # and nothing listens on its head's port any more (only this cluster's: another Ray on
+    # the machine, a user's or another run's, is none of this test's business)
+    deadline = time.time() + 10                    # (sockets close as their processes are reaped)
+    while time.time() < deadline and not _port_free(int(address.split(":")[1])):
         time.sleep(0.5)
-    assert not listening_ray_sockets(), "Ray processes outlived the test"
+    assert _port_free(int(address.split(":")[1])), f"something still listens on the cluster's head port {address}"
     df = results.read_results(tmp_path / "out")
     assert set(df["status"]) == {"ok"} and df["trial_id"].nunique() == 7
     assert df["node"].nunique() == 2, df[["trial_name", "node"]].drop_duplicates()
