@@ -141,8 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 matched_rounds(suite, summary, **again)
         except Interrupted as exc:
             summary = exc.args[1] if len(exc.args) > 1 else {"trials": [], "skipped": 0, "interrupted": []}
-            done = sum(not t["error"] for t in summary["trials"])
-            print(f"\nstopped by {exc.args[0]}: {done} trial(s) finished and kept, "
+            done = summary.get("finished", sum(not t["error"] for t in summary["trials"]))
+            went = "gone through" if args.dry_run else "finished"
+            print(f"\nstopped by {exc.args[0]}: {done} trial(s) {went} and kept, "
                   f"{len(summary['interrupted'])} interrupted (marked 'interrupted'; the next run redoes them), "
                   f"{summary['skipped']} already done before. Run the same command again to continue.",
                   file=sys.stderr)

@@ -260,3 +260,48 @@ def test_a_crash_while_a_state_is_saved_resumes_from_the_newest_complete_one(tmp
     assert last_checkpoint(tmp_path) == tmp_path / "epoch_1.pth"
     (tmp_path / "epoch_1.pth").unlink()
     assert last_checkpoint(tmp_path) is None                                  # nothing complete: from scratch
+
+
+def test_ctrl_c_stops_a_large_dry_run_within_seconds_and_a_rerun_continues(write_suite, tmp_path):
+    """SIGINT during ``run --dry-run`` of a matrix of 901 trials: said at once, the process
+    gone within seconds (it wrote an 'interrupted' row for every trial not reached and
+    re-read the whole store first: 51 s for 3,001 trials here), and the trials the dry run
+    went through are not gone through again by the next dry run (a real run redoes them)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from harness.run.session import pending_trials
+    text = TINY_SUITE.format(root=tmp_path / "data" / "shapes", output=tmp_path / "out").replace(
+        "seeds: [0]", "seeds: [" + ", ".join(map(str, range(300))) + "]").replace(
+        "methods: [none, fgd]", "methods: [none, fgd, feature_mse]")
+    path = write_suite(text)
+    suite = load_suite(path)
+    assert len(suite.trials) == 901
+    rows = results.rows_dir(suite.output)
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(path), "--dry-run", "--num-cpus", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and \
+                (not rows.is_dir() or len(list(rows.glob("*.parquet"))) < 30):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        sent = time.time()
+        out, err = proc.communicate(timeout=60)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert took < 15, took
+    assert "SIGINT (Ctrl-C): stopping the running trials" in err and "Run the same command again to continue" in err
+    df = results.read_results(suite.output, current_only=False)
+    gone_through = set(df[df["status"] == "dry_run"]["trial_id"])
+    assert 30 <= len(gone_through) < 901 and set(df["status"]) <= {"dry_run", "interrupted"}
+    teachers, students = pending_trials(suite, dry_run=True)
+    assert {t.trial_id for t in teachers + students} == {t.trial_id for t in suite.trials} - gone_through
+    real_t, real_s = pending_trials(suite)             # a real run redoes every dry-run trial
+    assert len(real_t) + len(real_s) == 901

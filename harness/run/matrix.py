@@ -12,6 +12,7 @@ a re-run skips the trials whose rows say ``ok``.
 from __future__ import annotations
 
 import json
+import sys
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from harness.store import results, storage
 from harness.suite.load import Suite
 from harness.suite.spec import TrialSpec
 
-from .session import (ROWS_KEY, _STOP, Interrupted, RunState, _alive_nodes, _callbacks, _concurrency, _placement,
+from .session import (ROWS_KEY, _STOP, STARTED, Interrupted, RunState, _alive_nodes, _callbacks, _concurrency, _placement,
                       _ray_session, _resources, _rows_message, _write_status_rows, check_resources,
                       pending_trials, with_teacher_sha)
 from .states import teacher_lock
@@ -191,9 +192,10 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
     teacher has ended. The driver writes each trial's rows as it ends. ``verbose``
     forwards the trials' own output (mmengine logs) to this console; it is always in each
     trial's directory. A local Ray instance listens on loopback only. SIGINT and SIGTERM
-    stop the run: the running trials are stopped, get rows with status ``interrupted`` (a
-    later run resumes them from their last checkpoint), and :class:`Interrupted` is raised
-    after the store is consolidated. ``dry_run``: every trial an instant no-op through
+    stop the run within seconds: the running trials are stopped, get rows with status
+    ``interrupted`` (a later run resumes them from their last checkpoint), and
+    :class:`Interrupted` is raised (the rows are kept; the next run consolidates them);
+    a second signal leaves at once. ``dry_run``: every trial an instant no-op through
     the same path, with ``dry_run`` rows. ``prepare`` (the data written and checked, every
     model built once) runs while Ray starts; its error stops the run before any trial.
     ``only``: run just these trial ids (a round of compute-matched baselines: the rest
@@ -209,7 +211,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
         results.write_text_atomic(out / "suite.json", json.dumps(
             {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
              "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
-    teachers, students = pending_trials(suite, resume)
+    teachers, students = pending_trials(suite, resume, dry_run=dry_run)
     if only is not None:
         teachers, students = [t for t in teachers if t.trial_id in only], [t for t in students if t.trial_id in only]
     skipped = len(suite.trials) - len(teachers) - len(students)
@@ -224,13 +226,20 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         received = _STOP
         received.clear()
+        STARTED.clear()
 
         def on_term(signum: int, frame: Any) -> None:
             # (Tune may re-raise it as a plain KeyboardInterrupt, or swallow it where it
             # lands: the driver's callback raises it again at Tune's next step)
             name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
-            received.append(name)
-            raise Interrupted(name)
+            if not received:
+                print(f"\n{name}: stopping the running trials and keeping what finished "
+                      f"(a second one leaves at once)", file=sys.stderr, flush=True)
+                received.append(name)
+                raise Interrupted(name)
+            for sig in previous:           # the second: no more cleanup
+                signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         try:
             with _ray_session(address, num_cpus, verbose, alongside=prepare):
                 record()
@@ -242,13 +251,19 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
             # (leaving the session shut Ray down: the running trials stopped before their rows are judged)
             signal_name = received[0] if received else \
                 exc.args[0] if isinstance(exc, Interrupted) and exc.args else "SIGINT (Ctrl-C)"
-            for spec in specs:
-                if not (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
+            summary["finished"] = 0
+            for spec in specs:         # the trials that had started (not every pending one of a large matrix)
+                if spec.trial_id in STARTED and (results.rows_dir(suite.output) / f"{spec.trial_id}.parquet").exists():
+                    summary["finished"] += 1
+                elif spec.trial_id in STARTED:
                     _write_status_rows(suite, spec, "interrupted",
                                        f"interrupted by {signal_name} before it finished; the next run "
                                        f"resumes it from its last checkpoint")
                     summary["interrupted"].append(spec.name)
-            summary["results"] = str(results.consolidate(out) or "")
+            # (results.parquet is not rewritten here: that reads every row file, minutes for a
+            # large matrix; the rows are each trial's file, which every reader and the next
+            # run read, and the next run consolidates)
+            summary["results"] = str(results.rows_dir(out))
             raise Interrupted(signal_name, summary) from None
         finally:
             for sig, handler in previous.items():

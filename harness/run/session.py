@@ -120,7 +120,9 @@ def _callbacks(state: RunState | None, total: int, rows_end_trial: bool = True) 
             return name, TrialSpec.from_dict(config["trial"]).trial_id if "trial" in config else name
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.view.started(self._ids(trial)[0])
+            name, trial_id = self._ids(trial)
+            STARTED.add(trial_id)
+            self.view.started(name)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             name, trial_id = self._ids(trial)
@@ -208,12 +210,21 @@ class Interrupted(KeyboardInterrupt):
 
 #: the stop signals received during the running suite (see run_suite)
 _STOP: list[str] = []
+#: the trial ids whose Tune trial started during the running suite (an interrupted run
+#: marks those, not the thousands a large matrix had not reached)
+STARTED: set[str] = set()
 
 
-def pending_trials(suite: Suite, resume: bool = True) -> tuple[list[TrialSpec], list[TrialSpec]]:
+def pending_trials(suite: Suite, resume: bool = True,
+                   dry_run: bool = False) -> tuple[list[TrialSpec], list[TrialSpec]]:
     """(teacher trials, student trials) still to run; with ``resume`` finished ones are
-    skipped (a teacher only while its checkpoint is still there)."""
-    done = results.finished_trials(suite.output) if resume else set()
+    skipped (a teacher only while its checkpoint is still there). ``dry_run``: a dry run
+    also skips the trials an earlier dry run already went through (a real run redoes
+    them), so that an interrupted dry run continues."""
+    done = results.finished_trials(suite.output, also=("dry_run",) if dry_run else ()) if resume else set()
+    if dry_run:
+        return ([t for t in suite.teacher_trials() if t.trial_id not in done],
+                [t for t in suite.student_trials() if t.trial_id not in done])
     teachers = [t for t in suite.teacher_trials() if t.trial_id not in done or not teacher_available(t)]
     students = [t for t in suite.student_trials() if t.trial_id not in done]
     return teachers, students

@@ -347,13 +347,14 @@ def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") in FAILED]
 
 
-def finished_trials(output: str | os.PathLike) -> set[str]:
-    """Trial ids whose rows are all ``ok``: a resumed run does not redo them."""
-    done = set()
+def finished_trials(output: str | os.PathLike, also: tuple[str, ...] = ()) -> set[str]:
+    """Trial ids whose rows are all ``ok`` (or one of the statuses ``also`` names: a dry
+    run's ``dry_run``): a resumed run does not redo them."""
+    done, good = set(), {"ok", *also}
     for f in rows_dir(output).glob("*.parquet"):
         table = _read(f, columns=["status"])
         status = table.column("status").to_pylist() if table is not None else []
-        if status and all(s == "ok" for s in status):
+        if status and all(s in good for s in status):
             done.add(f.stem)
     return done
 
