@@ -261,6 +261,33 @@ def run_trial(spec: TrialSpec, report: Reporter | None = None, log_level: str | 
                        train_iters=int(clock.get("iters", 0)))
 
 
+def disk_full_note(trial_dir: Path, error: BaseException) -> str:
+    """When a trial failed because its disk is full (the error says so, or its disk has
+    under 1 MiB left): what was being written (the trial's newest file) and what was
+    removed, the training states cut short (a resume reads the newest complete one; a
+    cut file only takes the room a rerun needs). Empty otherwise."""
+    import errno
+    import shutil
+
+    from .states import _complete, _saved_states
+    said = f"{type(error).__name__}: {error}"
+    try:
+        free = shutil.disk_usage(trial_dir).free if trial_dir.exists() else None
+    except OSError:
+        free = None
+    if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in said or "file write failed" in said
+            or (free is not None and free < 1 << 20)):
+        return ""
+    files = [p for p in trial_dir.rglob("*") if p.is_file()] if trial_dir.exists() else []
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    cut = [f for stage in (trial_dir, trial_dir / "finetune") for f in _saved_states(stage) if not _complete(f)]
+    for f in cut:
+        f.unlink(missing_ok=True)
+    return (f"; the disk is full ({free if free is not None else '?'} bytes free at {trial_dir})"
+            + (f": {newest} was being written" if newest is not None else "")
+            + (f"; removed the training state(s) cut short: {', '.join(f.name for f in cut)}" if cut else ""))
+
+
 def release_runner_state(trial_id: str) -> None:
     """Drop what mmengine keeps per Runner after a trial (its logger, with the open log
     file, message hub, visualizer, scope; named after the trial): Ray reuses a trial's
@@ -300,10 +327,13 @@ def execute_trial(spec: TrialSpec, report: Reporter | None = None, log_level: st
             exc = e
             error = f"{type(e).__name__}: {e}"
             status = "diverged" if isinstance(e, Diverged) else "error"
+            full = disk_full_note(spec.trial_dir, e)
+            error += full
             try:
                 (spec.trial_dir).mkdir(parents=True, exist_ok=True)
-                (spec.trial_dir / "error.txt").write_text(traceback.format_exc())
+                (spec.trial_dir / "error.txt").write_text(traceback.format_exc() + full)
             except OSError as write_error:    # a full disk: the row still says why
+                (spec.trial_dir / "error.txt").unlink(missing_ok=True)      # (not an empty or cut one)
                 error += f" (and its error.txt could not be written: {write_error.strerror or write_error})"
         finally:
             release_runner_state(spec.trial_id)
