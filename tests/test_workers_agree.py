@@ -258,3 +258,18 @@ def test_every_method_computes_the_same_on_two_workers_as_on_one(tmp_path):
     gkp = [f"gkp/{t}" for m, t in CASES if m == "gkp"]
     assert all(len(one[k]["per_epoch"]) == 2 for k in gkp), {k: one[k]["per_epoch"] for k in gkp}
     assert not problems, "\n".join(problems)
+
+
+def test_trials_whose_earlier_computation_was_wrong_have_new_ids(write_suite):
+    """A distilled trial on several workers or an iteration-based schedule got a new id
+    with the fix (its distiller saw epoch 0 of 1 before): rows stored by the earlier
+    harness are neither pooled with nor taken for new ones. Other trials keep theirs."""
+    from dataclasses import replace
+    suite = load_suite(write_suite())
+    fgd = next(t for t in suite.trials if t.method == "fgd")
+    alone = next(t for t in suite.trials if t.method == "none")
+    assert "distiller_epochs" not in fgd.identity() and "distiller_epochs" not in alone.identity()
+    for changed in (replace(fgd, resources={**fgd.resources, "workers": 2}),
+                    replace(fgd, schedule={**fgd.schedule, "iters": 100})):
+        assert changed.identity()["distiller_epochs"] == 2
+    assert "distiller_epochs" not in replace(alone, schedule={**alone.schedule, "iters": 100}).identity()

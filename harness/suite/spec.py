@@ -78,6 +78,11 @@ class TrialSpec:
         workers = int(self.resources.get("workers", 1))
         if workers > 1:              # the global batch is workers x batch_size
             ident["workers"] = workers
+        if self.teacher is not None and (workers > 1 or sched.get("iters")):
+            # a distiller on several workers or an iteration-based schedule saw epoch 0 of 1
+            # throughout (and no per-epoch step) before 2026-12: those rows are never
+            # pooled with, nor taken for, what the harness computes now
+            ident["distiller_epochs"] = 2
         return ident
 
     @property
