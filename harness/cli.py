@@ -76,7 +76,8 @@ def _checked_suite(args: argparse.Namespace) -> "object":
     suite = load_suite(args.suite, args.output_root)   # every suite error is raised here, before anything runs
     from harness.run.preflight import check_types
     check_types(suite)                  # every `type:` a registered class, before any config is built
-    _room_to_write(suite)
+    from harness.run.preflight import check_room
+    check_room(suite)                   # a disk already full: refused before Ray starts
     storage = suite.doc.get("storage")
     if storage and "://" in storage and not storage.startswith("file://"):
         from harness.store.storage import StorageError, probe
@@ -92,28 +93,6 @@ def _checked_suite(args: argparse.Namespace) -> "object":
         gpus = any(float(t.resources.get("gpu") or 0) > 0 for t in suite.trials)
         check_resources(suite, local_capacity(args.num_cpus, count_gpus=gpus))   # a cluster's: once joined
     return suite
-
-
-#: the least free space a run starts with where it writes (results, the teacher cache)
-MIN_FREE_BYTES = 1 << 20
-
-
-def _room_to_write(suite: "object") -> None:
-    """Refuse, before Ray starts, a run whose output or teacher cache is on a disk that is
-    already full (under 1 MiB free): every trial would fail writing its first state."""
-    import shutil
-    for key in ("output", "teacher_cache"):
-        place = Path(suite.doc[key])
-        while not place.exists() and place != place.parent:        # (not made yet: its disk)
-            place = place.parent
-        try:
-            free = shutil.disk_usage(place).free
-        except OSError:
-            continue
-        if free < MIN_FREE_BYTES:
-            raise SuiteError(f"{suite.where.get(key, suite.file)}: {key}: the disk of {place} is full ({free} bytes "
-                             f"free, under {MIN_FREE_BYTES >> 20} MiB): free some room or write elsewhere; "
-                             f"nothing was started")
 
 
 def _prepare_data_and_models(suite: "object", args: argparse.Namespace) -> None:
@@ -324,13 +303,8 @@ def _int_within(low: int | None, high: int | None = None, what: str = "") -> Any
 
 def _synth_int(key: str) -> Any:
     """The bounds the suite schema's ``synth:`` block gives ``key`` (one source for both)."""
-    import annotated_types
-
-    from harness.suite.schema import Synth
-    meta = Synth.model_fields[key].metadata
-    low = next((m.ge for m in meta if isinstance(m, annotated_types.Ge)), None)
-    high = next((m.le for m in meta if isinstance(m, annotated_types.Le)), None)
-    return _int_within(low, high, ", as in a suite's synth: block")
+    from harness.suite.schema import Synth, int_bounds
+    return _int_within(*int_bounds(Synth, key), ", as in a suite's synth: block")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -356,3 +356,12 @@ class SuiteDoc(Strict):
 
 
 # ---------------------------------------------------------------------- documentation
+
+
+def int_bounds(model: type[BaseModel], key: str) -> tuple[int | None, int | None]:
+    """(ge, le) of an integer field of a schema model: what the command line checks the
+    same value against (``data synth --train-images``, as a suite's ``synth:``)."""
+    import annotated_types
+    meta = model.model_fields[key].metadata
+    return (next((m.ge for m in meta if isinstance(m, annotated_types.Ge)), None),
+            next((m.le for m in meta if isinstance(m, annotated_types.Le)), None))
