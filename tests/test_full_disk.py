@@ -13,7 +13,8 @@ import pytest
 from .conftest import REPO, TINY_SUITE
 
 
-@pytest.fixture(params=["1200k", "5m"])          # full as the teacher trains; full as a student trains
+# full as the teacher trains; full as a student trains (slow: the default run stays under 20 min)
+@pytest.fixture(params=["1200k", pytest.param("5m", marks=pytest.mark.slow)])
 def small_disk(tmp_path, request):
     disk = tmp_path / "disk"
     disk.mkdir()

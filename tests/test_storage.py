@@ -144,7 +144,9 @@ def test_paths_under_a_uri_keep_its_query():
 
 
 # ------------------------------------------------------------------ through a whole run
-@pytest.mark.parametrize("store", ["file", "s3-query"], indirect=True)
+# (the S3 run is the same path as the file one through pyarrow's filesystems: slow, to keep
+# the default run under 20 minutes; bin/test -m slow runs it)
+@pytest.mark.parametrize("store", ["file", pytest.param("s3-query", marks=pytest.mark.slow)], indirect=True)
 def test_a_node_without_the_teacher_cache_fetches_the_teacher_from_storage(tmp_path, capsys, store):
     """The teacher trains on 'node A' and its weights go to the storage; a student on a
     node whose teacher cache is empty (no shared filesystem) fetches them, checked
