@@ -121,12 +121,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.run.runlock import run_lock
 
     with run_lock(suite.output, wait=args.wait):
-        from harness.store.results import quarantine_unreadable, remove_stale_temporaries
+        from harness.store.results import remove_stale_temporaries
         from harness.run.matrix import run_suite
         from harness.run.session import Interrupted
 
         remove_stale_temporaries(suite.output)     # a killed run's half-written files; we hold the lock
-        quarantine_unreadable(suite.output)        # and row files no reader can use (rows/corrupt/)
         start = time.perf_counter()
         try:
             # the data and every model are checked while Ray starts, before any trial
@@ -196,8 +195,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     with run_lock(suite.output, wait=args.wait):
         from harness.run.search import run_search
-        from harness.store.results import quarantine_unreadable
-        quarantine_unreadable(suite.output)        # row files no reader can use (rows/corrupt/)
         summary = run_search(suite, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose,
                              prepare=lambda: _prepare_data_and_models(suite, args))
     print(f"\nsearch {summary['search_id']}:")

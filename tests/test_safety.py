@@ -109,9 +109,9 @@ def test_rows_of_an_earlier_configuration_are_kept_but_never_pooled(write_suite,
 
 # ------------------------------------------------------------------------ corrupt rows
 def test_a_corrupt_row_file_is_reported_skipped_and_quarantined_by_a_run_only(write_suite, tmp_path, capsys):
-    """Readers (plan, report, the run's bookkeeping) skip an unreadable row file and say so,
-    and change nothing in the store (a read-only report used to move it); the run moves it
-    to rows/corrupt/ (with its lock held, before any trial), and its trial runs again."""
+    """Readers (plan, report) skip an unreadable row file and say so, and change nothing in
+    the store (a read-only report used to move it); the run moves it to rows/corrupt/ as
+    it reads what is done (with its lock held, before any trial), and its trial runs again."""
     suite = load_suite(write_suite())
     _fake_rows(suite, 0.2)
     bad = results.rows_dir(suite.output) / f"{suite.trials[-1].trial_id}.parquet"
@@ -127,9 +127,10 @@ def test_a_corrupt_row_file_is_reported_skipped_and_quarantined_by_a_run_only(wr
     after = sorted((p.relative_to(suite.output), p.stat().st_mtime_ns) for p in suite.output.rglob("*")
                    if p.is_file() and p.name not in ("leaderboard.md", "report.html"))
     assert after == before and bad.exists()
-    with pytest.warns(UserWarning, match="moved to"):
-        moved = results.quarantine_unreadable(suite.output)           # what run and tune do first
-    assert moved == [bad.parent / "corrupt" / bad.name] and moved[0].exists() and not bad.exists()
+    with pytest.warns(UserWarning, match="moved to"):                # as run and tune read what is done
+        done = results.finished_trials(suite.output, quarantine=True)
+    moved = bad.parent / "corrupt" / bad.name
+    assert suite.trials[-1].trial_id not in done and moved.exists() and not bad.exists()
     assert results.consolidate(suite.output) is not None
 
 

@@ -211,7 +211,7 @@ def run_suite(suite: Suite, address: str | None = None, resume: bool = True,
         results.write_text_atomic(out / "suite.json", json.dumps(
             {"suite": suite.doc, "trial_ids": [t.trial_id for t in suite.trials],
              "trials": [t.to_dict() for t in suite.trials], "datasets": _datasets(suite)}, indent=1, default=str))
-    teachers, students = pending_trials(suite, resume, dry_run=dry_run)
+    teachers, students = pending_trials(suite, resume, dry_run=dry_run, quarantine=True)   # (we hold the lock)
     if only is not None:
         teachers, students = [t for t in teachers if t.trial_id in only], [t for t in students if t.trial_id in only]
     skipped = len(suite.trials) - len(teachers) - len(students)

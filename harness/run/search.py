@@ -153,7 +153,7 @@ def run_search(suite: Suite, address: str | None = None, num_cpus: int | None = 
 
     search = suite.doc["search"]
     sid = search_id(suite)
-    teachers, _ = pending_trials(suite)
+    teachers, _ = pending_trials(suite, quarantine=True)     # (the search holds the run lock)
     bases = {}
     for t in suite.student_trials():    # one base trial per (dataset, pair, method); the student alone's per student
         if t.method in search["methods"]:

@@ -215,17 +215,17 @@ _STOP: list[str] = []
 STARTED: set[str] = set()
 
 
-def pending_trials(suite: Suite, resume: bool = True,
-                   dry_run: bool = False) -> tuple[list[TrialSpec], list[TrialSpec]]:
+def pending_trials(suite: Suite, resume: bool = True, dry_run: bool = False,
+                   quarantine: bool = False) -> tuple[list[TrialSpec], list[TrialSpec]]:
     """(teacher trials, student trials) still to run; with ``resume`` finished ones are
     skipped (a teacher only while its checkpoint is still there). ``dry_run``: a dry run
     also skips the trials an earlier dry run already went through (a real run redoes
-    them), so that an interrupted dry run continues."""
-    done = results.finished_trials(suite.output, also=("dry_run",) if dry_run else ()) if resume else set()
-    if dry_run:
-        return ([t for t in suite.teacher_trials() if t.trial_id not in done],
-                [t for t in suite.student_trials() if t.trial_id not in done])
-    teachers = [t for t in suite.teacher_trials() if t.trial_id not in done or not teacher_available(t)]
+    them), so that an interrupted dry run continues. ``quarantine``: a run's or a search's
+    own reading, which moves an unreadable row file aside (``results._read``)."""
+    done = results.finished_trials(suite.output, also=("dry_run",) if dry_run else (),
+                                   quarantine=quarantine) if resume else set()
+    teachers = [t for t in suite.teacher_trials()
+                if t.trial_id not in done or (not dry_run and not teacher_available(t))]
     students = [t for t in suite.student_trials() if t.trial_id not in done]
     return teachers, students
 

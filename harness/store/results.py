@@ -238,41 +238,27 @@ def upgrade(table: pa.Table, source: str | os.PathLike = "<table>") -> pa.Table:
         raise NotResults(f"{source}: not a kd-harness results file ({exc})") from None
 
 
-def _read(f: Path, columns: list[str] | None = None) -> pa.Table | None:
+def _read(f: Path, columns: list[str] | None = None, quarantine: bool = False) -> pa.Table | None:
     """One row file (upgraded to the current schema), or None (with a warning) when it
-    cannot be read: one bad file must not break plan, run or report, and reading never
-    changes the store (:func:`quarantine_unreadable` moves such a file, in a run). A file
-    from a newer harness is an error, never skipped."""
+    cannot be read: one bad file must not break plan, run or report. Reading never
+    changes the store, except with ``quarantine`` (a run or a search, with its lock
+    held, reading what is done): the file is then moved to ``rows/corrupt/`` and its
+    trial run again. A file from a newer harness is an error, never skipped."""
     try:
         table = upgrade(pq.read_table(f), f)
     except (OSError, pa.ArrowException, NotResults) as exc:
-        warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); the next run moves "
-                      f"it to {f.parent / 'corrupt'} and runs its trial again", stacklevel=2)
-        return None
-    return table.select(columns) if columns else table
-
-
-def quarantine_unreadable(output: str | os.PathLike) -> list[Path]:
-    """Move every row file that cannot be read to ``rows/corrupt/`` (its trial is then run
-    again), saying so; ``run`` and ``tune`` call it with the run lock held, before any
-    trial. Returns where the files went. A file from a newer harness stays (an error)."""
-    moved = []
-    for f in sorted(rows_dir(output).glob("*.parquet")):
-        try:
-            upgrade(pq.read_table(f), f)
-        except (OSError, pa.ArrowException, NotResults) as exc:
+        where = f"the next run moves it to {f.parent / 'corrupt'} and runs its trial again"
+        if quarantine:
             target = f.parent / "corrupt" / f.name
             try:
                 target.parent.mkdir(exist_ok=True)
                 os.replace(f, target)
+                where = f"moved to {target}; its trial will be run again"
             except OSError as move_error:
-                warnings.warn(f"unreadable result file {f} ({type(exc).__name__}: {exc}) could not be moved "
-                              f"to {target.parent}: {move_error}", stacklevel=2)
-                continue
-            warnings.warn(f"unreadable result file {f} ({type(exc).__name__}: {exc}) moved to {target}; "
-                          f"its trial will be run again", stacklevel=2)
-            moved.append(target)
-    return moved
+                where = f"it could not be moved to {target.parent} ({move_error})"
+        warnings.warn(f"skipping unreadable result file {f} ({type(exc).__name__}: {exc}); {where}", stacklevel=2)
+        return None
+    return table.select(columns) if columns else table
 
 
 def read_results(path: str | os.PathLike, current_only: bool = True) -> "Any":
@@ -347,12 +333,12 @@ def failed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("status") in FAILED]
 
 
-def finished_trials(output: str | os.PathLike, also: tuple[str, ...] = ()) -> set[str]:
+def finished_trials(output: str | os.PathLike, also: tuple[str, ...] = (), quarantine: bool = False) -> set[str]:
     """Trial ids whose rows are all ``ok`` (or one of the statuses ``also`` names: a dry
-    run's ``dry_run``): a resumed run does not redo them."""
+    run's ``dry_run``): a resumed run does not redo them. ``quarantine``: see :func:`_read`."""
     done, good = set(), {"ok", *also}
     for f in rows_dir(output).glob("*.parquet"):
-        table = _read(f, columns=["status"])
+        table = _read(f, columns=["status"], quarantine=quarantine)
         status = table.column("status").to_pylist() if table is not None else []
         if status and all(s in good for s in status):
             done.add(f.stem)
