@@ -25,7 +25,7 @@ from harness.suite.spec import TrialSpec
 from .session import (ROWS_KEY, _STOP, STARTED, Interrupted, RunState, _alive_nodes, _callbacks, _concurrency, _placement,
                       _ray_session, _resources, _rows_message, _write_status_rows, check_resources,
                       pending_trials, with_teacher_sha)
-from .states import teacher_lock
+from .states import disk_full, teacher_lock
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -85,21 +85,6 @@ class _DependencyOrder:
                 self.ended.add(self.tune_ids.get(trial_id, ""))
 
         return DependencyOrder()
-
-
-def disk_full(path: str | os.PathLike) -> OSError | None:
-    """A "No space left on device" error naming ``path`` when its filesystem has (almost)
-    no room left: what a failure of Ray Tune's bookkeeping (its experiment state, a
-    trial's pickled error: read back empty, ``EOFError``) means on a full disk."""
-    import errno
-    import shutil
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return None
-    if free >= 1 << 20:
-        return None
-    return OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)", str(path))
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -188,23 +188,14 @@ def check_pretrained(suite: Suite, nets: dict[str, Any] | None = None) -> None:
                                      f"Give weights of this architecture, or 'pretrained: false'")
 
 
-#: the least free space a run starts with where it writes (results, the teacher cache)
-MIN_FREE_BYTES = 1 << 20
-
-
 def check_room(suite: Suite) -> None:
     """Refuse, before Ray starts, a run whose output or teacher cache is on a disk that is
     already full (under 1 MiB free): every trial would fail writing its first state."""
-    import shutil
+    from .states import DISK_FULL_BELOW, existing_place, free_bytes
     for key in ("output", "teacher_cache"):
-        place = Path(suite.doc[key])
-        while not place.exists() and place != place.parent:        # (not made yet: its disk)
-            place = place.parent
-        try:
-            free = shutil.disk_usage(place).free
-        except OSError:
-            continue
-        if free < MIN_FREE_BYTES:
+        free = free_bytes(suite.doc[key])
+        if free is not None and free < DISK_FULL_BELOW:
+            place = existing_place(suite.doc[key])        # (not made yet: its disk)
             raise SuiteError(f"{suite.where.get(key, suite.file)}: {key}: the disk of {place} is full ({free} bytes "
-                             f"free, under {MIN_FREE_BYTES >> 20} MiB): free some room or write elsewhere; "
+                             f"free, under {DISK_FULL_BELOW >> 20} MiB): free some room or write elsewhere; "
                              f"nothing was started")

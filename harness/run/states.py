@@ -42,6 +42,39 @@ def _complete(path: Path) -> bool:
         return False
 
 
+#: under this many free bytes a disk counts as full (a run is refused before it starts;
+#: a failure there is told as one)
+DISK_FULL_BELOW = 1 << 20
+
+
+def existing_place(path: str | os.PathLike) -> Path:
+    """``path``, or its nearest existing parent: where it is (or will be) on disk."""
+    place = Path(path)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return place
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free space of the disk ``path`` is (or will be) on, or None when unreadable."""
+    import shutil
+    try:
+        return shutil.disk_usage(existing_place(path)).free
+    except OSError:
+        return None
+
+
+def disk_full(path: str | os.PathLike) -> OSError | None:
+    """A "No space left on device" error naming ``path`` when its filesystem has (almost)
+    no room left: what a failure of Ray Tune's bookkeeping (its experiment state, a
+    trial's pickled error: read back empty, ``EOFError``) means on a full disk."""
+    import errno
+    free = free_bytes(path)
+    if free is None or free >= DISK_FULL_BELOW:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)", str(path))
+
+
 def last_checkpoint(work_dir: Path) -> Path | None:
     """The newest complete training state mmengine's CheckpointHook saved in ``work_dir``,
     or None. The hook names it in ``last_checkpoint`` after saving, but a crash while it

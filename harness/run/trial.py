@@ -267,16 +267,12 @@ def disk_full_note(trial_dir: Path, error: BaseException) -> str:
     removed, the training states cut short (a resume reads the newest complete one; a
     cut file only takes the room a rerun needs). Empty otherwise."""
     import errno
-    import shutil
 
-    from .states import _complete, _saved_states
+    from .states import DISK_FULL_BELOW, _complete, _saved_states, free_bytes
     said = f"{type(error).__name__}: {error}"
-    try:
-        free = shutil.disk_usage(trial_dir).free if trial_dir.exists() else None
-    except OSError:
-        free = None
+    free = free_bytes(trial_dir) if trial_dir.exists() else None
     if not (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in said or "file write failed" in said
-            or (free is not None and free < 1 << 20)):
+            or (free is not None and free < DISK_FULL_BELOW)):
         return ""
     files = [p for p in trial_dir.rglob("*") if p.is_file()] if trial_dir.exists() else []
     newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
